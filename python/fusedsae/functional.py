@@ -1,0 +1,388 @@
+"""Stateless SAE ops (DESIGN §10): validated, any leading dims, dispatched to the fastest usable backend.
+
+Every function takes ``x [..., d_in]`` with any leading dims (flattened to ``[N, d_in]`` and restored) and the
+SAELens weight layout ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``.
+``b_dec=None`` skips the input centring (``apply_b_dec_to_input=False``). All tensors must share one device and
+one floating dtype; wrong shapes, dtypes, devices or k raise ``ValueError``/``TypeError`` naming the problem.
+
+Sparse results are ``(values, indices)`` pairs: TopK gives ``[..., k]``; variable-count activations a padded
+form whose padding has value 0 and index 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fusedsae import ops, reference
+
+__all__ = [
+    "SparseCode",
+    "batchtopk_encode",
+    "check_finite",
+    "decode",
+    "encode",
+    "encode_pre",
+    "head_partial_sums",
+    "jumprelu",
+    "jumprelu_encode",
+    "relu_encode",
+    "row_topk",
+    "sparse_decode",
+    "step",
+    "to_dense",
+    "to_sparse",
+    "topk_encode",
+]
+
+
+class SparseCode(NamedTuple):
+    """Sparse activations. ``values``/``indices``: ``[..., m]``; ``aux_values``/``aux_indices``: the AuxK
+    selection among dead latents, ``[..., aux_k]`` (``[..., 0]`` when not asked for)."""
+
+    values: Tensor
+    indices: Tensor
+    aux_values: Tensor
+    aux_indices: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_same(x: Tensor, others: dict[str, Tensor | None]) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        _check_tensor(t, name)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
+
+
+def _check_encoder(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None
+) -> tuple[int, int]:
+    _check_tensor(x, "x")
+    _check_tensor(W_enc, "W_enc")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [d_in, d_sae], got shape {tuple(W_enc.shape)}")
+    d_in, d_sae = W_enc.shape
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(
+            f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}) but the SAE expects d_in={d_in}"
+        )
+    if b_enc.shape != (d_sae,):
+        raise ValueError(f"b_enc must be [d_sae={d_sae}], got shape {tuple(b_enc.shape)}")
+    if b_dec is not None and b_dec.shape != (d_in,):
+        raise ValueError(f"b_dec must be [d_in={d_in}], got shape {tuple(b_dec.shape)}")
+    _check_same(x, {"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec})
+    return d_in, d_sae
+
+
+def _check_k(k: int, d_sae: int, name: str = "k") -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"{name}={k} is out of range: it must be in [1, d_sae={d_sae}]")
+
+
+def _check_aux(aux_k: int, aux_mask: Tensor | None, d_sae: int, x: Tensor) -> None:
+    if aux_k == 0:
+        return
+    _check_k(aux_k, d_sae, "aux_k")
+    if aux_mask is None:
+        raise ValueError("aux_k > 0 needs aux_mask, the [d_sae] bool mask of latents AuxK may use (dead ones)")
+    if aux_mask.shape != (d_sae,) or aux_mask.dtype != torch.bool:
+        raise ValueError(f"aux_mask must be a bool tensor of shape [d_sae={d_sae}], got {aux_mask.dtype} "
+                         f"{tuple(aux_mask.shape)}")
+    if aux_mask.device != x.device:
+        raise ValueError(f"aux_mask is on {aux_mask.device} but x is on {x.device}")
+    eligible = int(aux_mask.sum())
+    if eligible < aux_k:
+        raise ValueError(f"aux_k={aux_k} but only {eligible} latents are eligible in aux_mask; "
+                         "use aux_k = min(aux_k, aux_mask.sum())")
+
+
+def _check_sparse(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> None:
+    _check_tensor(values, "values")
+    _check_tensor(indices, "indices")
+    _check_tensor(W_dec, "W_dec")
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
+    if values.dim() < 1 or values.shape[-1] < 1:
+        raise ValueError(f"values must be [..., m] with m >= 1, got shape {tuple(values.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if not values.is_floating_point():
+        raise TypeError(f"values must be floating point, got {values.dtype}")
+    if W_dec.dim() != 2:
+        raise ValueError(f"W_dec must be [d_sae, d_in], got shape {tuple(W_dec.shape)}")
+    if b_dec is not None and b_dec.shape != (W_dec.shape[1],):
+        raise ValueError(f"b_dec must be [d_in={W_dec.shape[1]}], got shape {tuple(b_dec.shape)}")
+    _check_same(values, {"W_dec": W_dec, "b_dec": b_dec})
+    if indices.device != values.device:
+        raise ValueError(f"indices are on {indices.device} but values are on {values.device}")
+    if indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= W_dec.shape[0]:
+            raise ValueError(f"indices must be in [0, d_sae={W_dec.shape[0]}), got values in [{lo}, {hi}]")
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    """Raises ``ValueError`` if ``t`` holds NaN or Inf, naming how many and the first position."""
+    if torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or Inf), first at index {first}; "
+            "check the activations you feed the SAE"
+        )
+
+
+def _flat(x: Tensor) -> tuple[Tensor, torch.Size]:
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encoders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """Pre-activation ``(x - b_dec) @ W_enc + b_enc``: ``[..., d_in] -> [..., d_sae]``."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    x2, lead = _flat(x)
+    return ops.encode_dense(x2, W_enc, b_enc, b_dec, None, "none").reshape(*lead, -1)
+
+
+def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """ReLU ("standard") encoder: ``relu(pre)``, ``[..., d_in] -> [..., d_sae]``."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    x2, lead = _flat(x)
+    return ops.encode_dense(x2, W_enc, b_enc, b_dec, None, "relu").reshape(*lead, -1)
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float = 0.001) -> Tensor:
+    """JumpReLU ``pre * (pre > threshold)`` on ``[..., d_sae]``; ``threshold [d_sae]`` is trained by the
+    straight-through estimator with a rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024)."""
+    _check_threshold(pre, threshold, bandwidth)
+    p2, lead = _flat(pre)
+    return ops.jumprelu(p2, threshold, float(bandwidth)).reshape(*lead, -1)
+
+
+def step(pre: Tensor, threshold: Tensor, bandwidth: float = 0.001) -> Tensor:
+    """Heaviside ``(pre > threshold)`` as ``pre.dtype``; gradient (STE) only to ``threshold``. Its row sum is the
+    L0 that the JumpReLU loss penalises."""
+    _check_threshold(pre, threshold, bandwidth)
+    p2, lead = _flat(pre)
+    return ops.step(p2, threshold, float(bandwidth)).reshape(*lead, -1)
+
+
+def _check_threshold(pre: Tensor, threshold: Tensor, bandwidth: float) -> None:
+    _check_tensor(pre, "pre")
+    _check_tensor(threshold, "threshold")
+    if threshold.shape != (pre.shape[-1],):
+        raise ValueError(f"threshold must be [d_sae={pre.shape[-1]}], got shape {tuple(threshold.shape)}")
+    _check_same(pre, {"threshold": threshold})
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+
+
+def jumprelu_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    threshold: Tensor,
+    bandwidth: float = 0.001,
+) -> Tensor:
+    """JumpReLU encoder ``[..., d_in] -> [..., d_sae]``. Fused when no gradient reaches ``threshold``; otherwise
+    the pre-activation is kept so the straight-through threshold gradient can be formed."""
+    d_in, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
+    _check_same(x, {"threshold": threshold})
+    if threshold.shape != (d_sae,):
+        raise ValueError(f"threshold must be [d_sae={d_sae}], got shape {tuple(threshold.shape)}")
+    x2, lead = _flat(x)
+    if torch.is_grad_enabled() and threshold.requires_grad:
+        pre = ops.encode_dense(x2, W_enc, b_enc, b_dec, None, "none")
+        acts = ops.jumprelu(pre, threshold, float(bandwidth))
+    else:
+        acts = ops.encode_dense(x2, W_enc, b_enc, b_dec, threshold, "jumprelu")
+    return acts.reshape(*lead, -1)
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None = None,
+    *,
+    k: int,
+    aux_k: int = 0,
+    aux_mask: Tensor | None = None,
+) -> SparseCode:
+    """TopK encoder (Gao et al. 2024): per token the k largest pre-activations, then ReLU.
+
+    Returns :class:`SparseCode` with ``values [..., k]`` (activations, >= 0), ``indices [..., k]`` (int64, by
+    value descending, ties by lower index) and, when ``aux_k > 0``, the AuxK selection: the ``aux_k`` largest
+    pre-activations among latents where ``aux_mask [d_sae]`` is true, ReLU'd. The ``[N, d_sae]`` pre-activation
+    is never returned; gradients reach ``W_enc`` only at the selected columns.
+    """
+    _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
+    _check_k(k, d_sae)
+    _check_aux(aux_k, aux_mask, d_sae, x)
+    x2, lead = _flat(x)
+    values, indices, aux_values, aux_indices = ops.topk_encode(x2, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+    return SparseCode(
+        torch.relu(values).reshape(*lead, -1),
+        indices.reshape(*lead, -1),
+        torch.relu(aux_values).reshape(*lead, -1),
+        aux_indices.reshape(*lead, -1),
+    )
+
+
+def batchtopk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None = None,
+    *,
+    k: int,
+    aux_k: int = 0,
+    aux_mask: Tensor | None = None,
+) -> SparseCode:
+    """BatchTopK encoder (Bussmann et al. 2024): the ``k * N`` largest ReLU'd pre-activations over the whole
+    batch of N tokens (ties by lower flat index). ``x`` must be ``[N, d_in]`` (the batch is the selection set).
+
+    Returns :class:`SparseCode` in padded form ``[N, m]`` (m = the largest count in a row; each row's entries in
+    latent order, then padding with value 0 and index 0), plus the AuxK selection as in :func:`topk_encode`.
+    """
+    _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
+    if x.dim() != 2:
+        raise ValueError(f"BatchTopK selects over a batch: x must be [N, d_in], got shape {tuple(x.shape)}")
+    _check_k(k, d_sae)
+    _check_aux(aux_k, aux_mask, d_sae, x)
+    values, indices, aux_values, aux_indices = ops.batchtopk_encode(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+    return SparseCode(values, indices, torch.relu(aux_values), aux_indices)
+
+
+def encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None = None,
+    *,
+    activation: str = "relu",
+    k: int | None = None,
+    threshold: Tensor | None = None,
+    bandwidth: float = 0.001,
+) -> Tensor:
+    """Dense activations ``[..., d_sae]`` for any activation ("relu", "jumprelu", "topk", "batchtopk")."""
+    if activation == "relu":
+        return relu_encode(x, W_enc, b_enc, b_dec)
+    if activation == "jumprelu":
+        if threshold is None:
+            raise ValueError("activation='jumprelu' needs threshold [d_sae]")
+        return jumprelu_encode(x, W_enc, b_enc, b_dec, threshold, bandwidth)
+    if activation in ("topk", "batchtopk"):
+        if k is None:
+            raise ValueError(f"activation={activation!r} needs k")
+        fn = topk_encode if activation == "topk" else batchtopk_encode
+        code = fn(x, W_enc, b_enc, b_dec, k=k)
+        return to_dense(code.values, code.indices, W_enc.shape[1])
+    raise ValueError(f"unknown activation {activation!r}; use relu, jumprelu, topk or batchtopk")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """``x_hat = sum_j values[..., j] * W_dec[indices[..., j]] + b_dec``: ``[..., m] -> [..., d_in]``.
+
+    Only the active rows of ``W_dec`` are read, and the backward touches only them (``d values`` is a gather-dot,
+    ``d W_dec`` a per-latent sum)."""
+    _check_sparse(values, indices, W_dec, b_dec)
+    v2, lead = _flat(values)
+    out = ops.sparse_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec)
+    return out.reshape(*lead, -1)
+
+
+def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """Dense decoder ``acts @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
+    _check_tensor(acts, "acts")
+    if acts.shape[-1] != W_dec.shape[0]:
+        raise ValueError(f"acts has {acts.shape[-1]} latents but W_dec has d_sae={W_dec.shape[0]}")
+    _check_same(acts, {"W_dec": W_dec, "b_dec": b_dec})
+    out = acts @ W_dec
+    return out if b_dec is None else out + b_dec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Row-wise TopK of ``[N, M]`` with deterministic ties (lower index first): ``(values, indices) [N, k]``."""
+    _check_tensor(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [N, M], got shape {tuple(scores.shape)}")
+    _check_k(k, scores.shape[1])
+    return ops.row_topk(scores, k)
+
+
+def to_dense(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
+    """Scatters sparse ``(values, indices) [..., m]`` into dense ``[..., d_sae]`` (padding adds 0)."""
+    out = values.new_zeros(*values.shape[:-1], d_sae)
+    return out.scatter_add_(-1, indices.long(), values)
+
+
+def to_sparse(acts: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded sparse form of dense ``acts [..., d_sae]``: each row's non-zeros in latent order, padded with value
+    0 and index 0 to the largest count in a row (at least 1)."""
+    a2, lead = _flat(acts)
+    values, indices = reference._pack_rows(a2, a2 != 0)
+    return values.reshape(*lead, -1), indices.reshape(*lead, -1)
+
+
+def head_partial_sums(
+    x: Tensor,
+    W_enc: Tensor,
+    indices: Tensor,
+    n_heads: int,
+    b_dec: Tensor | None = None,
+) -> Tensor:
+    """Per-head partial sums of the pre-activation at selected latents (DESIGN §4).
+
+    ``out[..., j, h] = (x - b_dec)_h · W_enc[h-block, indices[..., j]]`` for x ``[..., d_in]`` (head-major,
+    ``d_in = n_heads * d_head``), indices ``[..., m]``: ``[..., m, n_heads]``. Omit ``b_dec`` for the "raw"
+    convention. Summed over heads and added to the constant term this gives the pre-activation exactly.
+    """
+    _check_tensor(x, "x")
+    d_in = W_enc.shape[0]
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features but the SAE expects d_in={d_in}")
+    if n_heads < 1 or d_in % n_heads:
+        raise ValueError(f"n_heads={n_heads} must divide d_in={d_in}")
+    if indices.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"indices {tuple(indices.shape)} must match x's leading dims {tuple(x.shape[:-1])}")
+    _check_same(x, {"W_enc": W_enc, "b_dec": b_dec})
+    x2, lead = _flat(x)
+    out = ops.head_partial_sums(x2, W_enc, b_dec, indices.reshape(-1, indices.shape[-1]), int(n_heads))
+    return out.reshape(*lead, indices.shape[-1], n_heads)

@@ -1,0 +1,338 @@
+"""The maths of every fusedsae op in plain PyTorch: the CPU backend, the test oracle and the benchmark baseline.
+
+Conventions (DESIGN §3): row-major ``x @ W``; ``x [N, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. ``b_dec=None`` means the input is not centred
+(``apply_b_dec_to_input=False``). Sparse activations are ``values [N, m]`` with ``indices [N, m]`` (int32 or
+int64); padded slots hold value 0 and index 0.
+
+These functions take validated inputs (``fusedsae.functional`` checks them) and never materialise an
+``[N, k, d_in]`` gather or a dense ``[N, d_sae]`` gradient: the sparse backward passes group the active entries by
+latent (a stable sort) and reduce each group with ``embedding_bag``, which is deterministic and touches only the
+``N*k`` active entries. TopK runs over row chunks so that the ``[N, d_sae]`` pre-activation is never held whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Elements of pre-activation held at once by the chunked TopK encoder. On the CPU a 16 MiB fp32 chunk avoids
+# allocating (and page-faulting) the whole [N, d_sae] block; on a GPU large chunks keep the GEMM efficient.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+
+
+def _rows_per_chunk(n_rows: int, row_elements: int, device: torch.device) -> int:
+    budget = _CHUNK_ELEMENTS.get(device.type, 1 << 26)
+    return max(1, min(n_rows, budget // max(1, row_elements)))
+
+
+def center(x: Tensor, b_dec: Tensor | None) -> Tensor:
+    """``x - b_dec`` (or ``x`` when the SAE does not centre its input)."""
+    return x if b_dec is None else x - b_dec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None) -> Tensor:
+    """Pre-activation ``(x - b_dec) @ W_enc + b_enc``: ``[N, d_in] -> [N, d_sae]``."""
+    return torch.addmm(b_enc, center(x, b_dec), W_enc)
+
+
+def encode_dense(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    threshold: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """Dense encoder ``[N, d_in] -> [N, d_sae]``: ``activation`` is "none" (the pre-activation), "relu" or
+    "jumprelu" (``pre * (pre > threshold)``, threshold ``[d_sae]``)."""
+    pre = encode_pre(x, W_enc, b_enc, b_dec)
+    if activation == "none":
+        return pre
+    if activation == "relu":
+        return torch.relu(pre)
+    if activation == "jumprelu":
+        assert threshold is not None
+        return jumprelu(pre, threshold)
+    raise ValueError(f"unknown dense activation {activation!r}")
+
+
+def _order_by_value_then_index(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorts each row by value (descending), equal values by index (ascending): one deterministic order."""
+    indices, perm = torch.sort(indices, dim=1)
+    values = values.gather(1, perm)
+    values, perm = torch.sort(values, dim=1, descending=True, stable=True)
+    return values, indices.gather(1, perm)
+
+
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row, ties broken by the lower index, sorted by value then index.
+
+    ``scores [N, M] -> (values [N, k], indices [N, k] int64)``. ``torch.topk`` promises no order among ties, so
+    this takes k+1 candidates: a row whose (k+1)-th value equals its k-th has a tie across the cut-off and is
+    redone with a stable sort (rare on real data: all-equal rows, quantised inputs).
+    """
+    width = scores.shape[1]
+    if k >= width:
+        values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+        return values[:, :k], indices[:, :k]
+    values, indices = torch.topk(scores, k + 1, dim=1, largest=True, sorted=True)
+    tied = values[:, k] == values[:, k - 1]
+    values, indices = values[:, :k], indices[:, :k]
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        v, i = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        values = values.clone()
+        indices = indices.clone()
+        values[rows] = v[:, :k]
+        indices[rows] = i[:, :k]
+    return _order_by_value_then_index(values, indices)
+
+
+def _aux_select(pre: Tensor, aux_k: int, aux_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Top ``aux_k`` of each row among the latents where ``aux_mask`` is true (overwrites ``pre``)."""
+    pre.masked_fill_(~aux_mask, float("-inf"))
+    return row_topk(pre, aux_k)
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    aux_k: int,
+    aux_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Encoder with TopK selection, plus the AuxK selection from the same pre-activation.
+
+    Returns ``(values [N, k], indices [N, k], aux_values [N, aux_k], aux_indices [N, aux_k])``: the
+    *pre-activation* values at the k largest entries of each row (apply ReLU to get the activations), and at
+    the ``aux_k`` largest among latents where ``aux_mask [d_sae]`` is true (the dead ones). ``aux_k=0`` gives
+    ``[N, 0]`` tensors. Indices are int64, sorted by value then index.
+    """
+    n = x.shape[0]
+    d_sae = W_enc.shape[1]
+    values = x.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    aux_values = x.new_empty(n, aux_k)
+    aux_indices = torch.empty(n, aux_k, dtype=torch.int64, device=x.device)
+    x_c = center(x, b_dec)
+    step = _rows_per_chunk(n, d_sae, x.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        pre = torch.addmm(b_enc, x_c[rows], W_enc)
+        values[rows], indices[rows] = row_topk(pre, k)
+        if aux_k:
+            assert aux_mask is not None
+            aux_values[rows], aux_indices[rows] = _aux_select(pre, aux_k, aux_mask)
+    return values, indices, aux_values, aux_indices
+
+
+def batchtopk_select(pre: Tensor, k: int) -> Tensor:
+    """BatchTopK's active set: the ``k*N`` largest entries of ``relu(pre)`` over the whole batch, ties broken by
+    the lower flat (row-major) index; zeros never count as active. ``pre [N, M] -> bool [N, M]``."""
+    n = pre.shape[0]
+    budget = k * n
+    flat = pre.reshape(-1)
+    if budget >= flat.numel():
+        return pre > 0
+    cutoff = torch.topk(flat, budget, sorted=False).values.min()
+    if cutoff <= 0:
+        return pre > 0
+    active = pre > cutoff
+    missing = budget - int(active.sum())
+    if missing > 0:
+        tied = (flat == cutoff).nonzero().squeeze(1)[:missing]
+        active.view(-1)[tied] = True
+    return active
+
+
+def _pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded sparse form of ``pre`` at ``active``: each row's active entries in latent order, then padding
+    (value 0, index 0). Width = the largest row count (at least 1)."""
+    n = pre.shape[0]
+    counts = active.sum(1)
+    width = max(1, int(counts.max())) if n else 1
+    rows, cols = active.nonzero(as_tuple=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(rows.numel(), device=pre.device) - starts[rows]
+    values = pre.new_zeros(n, width)
+    indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
+    values[rows, slots] = pre[rows, cols]
+    indices[rows, slots] = cols
+    return values, indices
+
+
+def batchtopk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    aux_k: int,
+    aux_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Encoder with BatchTopK selection (Bussmann et al. 2024), plus AuxK as in :func:`topk_encode`.
+
+    Returns ``(values [N, m], indices [N, m], aux_values [N, aux_k], aux_indices [N, aux_k])`` where ``m`` is the
+    largest number of active latents in a row: the pre-activation values (all > 0) at the active entries in
+    latent order, padded with value 0 and index 0.
+    """
+    pre = encode_pre(x, W_enc, b_enc, b_dec)
+    values, indices = _pack_rows(pre, batchtopk_select(pre, k))
+    if aux_k:
+        assert aux_mask is not None
+        aux_values, aux_indices = _aux_select(pre, aux_k, aux_mask)
+    else:
+        aux_values = x.new_empty(x.shape[0], 0)
+        aux_indices = torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    return values, indices, aux_values, aux_indices
+
+
+def sparse_encode_backward(
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of a sparse encoder, given ``grad [N, m]``, the gradient of the loss w.r.t. the pre-activation
+    at the active entries ``indices [N, m]`` (repeated indices add up).
+
+    Returns ``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])``. ``dW_enc`` is
+    non-zero only at active columns; ``db_dec = -W_enc @ db_enc`` reduces over the batch before the mat-vec.
+    """
+    d_sae = W_enc.shape[1]
+    x_c = center(x, b_dec)
+    dW_enc = scatter_rows(x_c, indices, grad, d_sae).t().contiguous()
+    db_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
+    db_enc.index_add_(0, indices.reshape(-1).long(), grad.reshape(-1))
+    db_dec = -(W_enc @ db_enc) if b_dec is not None else grad.new_empty(0)
+    if need_dx:
+        dx = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum")
+    else:
+        dx = grad.new_empty(0)
+    return dx, dW_enc, db_enc, db_dec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """``x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec``: ``[N, m] -> [N, d_in]``."""
+    out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    return out if b_dec is None else out + b_dec
+
+
+def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
+    """``out[n, j] = table[indices[n, j]] · vectors[n]``: ``([M, d], [N, m], [N, d]) -> [N, m]``, in row chunks
+    so the gathered ``[rows, m, d]`` block stays small."""
+    n, m = indices.shape
+    out = vectors.new_empty(n, m)
+    step = _rows_per_chunk(n, m * table.shape[1], vectors.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        out[rows] = torch.bmm(table[indices[rows]], vectors[rows].unsqueeze(2)).squeeze(2)
+    return out
+
+
+def scatter_rows(src: Tensor, indices: Tensor, weights: Tensor, n_out: int) -> Tensor:
+    """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * src[n]``: ``[n_out, d]``.
+
+    Deterministic: entries are grouped by ``i`` with a stable sort and each group is summed in token order by
+    ``embedding_bag`` (no float atomics).
+    """
+    m = indices.shape[1]
+    flat = indices.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    tokens = torch.div(order, m, rounding_mode="floor")
+    counts = torch.bincount(flat, minlength=n_out)
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(
+        tokens, src, offsets, per_sample_weights=weights.reshape(-1)[order].to(src.dtype), mode="sum"
+    )
+
+
+def sparse_decode_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`sparse_decode` given ``grad_out [N, d_in]``: ``(d_values [N, m], dW_dec [d_sae, d_in])``.
+
+    ``d_values`` is a gather-dot over the active rows only; ``dW_dec`` sums ``value * grad_out[token]`` per
+    latent, deterministically. (``d b_dec = grad_out.sum(0)``.)
+    """
+    d_values = gather_dot(W_dec, indices, grad_out)
+    dW_dec = scatter_rows(grad_out, indices, values, W_dec.shape[0])
+    return d_values, dW_dec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JumpReLU (Rajamanoharan et al. 2024): straight-through estimator with a rectangle kernel of width `bandwidth`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
+    """``pre * (pre > threshold)``; ``threshold [d_sae]`` broadcasts over rows."""
+    return pre * (pre > threshold)
+
+
+def step(pre: Tensor, threshold: Tensor) -> Tensor:
+    """Heaviside ``(pre > threshold)`` as ``pre``'s dtype; its row sum is the L0 the JumpReLU loss penalises."""
+    return (pre > threshold).to(pre.dtype)
+
+
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    u = (pre - threshold) / bandwidth
+    return ((u > -0.5) & (u < 0.5)).to(pre.dtype)
+
+
+def jumprelu_backward(
+    grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float
+) -> tuple[Tensor, Tensor]:
+    """``(d_pre, d_threshold)`` of :func:`jumprelu`: ``d_pre = grad * (pre > threshold)``; the threshold gets the
+    STE pseudo-gradient ``-(threshold / bandwidth) * K((pre - threshold) / bandwidth) * grad`` summed over rows."""
+    d_pre = grad * (pre > threshold)
+    kernel = _rectangle(pre, threshold, bandwidth)
+    d_threshold = (-(threshold / bandwidth) * kernel * grad).sum(0)
+    return d_pre, d_threshold
+
+
+def step_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """``d_threshold`` of :func:`step` (``d_pre`` is 0): ``-(1 / bandwidth) * K(...) * grad`` summed over rows."""
+    return (-(1.0 / bandwidth) * _rectangle(pre, threshold, bandwidth) * grad).sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-head attribution (DESIGN §4)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def head_partial_sums(
+    x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int
+) -> Tensor:
+    """Per-head partial dot products at selected latents: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h, indices[n, j]]``
+    where ``_h`` is head h's ``d_in / n_heads`` columns. ``[N, m, n_heads]``; ``N*m*d_in`` multiply-adds.
+
+    Pass ``b_dec=None`` for the "raw" convention (``z_h · W_enc[h, f]``)."""
+    n, m = indices.shape
+    d_in = x.shape[1]
+    d_head = d_in // n_heads
+    x_c = center(x, b_dec)
+    W_t = W_enc.t()
+    out = x.new_empty(n, m, n_heads)
+    step_rows = _rows_per_chunk(n, m * d_in, x.device)
+    for start in range(0, n, step_rows):
+        rows = slice(start, min(n, start + step_rows))
+        cols = W_t[indices[rows]].view(-1, m, n_heads, d_head)
+        out[rows] = (cols * x_c[rows].view(-1, 1, n_heads, d_head)).sum(-1)
+    return out
