@@ -1,0 +1,294 @@
+"""SAE folders on disk: SAELens 6.x (read and write) and sparsify (read). safetensors only; no pickle.
+
+A SAELens 6.x folder holds ``cfg.json`` (``d_in``, ``d_sae``, ``dtype``, ``architecture``, ``apply_b_dec_to_input``,
+``normalize_activations``, ``reshape_activations``, ``k`` for TopK, and ``metadata`` with ``sae_lens_version`` >=
+6.0.0), ``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``,
+``threshold`` for JumpReLU) and optionally ``sparsity.safetensors`` (log10 firing frequency). fusedsae writes its
+own full config under ``metadata["fusedsae"]`` so that BatchTopK, ``n_heads`` and the loss coefficients survive a
+round trip; SAELens keeps unknown metadata keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from fusedsae._version import __version__
+from fusedsae.config import SAEConfig, dtype_from_name
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
+SAE_LENS_SCHEMA_VERSION = "6.0.0"
+
+# our activation -> SAELens inference architecture. BatchTopK is saved as JumpReLU with its scalar threshold
+# repeated over latents, exactly as SAELens saves its own BatchTopK SAEs for inference.
+_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+
+
+class SAEFormatError(ValueError):
+    """A folder is not a readable SAE: a file is missing, truncated or inconsistent with its config."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Flushes a directory entry (the rename of a file inside it) to disk where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Moves the finished folder ``tmp`` to ``final``. If ``final`` exists it is first renamed aside and removed
+    only after the new folder is in place, so at every instant one complete copy exists on disk."""
+    fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sae_lens_config(sae: Any) -> dict[str, Any]:
+    """The ``cfg.json`` dict of a :class:`fusedsae.SparseAutoencoder` in SAELens 6.x schema."""
+    cfg: SAEConfig = sae.cfg
+    out: dict[str, Any] = {
+        "architecture": _ARCHITECTURE[cfg.activation],
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": str(sae.device),
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        # The weights on disk always take raw activations: the trainer folds its input scale in before saving.
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if cfg.activation == "topk":
+        out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = False
+    fused = cfg.to_dict()
+    fused.pop("metadata")
+    fused["normalize_activations"] = "none"
+    out["metadata"] = {
+        **cfg.metadata,
+        "sae_lens_version": SAE_LENS_SCHEMA_VERSION,
+        "fusedsae_version": __version__,
+        "fusedsae": fused,
+    }
+    return out
+
+
+def save_sae(sae: Any, path: str | os.PathLike[str], sparsity: Tensor | None = None) -> Path:
+    """Writes ``sae`` as a SAELens 6.x folder at ``path`` (atomically; see :func:`replace_dir`)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+        if sae.cfg.activation in ("jumprelu", "batchtopk"):
+            tensors["threshold"] = sae.threshold
+        write_safetensors(tmp / WEIGHTS_FILE, tensors)
+        if sparsity is not None:
+            write_safetensors(tmp / SPARSITY_FILE, {"sparsity": sparsity.float()})
+        write_json(tmp / CFG_FILE, sae_lens_config(sae))
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SAEFormatError(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
+    if not isinstance(data, dict):
+        raise SAEFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise SAEFormatError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SAEFormatError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+
+
+def _version_tuple(version: Any) -> tuple[int, ...]:
+    parts = []
+    for piece in str(version).split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _config_from_sae_lens(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> tuple[SAEConfig, bool]:
+    """(config, rescale_by_decoder_norm) from a SAELens cfg.json, 6.x or older."""
+    meta = raw.get("metadata") or {}
+    fused = meta.get("fusedsae")
+    if isinstance(fused, dict):
+        return SAEConfig.from_dict({**fused, "metadata": _user_metadata(meta)}), False
+    version = raw.get("sae_lens_version") or meta.get("sae_lens_version")
+    legacy = version is None or _version_tuple(version) < (6,)
+    architecture = raw.get("architecture", "standard")
+    k = raw.get("k")
+    if legacy:
+        # SAELens < 6 wrote a flat config: activation_fn(_str) + activation_fn_kwargs decide TopK.
+        fn = raw.get("activation_fn") or raw.get("activation_fn_str") or "relu"
+        if fn == "topk":
+            architecture = "topk"
+            k = (raw.get("activation_fn_kwargs") or {}).get("k", k)
+        meta = {key: raw[key] for key in ("model_name", "hook_name", "hook_point", "hook_layer") if key in raw}
+    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(architecture)
+    if activation is None:
+        raise SAEFormatError(
+            f"{path}: architecture {architecture!r} is not supported (fusedsae reads standard, topk, jumprelu)"
+        )
+    if raw.get("normalize_activations") not in (None, "none", False):
+        raise SAEFormatError(
+            f"{path}: normalize_activations={raw['normalize_activations']!r} needs a run-time input scale that "
+            "this folder does not store; fold it into the weights first"
+        )
+    W_enc = tensors.get("W_enc")
+    if W_enc is None or W_enc.dim() != 2:
+        raise SAEFormatError(f"{path}: sae_weights.safetensors has no 2-D W_enc")
+    cfg = SAEConfig(
+        d_in=int(raw.get("d_in", W_enc.shape[0])),
+        d_sae=int(raw.get("d_sae", W_enc.shape[1])),
+        activation=activation,
+        k=int(k) if activation == "topk" else None,
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        dtype=str(raw.get("dtype", "float32")),
+        metadata=_user_metadata(meta),
+        normalize_decoder=False,
+    )
+    return cfg, bool(raw.get("rescale_acts_by_decoder_norm", False)) and activation == "topk"
+
+
+def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in ("fusedsae", "fusedsae_version", "sae_lens_version")}
+
+
+def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> SAEConfig:
+    W = tensors.get("encoder.weight")
+    if W is None or W.dim() != 2:
+        raise SAEFormatError(f"{path}: sae.safetensors has no 2-D encoder.weight")
+    if raw.get("activation", "topk") != "topk":
+        raise SAEFormatError(f"{path}: sparsify activation {raw['activation']!r} is not supported (topk only)")
+    if raw.get("transcode") or "W_skip" in tensors:
+        raise SAEFormatError(f"{path}: sparsify transcoders are not supported")
+    return SAEConfig(
+        d_in=int(W.shape[1]),
+        d_sae=int(W.shape[0]),
+        activation="topk",
+        k=int(raw["k"]),
+        dtype=str(W.dtype).removeprefix("torch."),
+        normalize_decoder=bool(raw.get("normalize_decoder", True)),
+        metadata={"source": "sparsify"},
+    )
+
+
+def load_sae(
+    path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """Loads an SAE folder written by fusedsae, SAELens (6.x or older) or sparsify.
+
+    ``device``/``dtype`` override the stored ones. Raises :class:`SAEFormatError` naming the file and the problem
+    for a missing, truncated or inconsistent folder.
+    """
+    from fusedsae.sae import SparseAutoencoder
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SAEFormatError(f"{folder} is not a folder; an SAE is a folder with cfg.json and weights")
+    cfg_path = folder / CFG_FILE
+    if not cfg_path.is_file():
+        raise SAEFormatError(f"{folder} has no {CFG_FILE}: it is not a SAELens, sparsify or fusedsae SAE folder")
+    raw = read_json(cfg_path)
+    rescale = False
+    if (folder / WEIGHTS_FILE).exists():
+        tensors = read_safetensors(folder / WEIGHTS_FILE)
+        cfg, rescale = _config_from_sae_lens(raw, tensors, cfg_path)
+        weights = dict(tensors)
+    elif (folder / SPARSIFY_WEIGHTS_FILE).exists():
+        tensors = read_safetensors(folder / SPARSIFY_WEIGHTS_FILE)
+        cfg = _config_from_sparsify(raw, tensors, cfg_path)
+        weights = {
+            "W_enc": tensors["encoder.weight"].t(),
+            "b_enc": tensors["encoder.bias"],
+            "W_dec": tensors["W_dec"],
+            "b_dec": tensors["b_dec"],
+        }
+    else:
+        raise SAEFormatError(f"{folder} has {CFG_FILE} but neither {WEIGHTS_FILE} nor {SPARSIFY_WEIGHTS_FILE}")
+    changes: dict[str, Any] = {}
+    if device is not None:
+        changes["device"] = str(device)
+    if dtype is not None:
+        changes["dtype"] = str(dtype_from_name(dtype)).removeprefix("torch.")
+    if changes:
+        cfg = cfg.replace(**changes)
+    sae = SparseAutoencoder(cfg)
+    _assign(sae, weights, folder)
+    if rescale:
+        sae.fold_W_dec_norm()
+    return sae
+
+
+def _assign(sae: Any, weights: dict[str, Tensor], folder: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in [*sae.named_parameters(), *sae.named_buffers()]}
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise SAEFormatError(f"{folder}: weights file lacks {', '.join(missing)}")
+    with torch.no_grad():
+        for name, shape in expected.items():
+            tensor = weights[name]
+            if tuple(tensor.shape) != shape:
+                raise SAEFormatError(
+                    f"{folder}: {name} has shape {tuple(tensor.shape)} but cfg.json implies {shape}"
+                )
+            if not torch.isfinite(tensor.float()).all():
+                raise SAEFormatError(f"{folder}: {name} contains NaN or Inf")
+            getattr(sae, name).copy_(tensor)

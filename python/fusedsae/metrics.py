@@ -1,0 +1,65 @@
+"""Metric definitions (DESIGN §3, contract names), written once and used by the trainer, the CLI and the tests.
+
+* ``mse``: per-token squared error summed over ``d_in``, mean over tokens (SAELens's training ``mse_loss``).
+* ``fvu``: ``sum ‖x − x̂‖² / sum ‖x − mean(x)‖²`` over the batch (sparsify's FVU; SAELens's train-time
+  explained variance is ``1 − fvu``); ``explained_variance = 1 − fvu``.
+* ``explained_variance_legacy``: the per-token ratio averaged, ``mean_t (1 − ‖x_t − x̂_t‖² / ‖x_t − mean(x)‖²)``,
+  which SAELens logs beside it and SAEBench's published numbers used.
+* ``l0``: mean number of active latents per token. ``dead_fraction``: latents that have not fired for
+  ``dead_tokens`` tokens, over ``d_sae`` (counted by the trainer).
+* ``mmcs``: mean over true features of the max cosine similarity with any decoder row (Sharkey et al.).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+
+
+def _total_variance(x: Tensor) -> Tensor:
+    x = x.float()
+    return (x - x.mean(0)).pow(2).sum()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained over the batch ``x, x_hat [N, d]`` (scalar)."""
+    residual = (x.float() - x_hat.float()).pow(2).sum()
+    return residual / _total_variance(x).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    return 1.0 - fvu(x, x_hat)
+
+
+def explained_variance_legacy(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Per-token ratio, then the mean (SAELens ``explained_variance_legacy``)."""
+    x = x.float()
+    per_token_residual = (x - x_hat.float()).pow(2).sum(-1)
+    per_token_variance = (x - x.mean(0)).pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (1.0 - per_token_residual / per_token_variance).mean()
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarities between the rows of ``a [n, d]`` and ``b [m, d]``: ``[n, m]`` (float32)."""
+    a = a.float() / a.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = b.float() / b.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return a @ b.t()
+
+
+def max_cosines(true_directions: Tensor, W_dec: Tensor) -> Tensor:
+    """For each true feature ``[n, d]``, the best cosine with any decoder row ``[d_sae, d]``: ``[n]``."""
+    return cosine_matrix(true_directions, W_dec.detach().to(true_directions.device)).max(1).values
+
+
+def mmcs(true_directions: Tensor, W_dec: Tensor) -> Tensor:
+    """Mean max cosine similarity of the true features with the decoder rows (scalar)."""
+    return max_cosines(true_directions, W_dec).mean()
+
+
+def recovered_fraction(true_directions: Tensor, W_dec: Tensor, threshold: float = 0.9) -> Tensor:
+    """Fraction of true features whose best decoder row has cosine above ``threshold``."""
+    return (max_cosines(true_directions, W_dec) > threshold).float().mean()

@@ -1,0 +1,389 @@
+"""SparseAutoencoder: the drop-in SAE layer (SAELens 6.x weights and maths, sparsify-style k-sparse encode)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fusedsae import functional as F
+from fusedsae import ops
+from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+
+
+def _check_finite_default() -> bool:
+    return os.environ.get("FUSEDSAE_CHECK_FINITE", "1") not in ("0", "false", "False", "")
+
+
+@dataclass
+class TrainingOutput:
+    """What :meth:`SparseAutoencoder.training_forward` returns.
+
+    Attributes:
+        loss: scalar total loss (what to backpropagate).
+        losses: the loss terms by SAELens name: ``mse_loss`` always, ``l1_loss`` (ReLU), ``l0_loss`` (JumpReLU),
+            ``auxiliary_reconstruction_loss`` (TopK/BatchTopK with dead latents); each already multiplied by its
+            coefficient.
+        sae_in: the input as the SAE saw it, ``[N, d_in]`` (flattened, in the SAE's dtype).
+        sae_out: reconstruction ``[N, d_in]``.
+        values, indices: sparse activations ``[N, m]`` (TopK: m = k; BatchTopK: padded) or None for dense SAEs.
+        dense_acts: ``[N, d_sae]`` activations of dense SAEs (ReLU, JumpReLU), else None.
+        n_dead: dead latents the AuxK loss could use (TopK family; 0 otherwise).
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    sae_in: Tensor
+    sae_out: Tensor
+    values: Tensor | None = None
+    indices: Tensor | None = None
+    dense_acts: Tensor | None = None
+    n_dead: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_acts(self) -> Tensor:
+        """Dense activations ``[N, d_sae]`` (built on demand for sparse SAEs)."""
+        if self.dense_acts is not None:
+            return self.dense_acts
+        assert self.values is not None and self.indices is not None
+        return F.to_dense(self.values, self.indices, self.extras["d_sae"])
+
+    def fired(self) -> Tensor:
+        """``[d_sae]`` bool: latents that were active on at least one token of this batch."""
+        d_sae = self.extras["d_sae"]
+        if self.dense_acts is not None:
+            return (self.dense_acts != 0).any(0)
+        assert self.values is not None and self.indices is not None
+        counts = torch.zeros(d_sae, dtype=torch.int32, device=self.values.device)
+        counts.index_add_(0, self.indices.reshape(-1), (self.values.reshape(-1) > 0).to(torch.int32))
+        return counts > 0
+
+    def l0(self) -> Tensor:
+        """Mean number of active latents per token (scalar)."""
+        if self.dense_acts is not None:
+            return (self.dense_acts != 0).sum(-1).float().mean()
+        assert self.values is not None
+        return (self.values > 0).sum(-1).float().mean()
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder with SAELens's parameters and maths.
+
+    ``SparseAutoencoder(cfg)`` or ``SparseAutoencoder(d_in=768, d_sae=16384, activation="topk", k=32)``.
+
+    Parameters: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and
+    ``threshold [d_sae]`` (JumpReLU: a trained parameter; BatchTopK: a buffer holding the inference threshold, an
+    EMA of the smallest positive activation in training batches).
+
+    Inputs may have any leading dims: ``x [..., d_in]``. Floating inputs are cast to the SAE's dtype (as SAELens);
+    wrong widths, non-floating dtypes, another device, NaN or Inf raise errors that name the problem (the finite
+    check costs one reduction; turn it off with ``sae.check_finite = False`` or ``FUSEDSAE_CHECK_FINITE=0``).
+
+    BatchTopK selects over the batch in training mode and uses ``threshold`` (JumpReLU maths) in eval mode,
+    as SAELens and dictionary_learning do at inference.
+    """
+
+    threshold: Tensor
+
+    def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if cfg is None:
+            cfg = SAEConfig(**kwargs)
+        elif kwargs:
+            cfg = cfg.replace(**kwargs)
+        self.cfg = cfg
+        self.check_finite = _check_finite_default()
+        factory = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, **factory))
+        elif cfg.activation == "batchtopk":
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae, **factory))
+        self.reset_parameters()
+
+    # -------------------------------------------------------------------------------------------------------------
+    # construction
+    # -------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0 (DESIGN §3)."""
+        cfg = self.cfg
+        w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
+        """Sets ``b_dec`` from a data sample ``x [..., d_in]``: its ``"mean"`` or ``"geometric_median"``
+        (Weiszfeld iterations; robust to outliers, as OpenAI's TopK training does), or ``"zeros"``."""
+        x2 = self._flatten(x).float()
+        if method == "zeros":
+            center = torch.zeros(self.cfg.d_in)
+        elif method == "mean":
+            center = x2.mean(0)
+        elif method == "geometric_median":
+            center = geometric_median(x2)
+        else:
+            raise ValueError(f"unknown b_dec init {method!r}; use geometric_median, mean or zeros")
+        self.b_dec.copy_(center.to(self.b_dec))
+
+    # -------------------------------------------------------------------------------------------------------------
+    # inference
+    # -------------------------------------------------------------------------------------------------------------
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def _b_dec_in(self) -> Tensor | None:
+        return self.b_dec if self.cfg.apply_b_dec_to_input else None
+
+    def _flatten(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"x has {x.shape[-1] if x.dim() else 0} features (shape {tuple(x.shape)}) "
+                f"but the SAE expects d_in={self.cfg.d_in}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {self.device}; use sae.to(x.device)")
+        if self.check_finite:
+            F.check_finite(x, "x")
+        return x.reshape(-1, self.cfg.d_in).to(self.dtype)
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activation ``[..., d_in] -> [..., d_sae]``."""
+        lead = x.shape[:-1]
+        return F.encode_pre(self._flatten(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
+
+    def _uses_threshold(self) -> bool:
+        return self.cfg.activation == "jumprelu" or (self.cfg.activation == "batchtopk" and not self.training)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense activations ``[..., d_in] -> [..., d_sae]`` (SAELens ``encode``)."""
+        lead = x.shape[:-1]
+        x2 = self._flatten(x)
+        cfg = self.cfg
+        if cfg.activation == "relu":
+            acts = F.relu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in)
+        elif self._uses_threshold():
+            acts = F.jumprelu_encode(
+                x2, self.W_enc, self.b_enc, self._b_dec_in, self.threshold, cfg.jumprelu_bandwidth
+            )
+        else:
+            values, indices = self._encode_sparse_flat(x2)
+            acts = F.to_dense(values, indices, cfg.d_sae)
+        return acts.reshape(*lead, -1)
+
+    def _encode_sparse_flat(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        assert cfg.k is not None
+        if cfg.activation == "topk":
+            code = F.topk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
+        else:
+            code = F.batchtopk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
+        return code.values, code.indices
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse activations ``(values, indices)`` (sparsify-style ``top_acts, top_indices``).
+
+        TopK: ``[..., k]`` sorted by value. Other activations: padded form ``[..., m]`` (value 0, index 0 pads).
+        """
+        lead = x.shape[:-1]
+        x2 = self._flatten(x)
+        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
+            values, indices = self._encode_sparse_flat(x2)
+        else:
+            values, indices = F.to_sparse(self.encode(x2))
+        return values.reshape(*lead, -1), indices.reshape(*lead, -1)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """Dense decoder ``[..., d_sae] -> [..., d_in]``: ``acts @ W_dec + b_dec``."""
+        return F.decode(acts.to(self.dtype), self.W_dec, self.b_dec)
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Sparse decoder ``[..., m] -> [..., d_in]``, reading only the active rows of ``W_dec``."""
+        return F.sparse_decode(values.to(self.dtype), indices, self.W_dec, self.b_dec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``)."""
+        lead = x.shape[:-1]
+        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
+            values, indices = self.encode_sparse(x)
+            return self.decode_sparse(values, indices)
+        return self.decode(self.encode(x)).reshape(*lead, -1)
+
+    # -------------------------------------------------------------------------------------------------------------
+    # training
+    # -------------------------------------------------------------------------------------------------------------
+
+    def training_forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        coefficient_scale: float = 1.0,
+    ) -> TrainingOutput:
+        """Forward pass with the training loss.
+
+        Args:
+            x: ``[..., d_in]`` activations.
+            dead_mask: ``[d_sae]`` bool, latents counted as dead; enables the AuxK loss (TopK/BatchTopK).
+            coefficient_scale: multiplier of the sparsity coefficient (the trainer's warm-up, 0 → 1).
+
+        Loss = MSE (summed over d_in, mean over tokens) + one of: ``l1_coefficient`` × L1 of the activations
+        weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
+        ``aux_loss_coefficient`` × AuxK (TopK family): the top ``aux_k`` dead latents reconstruct the detached
+        residual, normalised by the residual's variance and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.).
+        """
+        cfg = self.cfg
+        x2 = self._flatten(x)
+        b_dec_in = self._b_dec_in
+        losses: dict[str, Tensor] = {}
+        extras: dict[str, Any] = {"d_sae": cfg.d_sae}
+        values = indices = dense = None
+        n_dead = 0
+        if cfg.activation in SPARSE_ACTIVATIONS:
+            aux_k = 0
+            if dead_mask is not None and cfg.aux_k:
+                n_dead = int(dead_mask.sum())
+                aux_k = min(cfg.aux_k, n_dead)
+            op = ops.topk_encode if cfg.activation == "topk" else ops.batchtopk_encode
+            assert cfg.k is not None
+            pre_v, indices, aux_pre, aux_idx = op(
+                x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, aux_k, dead_mask if aux_k else None
+            )
+            values = torch.relu(pre_v)
+            sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            mse = (sae_out - x2).pow(2).sum(-1).mean()
+            if aux_k:
+                residual = (x2 - sae_out).detach()
+                aux_out = ops.sparse_decode(torch.relu(aux_pre), aux_idx, self.W_dec, None)
+                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+                scale = min(n_dead / cfg.aux_k, 1.0)
+                aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / variance
+                losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
+            if cfg.activation == "batchtopk" and self.training:
+                self._update_threshold(values)
+        elif cfg.activation == "relu":
+            dense = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "relu")
+            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            mse = (sae_out - x2).pow(2).sum(-1).mean()
+            l1 = (dense * self.W_dec.norm(dim=1)).sum(-1).mean()
+            losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
+        else:  # jumprelu
+            pre = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "none")
+            dense = ops.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
+            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            mse = (sae_out - x2).pow(2).sum(-1).mean()
+            l0 = ops.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+            losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
+        losses = {"mse_loss": mse, **losses}
+        loss = torch.stack([term.float() for term in losses.values()]).sum()
+        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras)
+
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        """BatchTopK inference threshold: EMA (rate ``topk_threshold_lr``) of the smallest positive activation
+        of each training batch; the first batch sets it."""
+        positive = values[values > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min().to(self.threshold.dtype)
+        current = self.threshold[0]
+        lr = self.cfg.topk_threshold_lr
+        new = smallest if bool(current <= 0) else (1 - lr) * current + lr * smallest
+        self.threshold.fill_(float(new))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Removes from ``W_dec.grad`` each row's component along that (unit) row, so a step keeps norms ~1."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g = self.W_dec.grad
+        g -= (g * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder_rows(self) -> None:
+        """Rescales decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Makes decoder rows unit-norm without changing reconstructions (SAELens ``fold_W_dec_norm``):
+        encoder columns, ``b_enc`` and ``threshold`` take the norms. TopK selection may change if norms differ."""
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms[None, :]
+        self.b_enc *= norms
+        if self.cfg.activation == "jumprelu":
+            self.threshold *= norms
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scale: float) -> None:
+        """Folds an input scale into the weights (SAELens name): an SAE trained on ``scale * x`` becomes one that
+        takes raw ``x`` and returns raw reconstructions, with identical latent activations."""
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+
+    # -------------------------------------------------------------------------------------------------------------
+    # files
+    # -------------------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], sparsity: Tensor | None = None) -> Path:
+        """Writes a SAELens 6.x folder (``cfg.json`` + ``sae_weights.safetensors`` [+ ``sparsity.safetensors``])
+        that SAELens's ``SAE.load_from_disk`` and :func:`fusedsae.load` read. Atomic: a crash leaves either the
+        old folder or the new one."""
+        from fusedsae.formats import save_sae
+
+        return save_sae(self, path, sparsity=sparsity)
+
+    def extra_repr(self) -> str:
+        cfg = self.cfg
+        k = f", k={cfg.k}" if cfg.k is not None else ""
+        heads = f", n_heads={cfg.n_heads}" if cfg.n_heads else ""
+        return f"d_in={cfg.d_in}, d_sae={cfg.d_sae}, activation={cfg.activation}{k}{heads}, dtype={cfg.dtype}"
+
+
+def geometric_median(x: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Geometric median of the rows of ``x [N, d]`` by Weiszfeld's algorithm (float64 inside): ``[d]``."""
+    points = x.double()
+    median = points.mean(0)
+    for _ in range(iterations):
+        dist = (points - median).norm(dim=1).clamp_min(1e-12)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        shift = (new - median).norm()
+        median = new
+        if shift <= tol * max(1.0, float(median.norm())):
+            break
+    return median.to(x.dtype)
