@@ -1,0 +1,38 @@
+"""fusedsae: fast sparse autoencoders.
+
+The layer (:class:`SparseAutoencoder`, :class:`SAEConfig`) keeps SAELens's weights, maths and files; the stateless
+ops live in :mod:`fusedsae.functional`; :class:`Trainer` trains on any data source (toy data in
+:mod:`fusedsae.toy`). Ops run on the fastest usable backend (:mod:`fusedsae.backends`, ``FUSEDSAE_BACKEND``).
+"""
+
+from fusedsae import backends, functional, metrics, ops, reference, toy
+from fusedsae._version import __version__
+from fusedsae.checkpoint import CheckpointError
+from fusedsae.config import SAEConfig
+from fusedsae.data import DataSource, TensorSource, ToySource
+from fusedsae.formats import SAEFormatError, load_sae
+from fusedsae.sae import SparseAutoencoder, TrainingOutput
+from fusedsae.training import Trainer, TrainConfig
+
+load = load_sae
+
+__all__ = [
+    "CheckpointError",
+    "DataSource",
+    "SAEConfig",
+    "SAEFormatError",
+    "SparseAutoencoder",
+    "TensorSource",
+    "ToySource",
+    "TrainConfig",
+    "Trainer",
+    "TrainingOutput",
+    "__version__",
+    "backends",
+    "functional",
+    "load",
+    "metrics",
+    "ops",
+    "reference",
+    "toy",
+]

@@ -1,0 +1,293 @@
+"""The ``fusedsae`` command line: ``train``, ``info``.
+
+``fusedsae train`` with no arguments trains a TopK SAE on built-in toy-superposition data, prints a results table
+and writes PNG plots to ``runs/toy``. Multi-process: ``torchrun --nproc-per-node N -m fusedsae train …``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+RUN_CONFIG = "run_config.json"
+
+TOY_KINDS = ("sparse", "superposition", "composed")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default="toy:sparse",
+        help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), or a .safetensors file "
+        "holding one [N, d_in] tensor (default: toy:sparse)",
+    )
+    data.add_argument("--d-in", type=int, default=64, help="toy:sparse/composed input width (default 64)")
+    data.add_argument("--n-features", type=int, default=256, help="toy:sparse true features (default 256)")
+    data.add_argument("--mean-active", type=float, default=4.0, help="toy:sparse mean active features (default 4)")
+    data.add_argument("--toy-seed", type=int, default=0, help="seed of the toy data's ground truth (default 0)")
+
+    sae = p.add_argument_group("SAE")
+    sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
+    sae.add_argument("--k", type=int, default=6, help="active latents per token for topk/batchtopk (default 6)")
+    sae.add_argument("--d-sae", type=int, default=None, help="latents (default: 2 x the true features, or 8 x d_in)")
+    sae.add_argument("--l1-coefficient", type=float, default=None, help="ReLU SAEs' L1 weight")
+    sae.add_argument("--l0-coefficient", type=float, default=None, help="JumpReLU SAEs' L0 weight")
+    sae.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+
+    train = p.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
+    train.add_argument("--batch-size", type=int, default=1024, help="tokens per step per process (default 1024)")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr-warm-up-steps", type=int, default=0)
+    train.add_argument("--lr-decay-steps", type=int, default=None, help="linear decay at the end (default 20%%)")
+    train.add_argument("--sparsity-warm-up-steps", type=int, default=0)
+    train.add_argument("--dead-tokens", type=int, default=None, help="tokens without firing before a latent counts "
+                       "as dead (default: 50 batches)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (default)")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--checkpoint-every", type=int, default=200)
+    run.add_argument("--log-every", type=int, default=50)
+    run.add_argument("--no-plots", action="store_true")
+    run.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusedsae", description="Fast sparse autoencoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train an SAE (toy superposition data by default)")
+    _add_train_args(train)
+    sub.add_parser("info", help="versions and which backends can run here")
+    return parser
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# train
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str, local_rank: int) -> str:
+    import torch
+
+    if name == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank:
+        return f"cuda:{local_rank}"
+    return name
+
+
+def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that defines the run, as saved to run_config.json (a resume rebuilds the run from it)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_plots", "no_progress", "threads")}
+
+
+def _build_data(settings: dict[str, Any], rank: int, world: int):
+    import torch
+
+    from fusedsae import toy
+    from fusedsae.data import TensorSource, ToySource
+
+    spec = settings["data"]
+    if spec.startswith("toy:"):
+        kind = spec.split(":", 1)[1]
+        if kind not in TOY_KINDS:
+            raise SystemExit(f"unknown toy data {spec!r}; use one of {', '.join('toy:' + k for k in TOY_KINDS)}")
+        if kind == "sparse":
+            data = toy.SparseFeatureData(
+                d_in=settings["d_in"], n_features=settings["n_features"], mean_active=settings["mean_active"],
+                seed=settings["toy_seed"],
+            )
+        elif kind == "superposition":
+            data = toy.SuperpositionData(seed=settings["toy_seed"])
+        else:
+            data = toy.ComposedFeatureData(d_in=settings["d_in"], seed=settings["toy_seed"])
+        return ToySource(data, settings["batch_size"], rank, world)
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--data {spec}: no such file (expected toy:<kind> or a .safetensors file)")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    matrices = [t for t in tensors.values() if t.dim() == 2]
+    if len(matrices) != 1:
+        raise SystemExit(f"--data {spec}: expected exactly one 2-D tensor [N, d_in], found {len(matrices)}")
+    return TensorSource(matrices[0].to(torch.float32), settings["batch_size"], seed=settings["seed"], rank=rank,
+                        world_size=world)
+
+
+def _default_d_sae(settings: dict[str, Any], source: Any) -> int:
+    truth = getattr(source, "ground_truth", None)
+    if truth is not None:
+        return max(2 * int(truth.shape[0]), 8)
+    return 8 * int(source.d_in)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedsae import plots
+    from fusedsae.config import SAEConfig
+    from fusedsae.sae import SparseAutoencoder
+    from fusedsae.training import Trainer, TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    settings = _run_settings(args)
+    if args.resume and (out / RUN_CONFIG).is_file():
+        saved = json.loads((out / RUN_CONFIG).read_text())
+        if args.steps is not None:
+            saved["steps"] = args.steps
+        settings = saved
+    rank, world, local_rank = _init_distributed()
+    try:
+        source = _build_data(settings, rank, world)
+        steps = settings["steps"] or 1000
+        d_sae = settings["d_sae"] or _default_d_sae(settings, source)
+        settings.update(steps=steps, d_sae=d_sae)
+        device = _resolve_device(settings["device"], local_rank)
+        sae_kwargs: dict[str, Any] = {}
+        if settings["l1_coefficient"] is not None:
+            sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
+        if settings["l0_coefficient"] is not None:
+            sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
+        activation = settings["activation"]
+        cfg = SAEConfig(
+            d_in=source.d_in,
+            d_sae=d_sae,
+            activation=activation,
+            k=settings["k"] if activation in ("topk", "batchtopk") else None,
+            dtype=settings["dtype"],
+            device=device,
+            metadata={"dataset_path": settings["data"]},
+            **sae_kwargs,
+        )
+        torch.manual_seed(settings["seed"])
+        sae = SparseAutoencoder(cfg)
+        decay = settings["lr_decay_steps"]
+        train_cfg = TrainConfig(
+            steps=steps,
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            lr_warm_up_steps=settings["lr_warm_up_steps"],
+            lr_decay_steps=steps // 5 if decay is None else decay,
+            sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
+            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+            checkpoint_every=settings["checkpoint_every"],
+            log_every=settings["log_every"],
+            run_dir=str(out),
+            seed=settings["seed"],
+            progress=not args.no_progress,
+        )
+        trainer = Trainer(sae, source, train_cfg)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        if args.resume:
+            if trainer.resume():
+                if rank == 0:
+                    print(f"resumed {out} at step {trainer.step}/{steps}", flush=True)
+            elif rank == 0:
+                print(f"no checkpoint in {out}; starting a new run", flush=True)
+        elif rank == 0:
+            # a fresh run must not append to an old run's log
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = trainer.train()
+        if rank != 0:
+            return 0
+        print()
+        print(f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}" + (f", k={cfg.k}" if cfg.k else "")
+              + f", data={settings['data']}, device={device}, world={world}")
+        print(plots.results_table(metrics))
+        if not args.no_plots:
+            curves = plots.plot_training_curves(plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
+            written = [curves]
+            truth = getattr(source, "ground_truth", None)
+            if truth is not None:
+                written.append(
+                    plots.plot_decoder_vs_truth(trainer.sae.W_dec, truth, out / "decoder_vs_truth.png")
+                )
+            print("plots: " + ", ".join(str(p) for p in written))
+        print(f"SAE (SAELens folder): {out / 'sae'}")
+        return 0
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# info
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import numpy
+    import torch
+
+    import fusedsae
+    from fusedsae import backends
+
+    lines = [
+        f"fusedsae {fusedsae.__version__}",
+        f"python   {platform.python_version()} ({sys.executable})",
+        f"torch    {torch.__version__}",
+        f"numpy    {numpy.__version__}",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton   {triton.__version__}")
+    except ImportError:
+        lines.append("triton   not installed")
+    if torch.cuda.is_available():
+        lines.append(f"cuda     {torch.version.cuda}, {torch.cuda.device_count()} device(s): "
+                     f"{torch.cuda.get_device_name(0)}")
+    else:
+        lines.append("cuda     no GPU visible to torch")
+    lines.append(f"FUSEDSAE_BACKEND={os.environ.get('FUSEDSAE_BACKEND', 'auto')}")
+    print("\n".join(lines))
+    print("\nbackends:")
+    for name, entry in backends.report().items():
+        status = "available" if entry["available"] else "unavailable"
+        print(f"  {name:<10} {status:<12} {entry['reason']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "info":
+        return cmd_info(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
