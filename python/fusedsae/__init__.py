@@ -12,7 +12,7 @@ from fusedsae.config import SAEConfig
 from fusedsae.data import DataSource, TensorSource, ToySource
 from fusedsae.formats import SAEFormatError, load_sae
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
-from fusedsae.training import Trainer, TrainConfig
+from fusedsae.training import TrainConfig, Trainer
 
 load = load_sae
 

@@ -47,8 +47,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--lr-warm-up-steps", type=int, default=0)
     train.add_argument("--lr-decay-steps", type=int, default=None, help="linear decay at the end (default 20%%)")
     train.add_argument("--sparsity-warm-up-steps", type=int, default=0)
-    train.add_argument("--dead-tokens", type=int, default=None, help="tokens without firing before a latent counts "
-                       "as dead (default: 50 batches)")
+    train.add_argument(
+        "--dead-tokens",
+        type=int,
+        default=None,
+        help="tokens without firing before a latent counts as dead (default: 50 batches)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (default)")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -104,7 +108,9 @@ def _build_data(settings: dict[str, Any], rank: int, world: int):
             raise SystemExit(f"unknown toy data {spec!r}; use one of {', '.join('toy:' + k for k in TOY_KINDS)}")
         if kind == "sparse":
             data = toy.SparseFeatureData(
-                d_in=settings["d_in"], n_features=settings["n_features"], mean_active=settings["mean_active"],
+                d_in=settings["d_in"],
+                n_features=settings["n_features"],
+                mean_active=settings["mean_active"],
                 seed=settings["toy_seed"],
             )
         elif kind == "superposition":
@@ -121,8 +127,13 @@ def _build_data(settings: dict[str, Any], rank: int, world: int):
     matrices = [t for t in tensors.values() if t.dim() == 2]
     if len(matrices) != 1:
         raise SystemExit(f"--data {spec}: expected exactly one 2-D tensor [N, d_in], found {len(matrices)}")
-    return TensorSource(matrices[0].to(torch.float32), settings["batch_size"], seed=settings["seed"], rank=rank,
-                        world_size=world)
+    return TensorSource(
+        matrices[0].to(torch.float32),
+        settings["batch_size"],
+        seed=settings["seed"],
+        rank=rank,
+        world_size=world,
+    )
 
 
 def _default_d_sae(settings: dict[str, Any], source: Any) -> int:
@@ -153,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fusedsae import plots
     from fusedsae.config import SAEConfig
     from fusedsae.sae import SparseAutoencoder
-    from fusedsae.training import Trainer, TrainConfig
+    from fusedsae.training import TrainConfig, Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,17 +232,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         print()
-        print(f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}" + (f", k={cfg.k}" if cfg.k else "")
-              + f", data={settings['data']}, device={device}, world={world}")
+        print(
+            f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+            + (f", k={cfg.k}" if cfg.k else "")
+            + f", data={settings['data']}, device={device}, world={world}"
+        )
         print(plots.results_table(metrics))
         if not args.no_plots:
             curves = plots.plot_training_curves(plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
             written = [curves]
             truth = getattr(source, "ground_truth", None)
             if truth is not None:
-                written.append(
-                    plots.plot_decoder_vs_truth(trainer.sae.W_dec, truth, out / "decoder_vs_truth.png")
-                )
+                written.append(plots.plot_decoder_vs_truth(trainer.sae.W_dec, truth, out / "decoder_vs_truth.png"))
             print("plots: " + ", ".join(str(p) for p in written))
         print(f"SAE (SAELens folder): {out / 'sae'}")
         return 0
@@ -267,8 +279,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ImportError:
         lines.append("triton   not installed")
     if torch.cuda.is_available():
-        lines.append(f"cuda     {torch.version.cuda}, {torch.cuda.device_count()} device(s): "
-                     f"{torch.cuda.get_device_name(0)}")
+        lines.append(
+            f"cuda     {torch.version.cuda}, {torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}"
+        )
     else:
         lines.append("cuda     no GPU visible to torch")
     lines.append(f"FUSEDSAE_BACKEND={os.environ.get('FUSEDSAE_BACKEND', 'auto')}")

@@ -286,9 +286,7 @@ def _assign(sae: Any, weights: dict[str, Tensor], folder: Path) -> None:
         for name, shape in expected.items():
             tensor = weights[name]
             if tuple(tensor.shape) != shape:
-                raise SAEFormatError(
-                    f"{folder}: {name} has shape {tuple(tensor.shape)} but cfg.json implies {shape}"
-                )
+                raise SAEFormatError(f"{folder}: {name} has shape {tuple(tensor.shape)} but cfg.json implies {shape}")
             if not torch.isfinite(tensor.float()).all():
                 raise SAEFormatError(f"{folder}: {name} contains NaN or Inf")
             getattr(sae, name).copy_(tensor)

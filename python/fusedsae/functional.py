@@ -69,9 +69,7 @@ def _check_same(x: Tensor, others: dict[str, Tensor | None]) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
 
 
-def _check_encoder(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None
-) -> tuple[int, int]:
+def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None) -> tuple[int, int]:
     _check_tensor(x, "x")
     _check_tensor(W_enc, "W_enc")
     if not x.is_floating_point():
@@ -105,14 +103,17 @@ def _check_aux(aux_k: int, aux_mask: Tensor | None, d_sae: int, x: Tensor) -> No
     if aux_mask is None:
         raise ValueError("aux_k > 0 needs aux_mask, the [d_sae] bool mask of latents AuxK may use (dead ones)")
     if aux_mask.shape != (d_sae,) or aux_mask.dtype != torch.bool:
-        raise ValueError(f"aux_mask must be a bool tensor of shape [d_sae={d_sae}], got {aux_mask.dtype} "
-                         f"{tuple(aux_mask.shape)}")
+        raise ValueError(
+            f"aux_mask must be a bool tensor of shape [d_sae={d_sae}], got {aux_mask.dtype} {tuple(aux_mask.shape)}"
+        )
     if aux_mask.device != x.device:
         raise ValueError(f"aux_mask is on {aux_mask.device} but x is on {x.device}")
     eligible = int(aux_mask.sum())
     if eligible < aux_k:
-        raise ValueError(f"aux_k={aux_k} but only {eligible} latents are eligible in aux_mask; "
-                         "use aux_k = min(aux_k, aux_mask.sum())")
+        raise ValueError(
+            f"aux_k={aux_k} but only {eligible} latents are eligible in aux_mask; "
+            "use aux_k = min(aux_k, aux_mask.sum())"
+        )
 
 
 def _check_sparse(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> None:
@@ -212,7 +213,7 @@ def jumprelu_encode(
 ) -> Tensor:
     """JumpReLU encoder ``[..., d_in] -> [..., d_sae]``. Fused when no gradient reaches ``threshold``; otherwise
     the pre-activation is kept so the straight-through threshold gradient can be formed."""
-    d_in, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
+    _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
     _check_same(x, {"threshold": threshold})
     if threshold.shape != (d_sae,):
         raise ValueError(f"threshold must be [d_sae={d_sae}], got shape {tuple(threshold.shape)}")

@@ -65,9 +65,7 @@ def _encode_dense_backward(ctx, grad):
     return dx, dW_enc, db_enc if need[2] else None, db_dec, None, None
 
 
-torch.library.register_autograd(
-    f"{_LIB}::encode_dense", _encode_dense_backward, setup_context=_encode_dense_setup
-)
+torch.library.register_autograd(f"{_LIB}::encode_dense", _encode_dense_backward, setup_context=_encode_dense_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,9 +158,7 @@ def _batchtopk_backward(ctx, gv, gi, ga, gai):
 
 
 torch.library.register_autograd(f"{_LIB}::topk_encode", _topk_backward, setup_context=_selection_setup)
-torch.library.register_autograd(
-    f"{_LIB}::batchtopk_encode", _batchtopk_backward, setup_context=_selection_setup
-)
+torch.library.register_autograd(f"{_LIB}::batchtopk_encode", _batchtopk_backward, setup_context=_selection_setup)
 
 
 @torch.library.custom_op(f"{_LIB}::sparse_encode_backward", mutates_args=())
@@ -213,15 +209,11 @@ def _sparse_decode_backward(ctx, grad):
     return d_values if need[0] else None, None, dW_dec if need[2] else None, db_dec
 
 
-torch.library.register_autograd(
-    f"{_LIB}::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
-)
+torch.library.register_autograd(f"{_LIB}::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup)
 
 
 @torch.library.custom_op(f"{_LIB}::sparse_decode_backward", mutates_args=())
-def sparse_decode_backward(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
-) -> tuple[Tensor, Tensor]:
+def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
     """``(d_values [N, m], dW_dec [d_sae, d_in])``; see :func:`fusedsae.reference.sparse_decode_backward`."""
     return backends.call("sparse_decode_backward", grad_out, values, indices, W_dec)
 
@@ -338,9 +330,7 @@ def _(grad, pre, threshold, bandwidth):
 
 
 @torch.library.custom_op(f"{_LIB}::head_partial_sums", mutates_args=())
-def head_partial_sums(
-    x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int
-) -> Tensor:
+def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
     """``[N, m, n_heads]``; see :func:`fusedsae.reference.head_partial_sums`."""
     return backends.call("head_partial_sums", x, W_enc, b_dec, indices, n_heads)
 

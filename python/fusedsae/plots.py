@@ -33,7 +33,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def plot_training_curves(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Loss terms, FVU, L0, dead fraction and (toy data) MMCS against training tokens."""
     plt = _pyplot()
-    panels = [("loss", ["loss", "mse_loss"]), ("fvu", ["fvu"]), ("l0", ["l0"]), ("dead_fraction", ["dead_fraction"])]
+    panels = [
+        ("loss", ["loss", "mse_loss"]),
+        ("fvu", ["fvu"]),
+        ("l0", ["l0"]),
+        ("dead_fraction", ["dead_fraction"]),
+    ]
     if any("mmcs" in r for r in rows):
         panels.append(("mmcs", ["mmcs"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
@@ -84,7 +89,16 @@ def plot_decoder_vs_truth(W_dec: Tensor, ground_truth: Tensor, path: str | Path,
 
 def results_table(metrics: dict[str, Any], keys: list[str] | None = None) -> str:
     """A plain-text two-column table of the final metrics."""
-    keys = keys or ["l0", "fvu", "explained_variance", "dead_fraction", "mmcs", "tokens_per_s", "tokens", "step"]
+    keys = keys or [
+        "l0",
+        "fvu",
+        "explained_variance",
+        "dead_fraction",
+        "mmcs",
+        "tokens_per_s",
+        "tokens",
+        "step",
+    ]
     rows = [(k, metrics[k]) for k in keys if k in metrics]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ----------"]

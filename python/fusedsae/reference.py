@@ -263,9 +263,7 @@ def scatter_rows(src: Tensor, indices: Tensor, weights: Tensor, n_out: int) -> T
     )
 
 
-def sparse_decode_backward(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
-) -> tuple[Tensor, Tensor]:
+def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`sparse_decode` given ``grad_out [N, d_in]``: ``(d_values [N, m], dW_dec [d_sae, d_in])``.
 
     ``d_values`` is a gather-dot over the active rows only; ``dW_dec`` sums ``value * grad_out[token]`` per
@@ -296,9 +294,7 @@ def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(pre.dtype)
 
 
-def jumprelu_backward(
-    grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float
-) -> tuple[Tensor, Tensor]:
+def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
     """``(d_pre, d_threshold)`` of :func:`jumprelu`: ``d_pre = grad * (pre > threshold)``; the threshold gets the
     STE pseudo-gradient ``-(threshold / bandwidth) * K((pre - threshold) / bandwidth) * grad`` summed over rows."""
     d_pre = grad * (pre > threshold)
@@ -317,9 +313,7 @@ def step_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def head_partial_sums(
-    x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int
-) -> Tensor:
+def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
     """Per-head partial dot products at selected latents: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h, indices[n, j]]``
     where ``_h`` is head h's ``d_in / n_heads`` columns. ``[N, m, n_heads]``; ``N*m*d_in`` multiply-adds.
 

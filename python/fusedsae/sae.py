@@ -195,9 +195,7 @@ class SparseAutoencoder(nn.Module):
         if cfg.activation == "relu":
             acts = F.relu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in)
         elif self._uses_threshold():
-            acts = F.jumprelu_encode(
-                x2, self.W_enc, self.b_enc, self._b_dec_in, self.threshold, cfg.jumprelu_bandwidth
-            )
+            acts = F.jumprelu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, self.threshold, cfg.jumprelu_bandwidth)
         else:
             values, indices = self._encode_sparse_flat(x2)
             acts = F.to_dense(values, indices, cfg.d_sae)

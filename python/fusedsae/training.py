@@ -286,11 +286,18 @@ class Trainer:
                     self._log(metrics)
                     if bar is not None:
                         bar.set_postfix(
-                            l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead_fraction']:.2f}"
+                            l0=f"{metrics['l0']:.1f}",
+                            fvu=f"{metrics['fvu']:.3f}",
+                            dead=f"{metrics['dead_fraction']:.2f}",
                         )
                 if bar is not None:
                     bar.update(1)
-                if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
+                if (
+                    self.run_dir is not None
+                    and cfg.checkpoint_every
+                    and self.step % cfg.checkpoint_every == 0
+                    and not last
+                ):
                     self.save_checkpoint()
         finally:
             if bar is not None:
@@ -415,8 +422,9 @@ class Trainer:
             )
         model = {k: v.to(self.device) for k, v in contents["model.safetensors"].items()}
         self.sae.load_state_dict(model)
-        opt_tensors = {k: v.to(self.device) if not k.endswith(".step") else v for k, v in
-                       contents["optimizer.safetensors"].items()}
+        opt_tensors = {
+            k: v.to(self.device) if not k.endswith(".step") else v for k, v in contents["optimizer.safetensors"].items()
+        }
         ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
         counters = contents["counters.safetensors"]
         self.tokens_since_fired = counters["tokens_since_fired"].to(self.device)

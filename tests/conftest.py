@@ -1,0 +1,55 @@
+"""Shared test configuration: deterministic per-test seeds, CPU threads, the tolerance rule, and GPU skips."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Two threads, as on CI; tests that compare runs bit for bit must not depend on the machine's core count.
+torch.set_num_threads(2)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> int:
+    """Each test draws fresh random inputs from its own seed (its node id hashed, or FUSEDSAE_TEST_SEED mixed in
+    for exploratory runs), so failures reproduce and different tests never share inputs."""
+    salt = os.environ.get("FUSEDSAE_TEST_SEED", "0")
+    seed = int(hashlib.sha256(f"{request.node.nodeid}:{salt}".encode()).hexdigest()[:8], 16)
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their backend explicitly; an exported FUSEDSAE_BACKEND must not leak into them."""
+    monkeypatch.delenv("FUSEDSAE_BACKEND", raising=False)
+
+
+EPS = {
+    torch.float64: torch.finfo(torch.float64).eps,
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+
+
+def assert_close_lowp(actual: torch.Tensor, baseline: torch.Tensor, exact: torch.Tensor, name: str = "") -> None:
+    """STYLE §10 for low precision: the error of ``actual`` against the float64 ``exact`` result may be at most
+    twice the error of ``baseline`` (the same computation done by plain PyTorch at the same precision), plus a
+    floor of a few units in the last place of the result's scale, since the baseline can be exact by luck."""
+    exact = exact.double()
+    err = (actual.double() - exact).abs().max().item()
+    base = (baseline.double() - exact).abs().max().item()
+    floor = 4 * EPS[actual.dtype] * max(1.0, exact.abs().max().item())
+    assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x baseline error {base:.3e} + floor {floor:.1e}"
