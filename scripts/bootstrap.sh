@@ -33,4 +33,5 @@ if ! "$vpy" -c "import triton" >/dev/null 2>&1; then
   "$vpy" -m pip install "triton==3.6.0" "numpy<2.4"
 fi
 
-"$vpy" -m pip install -e "$root[dev]"
+# dev: test and lint tools; hf: transformers + the offline MiniLM model for the attention-SAE tests and demo.
+"$vpy" -m pip install -e "$root[dev,hf]"
