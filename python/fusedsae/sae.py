@@ -128,7 +128,7 @@ class SparseAutoencoder(nn.Module):
     def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
         """Sets ``b_dec`` from a data sample ``x [..., d_in]``: its ``"mean"`` or ``"geometric_median"``
         (Weiszfeld iterations; robust to outliers, as OpenAI's TopK training does), or ``"zeros"``."""
-        x2 = self._flatten(x).float()
+        x2 = self._flatten(x).double()  # float64 statistics whatever the SAE's dtype
         if method == "zeros":
             center = torch.zeros(self.cfg.d_in)
         elif method == "mean":
