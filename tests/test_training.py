@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import fusedsae
 from fusedsae import CheckpointError, SparseAutoencoder, ToySource, TrainConfig, Trainer, toy
 from fusedsae import checkpoint as ckpt
+from fusedsae import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,7 +143,30 @@ def test_metrics_log_and_summary(tmp_path):
     assert rows[-1]["explained_variance"] == pytest.approx(1 - rows[-1]["fvu"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["metrics"]["step"] == 20 and summary["sae"]["d_sae"] == 64
-    assert (tmp_path / "sae" / "sparsity.safetensors").exists()
+
+
+@pytest.mark.parametrize("steps", [20, 24])  # the run ends exactly at a window boundary, and inside a window
+def test_sparsity_file_holds_per_token_firing_frequencies(tmp_path, steps):
+    trainer = small_run(tmp_path, steps=steps, sparsity_window_steps=10)
+    counts, tokens = torch.zeros(64, dtype=torch.int64), 0
+    original = trainer.train_step
+
+    def counting_step(x):
+        nonlocal counts, tokens
+        if trainer.window_steps == 0:  # the trainer has just started a window
+            counts, tokens = torch.zeros(64, dtype=torch.int64), 0
+        out = original(x)
+        counts += (F.to_dense(out.values, out.indices, 64) > 0).sum(0)
+        tokens += x.shape[0]
+        return out
+
+    trainer.train_step = counting_step
+    trainer.train()
+    assert tokens == 64 * (10 if steps == 20 else 4)
+    sparsity = load_file(str(tmp_path / "sae" / "sparsity.safetensors"))["sparsity"]
+    torch.testing.assert_close(sparsity, torch.log10(counts / tokens + 1e-10).float())
+    # TopK with k=3: each token fires 3 latents (all positive here), so densities sum to 3
+    assert (10**sparsity - 1e-10).sum() == pytest.approx(3.0, rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,15 +53,17 @@ class TrainingOutput:
         assert self.values is not None and self.indices is not None
         return F.to_dense(self.values, self.indices, self.extras["d_sae"])
 
+    def firing_counts(self) -> Tensor:
+        """``[d_sae]`` int64: on how many tokens of this batch each latent was active."""
+        if self.dense_acts is not None:
+            return (self.dense_acts != 0).sum(0)
+        assert self.values is not None and self.indices is not None
+        counts = torch.zeros(self.extras["d_sae"], dtype=torch.int64, device=self.values.device)
+        return counts.index_add_(0, self.indices.reshape(-1), (self.values.reshape(-1) > 0).to(torch.int64))
+
     def fired(self) -> Tensor:
         """``[d_sae]`` bool: latents that were active on at least one token of this batch."""
-        d_sae = self.extras["d_sae"]
-        if self.dense_acts is not None:
-            return (self.dense_acts != 0).any(0)
-        assert self.values is not None and self.indices is not None
-        counts = torch.zeros(d_sae, dtype=torch.int32, device=self.values.device)
-        counts.index_add_(0, self.indices.reshape(-1), (self.values.reshape(-1) > 0).to(torch.int32))
-        return counts > 0
+        return self.firing_counts() > 0
 
     def l0(self) -> Tensor:
         """Mean number of active latents per token (scalar)."""

@@ -137,6 +137,7 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.window_steps = 0
+        self.window_tokens = 0
         self.act_scale: float | None = None
         self.last_metrics: dict[str, Any] = {}
         self.run_dir = Path(self.cfg.run_dir) if self.cfg.run_dir else None
@@ -226,17 +227,16 @@ class Trainer:
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
         with torch.no_grad():
-            fired = out.fired()
+            counts = out.firing_counts()
             if self.distributed:
-                fired_i = fired.to(torch.int32)
-                dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
-                fired = fired_i.bool()
+                dist.all_reduce(counts)
             global_tokens = x.shape[0] * self.world_size
-            self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + global_tokens)
-            self.fire_counts += fired.to(torch.int64)
+            self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + global_tokens)
+            self.fire_counts += counts
         self.window_steps += 1
+        self.window_tokens += global_tokens
         self.step += 1
-        self.tokens += x.shape[0] * self.world_size
+        self.tokens += global_tokens
         return out
 
     def batch_metrics(self, out: TrainingOutput) -> dict[str, float]:
@@ -281,11 +281,11 @@ class Trainer:
         out = None
         try:
             while self.step < total:
+                if self.window_steps >= cfg.sparsity_window_steps:  # a new window starts with this step
+                    self._reset_window()
                 x = self._prepare(self.data.next_batch())
                 out = self.train_step(x)
                 session_tokens += x.shape[0] * self.world_size
-                if self.window_steps >= cfg.sparsity_window_steps:
-                    self._reset_window()
                 last = self.step == total
                 if self.step % cfg.log_every == 0 or last:
                     metrics = self.batch_metrics(out)
@@ -319,6 +319,7 @@ class Trainer:
     def _reset_window(self) -> None:
         self.fire_counts.zero_()
         self.window_steps = 0
+        self.window_tokens = 0
 
     def _log(self, metrics: dict[str, Any]) -> None:
         self.last_metrics = metrics
@@ -335,8 +336,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------------------
 
     def feature_density(self) -> Tensor:
-        """Firing frequency of each latent over the current window (steps in which it fired / steps)."""
-        return self.fire_counts.float() / max(1, self.window_steps)
+        """Firing frequency of each latent over the current window: tokens on which it fired / tokens (what
+        SAELens's ``sparsity.safetensors`` stores, as log10(frequency + 1e-10))."""
+        return self.fire_counts.double() / max(1, self.window_tokens)
 
     def inference_sae(self) -> SparseAutoencoder:
         """A copy of the SAE with the input scale folded in: it takes raw activations."""
@@ -348,7 +350,7 @@ class Trainer:
     def save_final(self) -> Path | None:
         if self.run_dir is None or self.rank != 0:
             return None
-        sparsity = torch.log10(self.feature_density().cpu() + 1e-10)
+        sparsity = torch.log10(self.feature_density().cpu() + 1e-10).float()
         path = self.inference_sae().save(self.run_dir / FINAL_SAE_DIR, sparsity=sparsity)
         summary = {
             "metrics": self.last_metrics,
@@ -376,6 +378,7 @@ class Trainer:
                 "step": self.step,
                 "tokens": self.tokens,
                 "window_steps": self.window_steps,
+                "window_tokens": self.window_tokens,
                 "act_scale": self.act_scale,
                 "data": self.data.state_dict(),
                 "sae_config": self.sae.cfg.to_dict(),
@@ -440,6 +443,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.window_steps = int(state["window_steps"])
+        self.window_tokens = int(state["window_tokens"])
         self.act_scale = state["act_scale"]
         self.data.load_state_dict(state["data"])
         if self.run_dir is not None and self.rank == 0:
