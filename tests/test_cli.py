@@ -39,6 +39,9 @@ def test_resume_continues_the_run(tmp_path, capsys):
     assert f"resumed {tmp_path} at step 40/60" in out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 60 and [r["step"] for r in rows][:4] == [10, 20, 30, 40]
+    # resuming a finished run trains nothing and reports its last metrics
+    assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress", "--no-plots"]) == 0
+    assert "resumed" in capsys.readouterr().out
 
 
 def test_train_from_a_tensor_file_and_other_architectures(tmp_path, capsys):

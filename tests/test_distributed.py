@@ -72,11 +72,9 @@ def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
     torch.manual_seed(0)
     sae = SparseAutoencoder(d_in=16, d_sae=48, activation="topk", k=3, dtype="float64", aux_k=0)
     # b_dec from the mean of rank 0's first batch (what the ranks broadcast), not of the concatenated one
-    cfg = TrainConfig(steps=STEPS, batch_size=2 * BATCH, lr=3e-3, b_dec_init="zeros", dead_tokens=128, progress=False)
-    trainer = Trainer(sae, Concatenated(data), cfg)
     sae.init_b_dec(data.sample(0, BATCH), "mean")
-    trainer.tokens = 1  # b_dec is set: skip the first-batch initialisation
-    trainer.train()
+    cfg = TrainConfig(steps=STEPS, batch_size=2 * BATCH, lr=3e-3, b_dec_init="keep", dead_tokens=128, progress=False)
+    Trainer(sae, Concatenated(data), cfg).train()
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
     assert not torch.equal(ddp["W_dec"], SparseAutoencoder(d_in=16, d_sae=48, activation="topk", k=3).W_dec.double())

@@ -52,14 +52,14 @@ def test_toy_run_recovers_ground_truth_features():
     cfg = TrainConfig(
         steps=600, batch_size=1024, lr=2e-3, lr_decay_steps=120, log_every=100, dead_tokens=51200, progress=False
     )
-    # CPU time of this process (both threads), so other load on the machine does not count: under 60 s of it
-    # means well under a minute of wall time on two cores (about 12 s of CPU when the machine is quiet).
+    # CPU time of this process (both threads), so other load on the machine does not count: a minute on two cores
+    # is 120 CPU-seconds; a quiet machine uses about 12 (busy neighbours make OpenMP threads spin, so more).
     start = time.process_time()
     metrics = Trainer(sae, ToySource(data, 1024), cfg).train()
     cpu_seconds = time.process_time() - start
     assert metrics["mmcs"] >= 0.95, metrics
     assert metrics["fvu"] < 0.2 and metrics["dead_fraction"] < 0.1, metrics
-    assert cpu_seconds < 60, f"took {cpu_seconds:.1f} s of CPU time"
+    assert cpu_seconds < 120, f"took {cpu_seconds:.1f} s of CPU time"
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
@@ -87,6 +87,16 @@ def test_schedules():
     assert trainer.lr_at(80) == pytest.approx(lr + (1e-4 - lr) / 20)
     assert trainer.lr_at(99) == pytest.approx(1e-4)
     assert [trainer.coefficient_scale(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_b_dec_keep_leaves_a_loaded_sae_alone():
+    trainer = small_run(steps=1, b_dec_init="keep")
+    with torch.no_grad():
+        trainer.sae.b_dec.fill_(0.25)
+    before = trainer.sae.b_dec.detach().clone()
+    trainer.cfg.lr = 1e-12  # the one step barely moves it; initialisation would have replaced it
+    trainer.train()
+    torch.testing.assert_close(trainer.sae.b_dec.detach(), before, atol=1e-9, rtol=0)
 
 
 def test_dead_latents_are_counted_in_tokens():

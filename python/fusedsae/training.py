@@ -42,7 +42,8 @@ class TrainConfig:
         sparsity_warm_up_steps: the L1/L0 coefficient rises linearly from 0 over these steps.
         dead_tokens: a latent is dead after this many tokens without firing (SAELens counts 1000 steps;
             sparsify and dictionary_learning 10M tokens, our default).
-        b_dec_init: "geometric_median", "mean" or "zeros", from the first batch.
+        b_dec_init: "geometric_median", "mean" or "zeros" from the first batch, or "keep" (fine-tuning an SAE
+            that already has its b_dec).
         sparsity_window_steps: firing frequencies for ``sparsity.safetensors`` are counted over this window.
         log_every, checkpoint_every (0: only at the end), keep_checkpoints: logging and checkpoint cadence.
         run_dir: where metrics.jsonl, checkpoints/, sae/ and summary.json go (None: nothing is written).
@@ -75,8 +76,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros", "keep"):
+            raise ValueError(f"b_dec_init must be geometric_median, mean, zeros or keep, got {self.b_dec_init!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.steps < 1 and self.total_tokens is None:
@@ -178,8 +179,8 @@ class Trainer:
         if sae.cfg.normalize_activations == "expected_average_only_in":
             mean_norm = x.float().norm(dim=-1).mean()
             self.act_scale = float(math.sqrt(sae.cfg.d_in) / mean_norm.clamp_min(1e-12))
-        x = self._scale(x)
-        sae.init_b_dec(x, self.cfg.b_dec_init)
+        if self.cfg.b_dec_init != "keep":
+            sae.init_b_dec(self._scale(x), self.cfg.b_dec_init)
         if self.distributed:
             for tensor in [*sae.parameters(), *sae.buffers()]:
                 dist.broadcast(tensor.data, src=0)
@@ -267,7 +268,8 @@ class Trainer:
         """Trains until ``cfg.total_steps()``; returns the last metrics (plus ``tokens_per_s``)."""
         cfg = self.cfg
         total = cfg.total_steps(self.world_size)
-        torch.manual_seed(cfg.seed + self.rank)
+        if self.step == 0:  # a resumed run keeps the RNG state its checkpoint restored
+            torch.manual_seed(cfg.seed + self.rank)
         if self.run_dir is not None and self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.run_dir)
@@ -448,6 +450,10 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         if self.run_dir is not None and self.rank == 0:
             self._truncate_log(self.step)
+            lines = (
+                (self.run_dir / METRICS_FILE).read_text().splitlines() if (self.run_dir / METRICS_FILE).exists() else []
+            )
+            self.last_metrics = json.loads(lines[-1]) if lines else {}
         return True
 
     def _truncate_log(self, step: int) -> None:
