@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -33,7 +33,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["fusedsae", "fusedsae.backends", "fusedsae.analysis", "fusedsae.kernels"],
+    # Every package under python/ (so a new subpackage needs no edit here), plus the Triton kernels.
+    packages=[*find_packages("python"), "fusedsae.kernels"],
     package_dir={"": "python", "fusedsae.kernels": "kernels"},
     package_data={"fusedsae": ["py.typed"]},
     install_requires=[
