@@ -1,0 +1,108 @@
+"""Exact top-k selection on register tiles: order-preserving (value, index) keys and the running per-row merge.
+
+Every selection in fusedsae ranks entries by value (descending) and breaks ties by the lower index, exactly as
+``fusedsae.reference.row_topk``. Packing both into one int64 key makes that order a plain integer order:
+
+* high 32 bits: the float32 bit pattern made monotonic as a signed int32 (for negative floats the 31 magnitude bits
+  are flipped), after mapping -0.0 to +0.0 because torch ranks the two zeros as equal;
+* low 32 bits: ``0xFFFFFFFF - index``, so that among equal values the lower index has the larger key.
+
+Keys are unique within a row (distinct indices), so the k largest keys are one well-defined set in one order, and
+``torch.topk`` on keys (used to merge per-split candidates) needs no tie handling. Values are recovered exactly
+from the high half. ``_KEY_NONE`` (-2**63) is below every real key (the smallest, -NaN at index 0, is
+-2**63 + 0xFFFFFFFF) and marks padding columns and latents outside an AuxK mask.
+"""
+
+import triton
+import triton.language as tl
+
+_KEY_NONE = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _sortable_keys(values, cols):
+    """int64 keys of ``values`` (float32, any shape) at column indices ``cols`` (broadcastable int32): larger key =
+    larger value, or equal value and lower column."""
+    v = tl.where(values == 0.0, 0.0, values)
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
+
+
+@triton.jit
+def _merge_top(best, keys, KP: tl.constexpr):
+    """The KP largest of ``best [BM, KP]`` (sorted descending) and ``keys [BM, BN]`` (BN >= KP), sorted descending.
+
+    ``tl.topk`` reduces the tile to its KP largest (bitonic sort of KP-wide chunks, then max-halving); the running
+    set and the reversed tile top form a bitonic sequence whose elementwise max holds the KP largest of both, and
+    one bitonic merge (log2 KP compare-exchange steps on [BM, KP]) sorts it again.
+    """
+    top = tl.topk(keys, KP, dim=1)
+    return tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), 1, descending=True)
+
+
+@triton.jit
+def _row_topk_fwd_kernel(
+    scores_ptr,
+    keys_ptr,
+    N,
+    M,
+    TILES_PER_SPLIT,
+    stride_sn,
+    stride_kn,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Per (row block, column split): the KP largest keys of each row of ``scores [N, M]`` within the split's
+    columns, written sorted to ``keys[row, split * KP : (split + 1) * KP]`` (int64). The launcher merges splits.
+
+    One pass over the scores: each tile is read once, reduced to its KP best and merged into a running set held in
+    registers, so the [N, M] buffer is read exactly once and nothing of its size is written."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
+    for t in range(0, TILES_PER_SPLIT):
+        cols = (split * TILES_PER_SPLIT + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        s = tl.load(
+            scores_ptr + rows64[:, None] * stride_sn + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        keys = tl.where(col_mask[None, :], _sortable_keys(s, cols[None, :]), _KEY_NONE)
+        best = _merge_top(best, keys, KP)
+    slots = split * KP + tl.arange(0, KP)
+    tl.store(keys_ptr + rows64[:, None] * stride_kn + slots[None, :], best, mask=row_mask[:, None])
+
+
+@triton.jit
+def _row_keys_kernel(
+    scores_ptr,
+    mask_ptr,
+    keys_ptr,
+    N,
+    M,
+    stride_sn,
+    stride_kn,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Keys of every entry of ``scores [N, M]`` (``_KEY_NONE`` where ``mask [M]`` is 0): the two-pass selection
+    for k beyond what the running merge keeps in registers, finished by ``torch.topk`` on the keys."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    col_mask = cols < M
+    inside = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    s = tl.load(scores_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    keys = _sortable_keys(s, cols[None, :])
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + cols, mask=col_mask, other=0) != 0
+        keys = tl.where(keep[None, :], keys, _KEY_NONE)
+    tl.store(keys_ptr + rows64[:, None] * stride_kn + cols[None, :], keys, mask=inside)
