@@ -145,7 +145,8 @@ def _segment_sum_kernel(
         shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     total = tl.zeros([BLOCK_L], dtype=tl.float32)
-    for s in range(0, tl.max(length, axis=0)):
+    steps = tl.max(length, axis=0).to(tl.int32)  # a latent has fewer than 2**31 entries
+    for s in range(0, steps):
         live = s < length
         entry = tl.load(order_ptr + start + s, mask=live, other=0).to(tl.int64)
         w = tl.load(weights_ptr + entry, mask=live, other=0.0).to(tl.float32)
