@@ -311,12 +311,14 @@ def _fused_topk_keys(
     kp_aux = triton.next_power_of_2(aux_k) if aux_k else 1
     widest = max(kp, kp_aux)
     if _gpu(x):
-        # The running keys ([BLOCK_M, KP] int64) and the tile's keys live next to the fp32 accumulator: 64-row
-        # blocks up to KP = 32, then fewer rows so the registers per thread stay under 255.
-        block_m = 64 if widest <= 32 else 32 if widest <= 64 else 16
+        # 64-row blocks: the smallest M for which Hopper's wgmma is used (32 or 16 rows fall back to mma.sync).
+        # Compiled offline for sm_90 (tests/compile_for_gpu.py): 112 registers at KP = 32, 156 at KP = 64, 254 at
+        # KP = KP_AUX = 128 with 8 warps, no spills; the running keys [64, KP] int64 and the tile's keys sit next
+        # to the fp32 accumulator.
+        block_m = 64
         block_n = max(128, widest)
         block_k = 32 if x.dtype == torch.float32 else 64
-        launch = {"num_warps": 8 if block_m == 64 else 4, "num_stages": 3}
+        launch = {"num_warps": 8, "num_stages": 3}
     else:
         block_m, block_n, block_k = 16, max(16, widest), 16
         launch = {}
