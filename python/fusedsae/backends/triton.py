@@ -43,13 +43,13 @@ except ImportError as exc:  # triton wheels exist for Linux x86-64 only
     _IMPORT_ERROR = f"triton is not installed ({exc}); pip install triton (Linux x86-64)"
     INTERPRETED = False
 
-# The running top-k keeps next_pow2(k) int64 keys per row in registers next to the fp32 accumulator tile; at 128
-# (1 KiB per row) the row block is already down to 16 rows. Beyond it the two-pass path is used.
+# The running top-k keeps next_pow2(k) int64 keys per row in registers next to the fp32 accumulator tile: at 128
+# (1 KiB per row; with a 128-wide AuxK set as well) the sm_90 build of a 64-row block uses 254 of the 255
+# registers a thread may have. Beyond it the two-pass path is used.
 FUSED_K_MAX = 128
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_KEY_NONE = -(2**63)
 
 _deterministic_override: bool | None = None
 
@@ -128,9 +128,9 @@ def _index_refusal(indices: Tensor) -> str | None:
 
 
 def _width_refusal(width: int) -> str | None:
-    # Keys keep the index in 32 bits (kernels/topk.py).
-    if width >= 2**32 - 1:
-        return f"d_sae={width} does not fit the 32-bit index half of the selection keys"
+    # Column indices are int32 in the kernels (and the selection keys keep them in 32 bits).
+    if width >= 2**31:
+        return f"d_sae={width} is too wide: the triton kernels index latents with int32 (d_sae < 2**31)"
     return None
 
 
@@ -138,10 +138,10 @@ def _first(*checks: str | None) -> str | None:
     return next((c for c in checks if c is not None), None)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-def _on_device(fn: F) -> F:
+def _on_device(fn: _Fn) -> _Fn:
     """Launch on the tensors' device: triton launches on torch's current device, which may be another GPU."""
 
     @functools.wraps(fn)
@@ -203,7 +203,8 @@ def _merge_splits(keys: Tensor, k: int, n_splits: int) -> Tensor:
 
 def _splits(row_blocks: int, n_tiles: int, t: Tensor) -> tuple[int, int]:
     """``(n_splits, tiles_per_split)``: split each row's column tiles so that about two waves of programs run
-    (132 SMs on an H100: a 16384-row batch in 64-row blocks already gives 256 programs, one split); under the
+    (132 SMs on an H100: 16384 rows in 64-row blocks are 256 blocks, so 2 splits; 1024 rows, 17 splits). The
+    candidates written are ``n_splits * KP`` keys per row, a few percent of a bf16 row at d_sae = 32768. Under the
     interpreter two splits, so the merge is always exercised."""
     target = 2 * _sm_count(t) if _gpu(t) else 2
     n_splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks)))
@@ -213,7 +214,7 @@ def _splits(row_blocks: int, n_tiles: int, t: Tensor) -> tuple[int, int]:
 
 def _row_chunk(n_rows: int, width: int, t: Tensor) -> int:
     """Rows per chunk of a two-pass selection: the pre-activation and its int64 keys for 2**26 (GPU) entries at a
-    time, 768 MiB in fp32, or 2**16 in the interpreter (several chunks at test sizes)."""
+    time, 768 MiB in fp32, or 2**10 in the interpreter (several chunks at test sizes)."""
     budget = 1 << 26 if _gpu(t) else 1 << 10
     return max(1, min(n_rows, budget // max(1, width)))
 
@@ -244,8 +245,9 @@ def _launch_encode_dense(
     if n == 0:
         return out
     if _gpu(x):
-        # 128x128 output tiles with K steps of 64 (bf16) are the usual Hopper sweet spot for tl.dot; fp32 halves
-        # the K step to keep the shared-memory stages within 228 KB.
+        # 128x128 output tiles, K steps of 64 (bf16/fp16; 32 for fp32), 3 stages. Offline sm_90 build: wgmma,
+        # 144 registers and 82 KB of shared memory with b_dec (x is centred in registers; 96 KB without), no
+        # spills; fp32 without TF32 runs on FMA units like torch's own fp32 GEMM.
         block_m, block_n = 128, 128
         block_k = 32 if x.dtype == torch.float32 else 64
         launch = {"GROUP_M": 8, "num_warps": 8, "num_stages": 3}
