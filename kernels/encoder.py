@@ -1,17 +1,18 @@
 """Fused encoder kernels: ``(x - b_dec) @ W_enc + b_enc`` on tensor cores with fp32 accumulation, and an epilogue
 that works on the accumulator while it is still in registers: ReLU / JumpReLU masking (dense output), or TopK
-selection (running per-row top-k, optionally a second one among AuxK latents) so that the ``[N, d_sae]``
-pre-activation is never written.
+selection (a running per-row bound filters each tile into a small candidate buffer, optionally a second one among
+AuxK latents) so that the ``[N, d_sae]`` pre-activation is never written.
 
 Cost model (gpu_limits.md §1.3, §2.3): at 16384 x 768 x 32768 the GEMM is 825 GFLOP, about 1.03 ms at the
 800 TFLOP/s an H100 sustains, while writing the bf16 pre-activation alone is 1.07 GB (0.36 ms) before torch.topk
-reads it back several times (1-2 ms). The fused TopK kernel writes only ``n_splits * KP`` int64 keys per row.
+reads it back several times (1-2 ms). The fused TopK kernel writes a few hundred int64 candidate keys per row
+(about 6% of the bf16 pre-activation's bytes at k = 32 over 32768 latents).
 """
 
 import triton
 import triton.language as tl
 
-from fusedsae.kernels.topk import _KEY_NONE, _merge_top, _sortable_keys
+from fusedsae.kernels.topk import _append_candidates, _bucket_max, _sortable_keys
 
 # encode_dense epilogues
 ACT_NONE = tl.constexpr(0)
@@ -152,18 +153,21 @@ def _topk_encode_fwd_kernel(
     b_enc_ptr,
     b_dec_ptr,
     aux_mask_ptr,
-    keys_ptr,
-    aux_keys_ptr,
+    cand_ptr,
+    count_ptr,
+    aux_cand_ptr,
+    aux_count_ptr,
     N,
     D_IN,
     D_SAE,
     TILES_PER_SPLIT,
+    N_SPLITS,
+    CAP,
+    CAP_AUX,
     stride_xn,
     stride_xd,
     stride_wd,
     stride_wl,
-    stride_kn,
-    stride_an,
     HAS_B_DEC: tl.constexpr,
     HAS_AUX: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -174,22 +178,31 @@ def _topk_encode_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Fused GEMM + TopK: per (row block, column split), the KP largest pre-activation keys of each row within
-    the split (and, with HAS_AUX, the KP_AUX largest among latents where ``aux_mask`` is non-zero), written sorted
-    to ``keys[row, split * KP : ...]`` / ``aux_keys[row, split * KP_AUX : ...]``. The launcher merges the splits
-    (a ``torch.topk`` over ``n_splits * KP`` keys per row) and decodes values and indices.
+    """Fused GEMM + TopK filter. Per (row block, column split), sweeps the split's column tiles; in each tile's
+    epilogue the rounded pre-activations strictly above the row's running bound (``_bucket_max``) are appended as
+    int64 keys to the row's candidate buffer ``cand[row, split, :CAP]`` and counted in ``count[row, split]``.
+    With HAS_AUX the same happens among latents where ``aux_mask`` is non-zero, with its own bound and buffer.
+    ``_topk_candidates_kernel`` then selects the k best candidates; a row whose count exceeds CAP is recomputed by
+    the launcher's two-pass path, so the result is always exact.
 
-    Each program sweeps its split's column tiles; the grid's fastest axis is the row block, so concurrently running
-    programs read the same W_enc tile (one HBM read, the rest from L2). The pre-activation is rounded to the input
-    dtype before ranking so that ties and order match the reference, which ranks the rounded ``addmm`` output."""
+    Per element the epilogue costs a compare, a prefix sum and a bucket max (no sort), while the tile is still in
+    registers; the ``[N, d_sae]`` pre-activation is never written. The grid's fastest axis is the row block, so
+    concurrently running programs read the same W_enc tile (one HBM read, the rest from L2). The pre-activation
+    is rounded to the input dtype before ranking so that ties and order match the reference's ``addmm`` output."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
-    aux_best = tl.full([BLOCK_M, KP_AUX], _KEY_NONE, tl.int64)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    row_ptrs = cand_ptr + (rows64 * N_SPLITS + split) * CAP
+    bucket_max = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_AUX:
+        aux_row_ptrs = aux_cand_ptr + (rows64 * N_SPLITS + split) * CAP_AUX
+        aux_bucket_max = tl.full([BLOCK_M, KP_AUX], float("-inf"), tl.float32)
+        aux_count = tl.zeros([BLOCK_M], dtype=tl.int32)
     for t in range(0, TILES_PER_SPLIT):
         cols = (split * TILES_PER_SPLIT + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < D_SAE
         pre = _pre_activation_tile(
             x_ptr,
             w_ptr,
@@ -212,15 +225,17 @@ def _topk_encode_fwd_kernel(
             BLOCK_K,
         )
         pre = pre.to(x_ptr.dtype.element_ty).to(tl.float32)
-        keys = tl.where(col_mask[None, :], _sortable_keys(pre, cols[None, :]), _KEY_NONE)
-        best = _merge_top(best, keys, KP)
+        valid = row_mask[:, None] & (cols < D_SAE)[None, :]
+        keys = _sortable_keys(pre, cols[None, :])
+        bound = tl.min(bucket_max, axis=1)
+        count = _append_candidates(valid & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
+        bucket_max = _bucket_max(bucket_max, tl.where(valid, pre, float("-inf")), KP, BLOCK_N)
         if HAS_AUX:
-            dead = tl.load(aux_mask_ptr + cols, mask=col_mask, other=0) != 0
-            aux_best = _merge_top(aux_best, tl.where(dead[None, :], keys, _KEY_NONE), KP_AUX)
-    row_mask = (rows < N)[:, None]
-    rows64 = rows.to(tl.int64)
-    slots = split * KP + tl.arange(0, KP)
-    tl.store(keys_ptr + rows64[:, None] * stride_kn + slots[None, :], best, mask=row_mask)
+            dead = valid & (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
+            aux_bound = tl.min(aux_bucket_max, axis=1)
+            aux_keep = dead & (pre > aux_bound[:, None])
+            aux_count = _append_candidates(aux_keep, keys, aux_row_ptrs, aux_count, CAP_AUX)
+            aux_bucket_max = _bucket_max(aux_bucket_max, tl.where(dead, pre, float("-inf")), KP_AUX, BLOCK_N)
+    tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
     if HAS_AUX:
-        aux_slots = split * KP_AUX + tl.arange(0, KP_AUX)
-        tl.store(aux_keys_ptr + rows64[:, None] * stride_an + aux_slots[None, :], aux_best, mask=row_mask)
+        tl.store(aux_count_ptr + rows64 * N_SPLITS + split, aux_count, mask=row_mask)

@@ -210,6 +210,25 @@ def test_topk_encode_beyond_the_fused_limit(shape, k, aux_k):
     torch.testing.assert_close(ours[2], expected[2])
 
 
+@pytest.mark.parametrize("aux_k", [0, 4])
+def test_topk_encode_candidate_overflow_falls_back_exactly(monkeypatch, aux_k):
+    # Pre-activations that increase along the latents beat every running bound, so each row appends every entry
+    # and overflows a one-tile candidate buffer; those rows are recomputed by the two-pass path.
+    monkeypatch.setattr(tt, "_candidate_capacity", lambda kp, columns, block_n: block_n)
+    n, d_in, d_sae, k = 6, 8, 100, 3
+    x = 0.01 * randn(n, d_in)
+    W_enc, _, b_dec, _ = make_weights(d_in, d_sae)
+    b_enc = torch.linspace(-1, 1, d_sae, device=DEVICE)
+    b_enc[40:60] = torch.linspace(2, 3, 20, device=DEVICE)
+    mask = aux_mask_for(d_sae, aux_k) if aux_k else None
+    with on_triton():
+        ours = torch.ops.fusedsae.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
+    expected = reference.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
+    assert torch.equal(ours[1], expected[1]) and torch.equal(ours[3], expected[3])
+    torch.testing.assert_close(ours[0], expected[0])
+    torch.testing.assert_close(ours[2], expected[2])
+
+
 @pytest.mark.parametrize("k", [1, 5, 16, 20])
 def test_topk_ties_break_by_lower_index(k):
     # Small integers: every product is exact, so ties are real ties. Rows: mixed, all-equal, all-negative.

@@ -8,9 +8,11 @@ without a GPU. The dispatcher imports this module lazily, so importing fusedsae 
 
 Selection (TopK, BatchTopK, AuxK, ``row_topk``) is exact and ordered like the reference: ranked on int64 keys that
 pack (value, index) (:mod:`fusedsae.kernels.topk`). When ``next_pow2(k)`` is at most :data:`FUSED_K_MAX` the
-encoder selects in its epilogue and never writes the ``[N, d_sae]`` pre-activation; larger k takes a two-pass
-path (the Triton GEMM writes the pre-activation in row chunks, a Triton kernel turns it into keys, ``torch.topk``
-selects). An AuxK ``aux_k`` beyond that limit is selected from a second GEMM over only the masked (dead) columns.
+encoder filters in its GEMM epilogue (entries above a running per-row bound go to a small candidate buffer) and a
+second kernel selects among the candidates, so the ``[N, d_sae]`` pre-activation is never written; rows whose
+buffer overflows, and larger k, take a two-pass path (the Triton GEMM writes the pre-activation in row chunks, a
+Triton kernel turns it into keys, ``torch.topk`` selects). An AuxK ``aux_k`` beyond the limit is selected from a
+second GEMM over only the masked (dead) columns.
 
 Determinism: ``d W_dec``, ``d W_enc`` and ``d b_enc`` sort the active entries by latent and sum each latent's
 entries in token order, with no float atomics, so they are bitwise reproducible. :func:`set_deterministic`
@@ -21,6 +23,7 @@ the last bits). ``torch.use_deterministic_algorithms(True)`` always wins. Every 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -43,9 +46,10 @@ except ImportError as exc:  # triton wheels exist for Linux x86-64 only
     _IMPORT_ERROR = f"triton is not installed ({exc}); pip install triton (Linux x86-64)"
     INTERPRETED = False
 
-# The running top-k keeps next_pow2(k) int64 keys per row in registers next to the fp32 accumulator tile: at 128
-# (1 KiB per row; with a 128-wide AuxK set as well) the sm_90 build of a 64-row block uses 254 of the 255
-# registers a thread may have. Beyond it the two-pass path is used.
+# Largest next_pow2(k) selected by the fused path. The encoder's bound keeps [64, KP] fp32 bucket maxima next to
+# the accumulator and lets about KP * H(KP) * ln(columns / 128) entries per row through (over 2000 at KP = 128:
+# the candidate buffer grows with KP); the candidate selection keeps [32, KP] int64 keys (218 registers at 128 in
+# the sm_90 build). Beyond it the two-pass path is used.
 FUSED_K_MAX = 128
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -303,51 +307,85 @@ def encode_dense_fwd(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _candidate_capacity(kp: int, columns: int, block_n: int) -> int:
+    """Slots per (row, split) candidate buffer: the expected number of appends (first tile whole, then about
+    ``KP * H(KP) / c`` per column c, see kernels/topk.py ``_bucket_max``) with 50% + 64 slots of headroom, in
+    whole tiles. 1280 slots (10 KiB) per row and split at k = 32, 16384 columns per split; rows past it (columns
+    sorted by value, heavy-tailed rows) are recomputed exactly by the two-pass path."""
+    harmonic = sum(1.0 / i for i in range(1, kp + 1))
+    expected = block_n + kp * harmonic * math.log(max(1.0, columns / block_n))
+    return block_n * triton.cdiv(int(1.5 * expected) + 64, block_n)
+
+
+def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor:
+    """Sorted keys ``[N, k]``: the k best of each row's candidates (``_topk_candidates_kernel``)."""
+    n, n_splits, cap = cand.shape
+    kp = triton.next_power_of_2(k)
+    block_m, block_n, launch = (32, max(128, kp), {"num_warps": 8}) if _gpu(t) else (16, max(16, kp), {})
+    keys = torch.empty(n, kp, dtype=torch.int64, device=cand.device)
+    topk._topk_candidates_kernel[(triton.cdiv(n, block_m),)](
+        cand, count, keys, n, n_splits, cap, keys.stride(0), KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, **launch
+    )
+    return keys[:, :k]
+
+
 def _fused_topk_keys(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Sorted keys ``[N, k]`` (and ``[N, aux_k]`` among ``aux_mask``) from the fused GEMM + TopK kernel."""
+    """Sorted keys ``[N, k]`` (and ``[N, aux_k]`` among ``aux_mask``): the fused GEMM + filter kernel, then the
+    selection among its candidates; rows that overflowed a candidate buffer go through the two-pass path."""
     n, d_in = x.shape
     d_sae = W_enc.shape[1]
     kp = triton.next_power_of_2(k)
     kp_aux = triton.next_power_of_2(aux_k) if aux_k else 1
-    widest = max(kp, kp_aux)
     if _gpu(x):
-        # 64-row blocks: the smallest M for which Hopper's wgmma is used (32 or 16 rows fall back to mma.sync).
-        # Compiled offline for sm_90 (tests/compile_for_gpu.py): 112 registers at KP = 32, 156 at KP = 64, 254 at
-        # KP = KP_AUX = 128 with 8 warps, no spills; the running keys [64, KP] int64 and the tile's keys sit next
-        # to the fp32 accumulator.
-        block_m = 64
-        block_n = max(128, widest)
+        # 64 x 128 tiles, 8 warps: 64 rows is the smallest M for which Hopper's wgmma is used. K steps of 64 (bf16,
+        # fp16) or 32 (fp32), 3 stages. The epilogue holds the fp32 accumulator, its int64 keys and [64, KP]
+        # bucket maxima; see tests/compile_for_gpu.py for the registers and shared memory of the sm_90 build.
+        block_m, block_n = 64, 128
         block_k = 32 if x.dtype == torch.float32 else 64
         launch = {"num_warps": 8, "num_stages": 3}
     else:
-        block_m, block_n, block_k = 16, max(16, widest), 16
+        block_m, block_n, block_k = 16, max(16, kp, kp_aux), 16
         launch = {}
     row_blocks = triton.cdiv(n, block_m)
     n_splits, per_split = _splits(row_blocks, triton.cdiv(d_sae, block_n), x)
-    keys = torch.empty(n, n_splits * kp, dtype=torch.int64, device=x.device)
-    aux_keys = torch.empty(n, n_splits * kp_aux, dtype=torch.int64, device=x.device) if aux_k else None
+    columns = per_split * block_n
+    cap = min(_candidate_capacity(kp, columns, block_n), block_n * per_split)
+    cand = torch.empty(n, n_splits, cap, dtype=torch.int64, device=x.device)
+    count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
+    aux_cand = aux_count = None
+    cap_aux = 1
+    if aux_k:
+        assert aux_mask is not None
+        # never more slots than dead latents: with few dead ones the buffer holds all of them
+        eligible = int(aux_mask.sum())
+        cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * triton.cdiv(eligible, block_n))
+        aux_cand = torch.empty(n, n_splits, cap_aux, dtype=torch.int64, device=x.device)
+        aux_count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
     encoder._topk_encode_fwd_kernel[(row_blocks, n_splits)](
         x,
         W_enc,
         b_enc,
         b_dec,
-        None if aux_mask is None or not aux_k else aux_mask.view(torch.uint8),
-        keys,
-        aux_keys,
+        None if aux_cand is None else aux_mask.view(torch.uint8),
+        cand,
+        count,
+        aux_cand,
+        aux_count,
         n,
         d_in,
         d_sae,
         per_split,
+        n_splits,
+        cap,
+        cap_aux,
         x.stride(0),
         x.stride(1),
         W_enc.stride(0),
         W_enc.stride(1),
-        keys.stride(0),
-        0 if aux_keys is None else aux_keys.stride(0),
         HAS_B_DEC=b_dec is not None,
-        HAS_AUX=bool(aux_k),
+        HAS_AUX=aux_cand is not None,
         KP=kp,
         KP_AUX=kp_aux,
         BLOCK_M=block_m,
@@ -356,8 +394,19 @@ def _fused_topk_keys(
         **_dot_args(x),
         **launch,
     )
-    merged_aux = None if aux_keys is None else _merge_splits(aux_keys, aux_k, n_splits)
-    return _merge_splits(keys, k, n_splits), merged_aux
+    keys = _select_candidates(cand, count, k, x)
+    overflow = (count > cap).any(dim=1)
+    aux_keys = None
+    if aux_cand is not None:
+        aux_keys = _select_candidates(aux_cand, aux_count, aux_k, x)
+        overflow |= (aux_count > cap_aux).any(dim=1)
+    if bool(overflow.any()):
+        rows = overflow.nonzero().squeeze(1)
+        exact, exact_aux = _two_pass_topk_keys(x[rows], W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+        keys[rows] = exact
+        if aux_keys is not None:
+            aux_keys[rows] = exact_aux
+    return keys, aux_keys
 
 
 def _launch_row_keys(scores: Tensor, mask: Tensor | None) -> Tensor:
