@@ -1,4 +1,5 @@
-"""Exact top-k selection on register tiles: order-preserving (value, index) keys and the running per-row merge.
+"""Exact top-k selection: order-preserving (value, index) keys, the running per-row merge on register tiles, the
+epilogue filter of the fused encoder (bucket-maximum bound + candidate compaction) and the candidate selection.
 
 Every selection in fusedsae ranks entries by value (descending) and breaks ties by the lower index, exactly as
 ``fusedsae.reference.row_topk``. Packing both into one int64 key makes that order a plain integer order:
