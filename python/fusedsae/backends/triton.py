@@ -207,9 +207,10 @@ def _merge_splits(keys: Tensor, k: int, n_splits: int) -> Tensor:
 
 def _splits(row_blocks: int, n_tiles: int, t: Tensor) -> tuple[int, int]:
     """``(n_splits, tiles_per_split)``: split each row's column tiles so that about two waves of programs run
-    (132 SMs on an H100: 16384 rows in 64-row blocks are 256 blocks, so 2 splits; 1024 rows, 17 splits). The
-    candidates written are ``n_splits * KP`` keys per row, a few percent of a bf16 row at d_sae = 32768. Under the
-    interpreter two splits, so the merge is always exercised."""
+    (132 SMs on an H100: 16384 rows in 64-row blocks are 256 blocks, so 2 splits; 1024 rows, 17 splits). Each
+    split has its own bound and warm-up tile, so splits add candidates (about 760 per split at k = 32 over 16384
+    columns); few rows need many splits, many rows need few. Under the interpreter two splits, so that merging
+    splits is always exercised."""
     target = 2 * _sm_count(t) if _gpu(t) else 2
     n_splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks)))
     per_split = triton.cdiv(n_tiles, n_splits)
