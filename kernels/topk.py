@@ -84,8 +84,8 @@ def _topk_candidates_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """The KP largest keys per row among its candidates (``cand [N, N_SPLITS, CAP]`` int64, ``count [N, N_SPLITS]``
-    valid entries each, clamped to CAP), sorted, into ``keys[row, :KP]``. The running merge of
-    ``_row_topk_fwd_kernel``, over the few hundred candidates the fused encoder kept instead of d_sae columns."""
+    valid entries each, clamped to CAP), sorted, into ``keys[row, :KP]``: a running merge (``_merge_top``) over
+    the few hundred candidates the filter kept instead of all d_sae columns."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -104,39 +104,38 @@ def _topk_candidates_kernel(
 @triton.jit
 def _row_topk_fwd_kernel(
     scores_ptr,
-    keys_ptr,
+    cand_ptr,
+    count_ptr,
     N,
     M,
     TILES_PER_SPLIT,
+    N_SPLITS,
+    CAP,
     stride_sn,
-    stride_kn,
     KP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Per (row block, column split): the KP largest keys of each row of ``scores [N, M]`` within the split's
-    columns, written sorted to ``keys[row, split * KP : (split + 1) * KP]`` (int64). The launcher merges splits.
-
-    One pass over the scores: each tile is read once, reduced to its KP best and merged into a running set held in
-    registers, so the [N, M] buffer is read exactly once and nothing of its size is written."""
+    """The fused encoder's TopK filter over a given ``scores [N, M]`` buffer: per (row block, column split), the
+    entries strictly above the row's running bound are appended as keys to ``cand[row, split, :CAP]`` and counted
+    in ``count[row, split]``; ``_topk_candidates_kernel`` selects among them. One read of the scores, a few
+    integer operations per entry, nothing of the scores' size written."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
+    row_ptrs = cand_ptr + (rows64 * N_SPLITS + split) * CAP
+    bucket_max = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
     for t in range(0, TILES_PER_SPLIT):
         cols = (split * TILES_PER_SPLIT + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < M
-        s = tl.load(
-            scores_ptr + rows64[:, None] * stride_sn + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        keys = tl.where(col_mask[None, :], _sortable_keys(s, cols[None, :]), _KEY_NONE)
-        best = _merge_top(best, keys, KP)
-    slots = split * KP + tl.arange(0, KP)
-    tl.store(keys_ptr + rows64[:, None] * stride_kn + slots[None, :], best, mask=row_mask[:, None])
+        valid = row_mask[:, None] & (cols < M)[None, :]
+        s = tl.load(scores_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+        bound = tl.min(bucket_max, axis=1)
+        count = _append_candidates(valid & (s > bound[:, None]), _sortable_keys(s, cols[None, :]), row_ptrs, count, CAP)
+        bucket_max = _bucket_max(bucket_max, tl.where(valid, s, float("-inf")), KP, BLOCK_N)
+    tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
 
 
 @triton.jit

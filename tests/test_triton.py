@@ -249,6 +249,13 @@ def test_topk_encode_candidate_overflow_falls_back_exactly(monkeypatch, aux_k):
     assert torch.equal(ours[1], expected[1]) and torch.equal(ours[3], expected[3])
     torch.testing.assert_close(ours[0], expected[0])
     torch.testing.assert_close(ours[2], expected[2])
+    scores = torch.linspace(-1, 1, d_sae, device=DEVICE).expand(4, d_sae).contiguous()
+    scores[1] = scores[1].flip(0)  # decreasing: this row fits its buffer, the increasing ones overflow
+    with on_triton():
+        values, indices = F.row_topk(scores, 7)
+    assert torch.equal(indices, reference.row_topk(scores, 7)[1]) and torch.equal(
+        values, reference.row_topk(scores, 7)[0]
+    )
 
 
 @pytest.mark.parametrize("k", [1, 5, 16, 20])

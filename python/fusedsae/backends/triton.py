@@ -807,44 +807,57 @@ def sparse_decode_backward_fwd(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _keys_by_torch_topk(scores: Tensor, k: int) -> Tensor:
+    """Sorted keys ``[N, k]``: keys of every entry (a Triton kernel) in row chunks, selected by ``torch.topk``."""
+    n, width = scores.shape
+    keys = torch.empty(n, k, dtype=torch.int64, device=scores.device)
+    step = _row_chunk(n, width, scores)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        keys[rows] = torch.topk(_launch_row_keys(scores[rows], None), k, dim=1, sorted=True).values
+    return keys
+
+
 @_on_device
 def row_topk_fwd(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(values [N, k], indices [N, k] int64)``: the k largest of each row, ties by lower index, sorted. One
-    streaming pass with a running top-k when ``next_pow2(k) <= FUSED_K_MAX``, else keys + ``torch.topk``."""
+    """``(values [N, k], indices [N, k] int64)``: the k largest of each row, ties by lower index, sorted. When
+    ``next_pow2(k) <= FUSED_K_MAX``, the encoder's filter over the scores and a selection among its candidates
+    (rows that overflow their buffer, and larger k: keys + ``torch.topk``)."""
     scores = _rows(scores)
     n, width = scores.shape
     if n == 0:
         return scores.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=scores.device)
     if not _fits_fused(k):
-        keys = torch.empty(n, k, dtype=torch.int64, device=scores.device)
-        step = _row_chunk(n, width, scores)
-        for start in range(0, n, step):
-            rows = slice(start, min(n, start + step))
-            keys[rows] = torch.topk(_launch_row_keys(scores[rows], None), k, dim=1, sorted=True).values
-        return _decode_keys(keys, scores.dtype)
+        return _decode_keys(_keys_by_torch_topk(scores, k), scores.dtype)
     kp = triton.next_power_of_2(k)
-    if _gpu(scores):
-        block_m, block_n = (32 if kp <= 32 else 16), max(128, kp)
-        launch = {"num_warps": 4}
-    else:
-        block_m, block_n, launch = 16, max(16, kp), {}
+    # memory-bound: 16 rows x 256 columns of scores per step, 4 warps
+    block_m, block_n, launch = (16, max(256, kp), {"num_warps": 4}) if _gpu(scores) else (16, max(16, kp), {})
     row_blocks = triton.cdiv(n, block_m)
     n_splits, per_split = _splits(row_blocks, triton.cdiv(width, block_n), scores)
-    keys = torch.empty(n, n_splits * kp, dtype=torch.int64, device=scores.device)
+    cap = min(_candidate_capacity(kp, per_split * block_n, block_n), block_n * per_split)
+    cand = torch.empty(n, n_splits, cap, dtype=torch.int64, device=scores.device)
+    count = torch.empty(n, n_splits, dtype=torch.int32, device=scores.device)
     topk._row_topk_fwd_kernel[(row_blocks, n_splits)](
         scores,
-        keys,
+        cand,
+        count,
         n,
         width,
         per_split,
+        n_splits,
+        cap,
         scores.stride(0),
-        keys.stride(0),
         KP=kp,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         **launch,
     )
-    return _decode_keys(_merge_splits(keys, k, n_splits), scores.dtype)
+    keys = _select_candidates(cand, count, k, scores)
+    overflow = (count > cap).any(dim=1)
+    if bool(overflow.any()):
+        rows = overflow.nonzero().squeeze(1)
+        keys[rows] = _keys_by_torch_topk(scores[rows], k)
+    return _decode_keys(keys, scores.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
