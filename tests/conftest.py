@@ -12,6 +12,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Without a GPU, the Triton kernels run in Triton's interpreter. triton 3.6 reads TRITON_INTERPRET when @triton.jit
+# decorates a kernel, i.e. when fusedsae.kernels is first imported (lazily, by the dispatcher), so it is set here,
+# before any test imports it. With a GPU the kernels are compiled and run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Two threads, as on CI; tests that compare runs bit for bit must not depend on the machine's core count.
 torch.set_num_threads(2)
 

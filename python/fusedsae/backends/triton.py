@@ -1,0 +1,1036 @@
+"""The ``triton`` backend: launchers (reshape, allocate, choose blocks and grid, launch; no autograd) for the
+kernels in :mod:`fusedsae.kernels`, registered for every op in :data:`fusedsae.backends.OPS`.
+
+It runs CUDA tensors. Under ``TRITON_INTERPRET=1`` (which triton 3.6 reads when ``@triton.jit`` decorates a
+kernel, so it must be set before :mod:`fusedsae.kernels` is first imported) the kernels run in Triton's
+interpreter and an explicit ``FUSEDSAE_BACKEND=triton`` also takes CPU tensors: that is how CI checks every kernel
+without a GPU. The dispatcher imports this module lazily, so importing fusedsae never imports triton.
+
+Selection (TopK, BatchTopK, AuxK, ``row_topk``) is exact and ordered like the reference: ranked on int64 keys that
+pack (value, index) (:mod:`fusedsae.kernels.topk`). When ``next_pow2(k)`` is at most :data:`FUSED_K_MAX` the
+encoder filters in its GEMM epilogue (entries above a running per-row bound go to a small candidate buffer) and a
+second kernel selects among the candidates, so the ``[N, d_sae]`` pre-activation is never written; rows whose
+buffer overflows, and larger k, take a two-pass path (the Triton GEMM writes the pre-activation in row chunks, a
+Triton kernel turns it into keys, ``torch.topk`` selects). An AuxK ``aux_k`` beyond the limit is selected from a
+second GEMM over only the masked (dead) columns.
+
+Determinism: ``d W_dec``, ``d W_enc`` and ``d b_enc`` sort the active entries by latent and sum each latent's
+entries in token order, with no float atomics, so they are bitwise reproducible. :func:`set_deterministic`
+(``False``) or ``FUSEDSAE_DETERMINISTIC=0`` switches them to float32 atomics instead (no sort; results vary in
+the last bits). ``torch.use_deterministic_algorithms(True)`` always wins. Every other kernel is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from fusedsae.backends import define_backend, register
+
+try:
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fusedsae.kernels import encoder, heads, jumprelu, sparse, topk
+
+    _IMPORT_ERROR: str | None = None
+    # True when the kernels were decorated under TRITON_INTERPRET=1 (they then run in the interpreter on any device).
+    INTERPRETED = isinstance(topk._row_topk_fwd_kernel, InterpretedFunction)
+except ImportError as exc:  # triton wheels exist for Linux x86-64 only
+    _IMPORT_ERROR = f"triton is not installed ({exc}); pip install triton (Linux x86-64)"
+    INTERPRETED = False
+
+# Largest next_pow2(k) selected by the fused path. The encoder's bound keeps [64, KP] fp32 bucket maxima next to
+# the accumulator and lets about KP * H(KP) * ln(columns / 128) entries per row through (over 2000 at KP = 128:
+# the candidate buffer grows with KP); the candidate selection keeps [32, KP] int64 keys (218 registers at 128 in
+# the sm_90 build). Beyond it the two-pass path is used.
+FUSED_K_MAX = 128
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+_deterministic_override: bool | None = None
+
+
+def set_deterministic(flag: bool | None) -> None:
+    """Deterministic (``True``, the default) or float32-atomic (``False``) ``d W_dec``/``d W_enc``/``d b_enc``;
+    ``None`` defers to ``FUSEDSAE_DETERMINISTIC`` (unset or anything but ``0`` means deterministic)."""
+    global _deterministic_override
+    _deterministic_override = flag
+
+
+def deterministic() -> bool:
+    """Whether the latent-sum gradients run the sorted, atomic-free path (see :func:`set_deterministic`)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    if _deterministic_override is not None:
+        return _deterministic_override
+    return os.environ.get("FUSEDSAE_DETERMINISTIC", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# availability, capability checks, launch helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _availability() -> tuple[bool, str]:
+    if _IMPORT_ERROR is not None:
+        return False, _IMPORT_ERROR
+    version = triton.__version__
+    if INTERPRETED:
+        return True, (
+            f"triton {version} interpreter (TRITON_INTERPRET=1): kernels run on CPU and CUDA tensors, slowly; "
+            "for tests (auto still sends CPU tensors to the reference)"
+        )
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return False, (
+                "TRITON_INTERPRET was set after fusedsae.kernels was imported (triton reads it when a kernel is "
+                "decorated); set it before importing fusedsae"
+            )
+        return False, "no CUDA device and TRITON_INTERPRET is not set"
+    return True, f"triton {version} on {torch.cuda.get_device_name()}"
+
+
+_backend = define_backend(
+    "triton",
+    _availability,
+    devices=("cuda",),
+    explicit_devices=("cuda", "cpu") if INTERPRETED else ("cuda",),
+)
+
+
+def _dtype_refusal(*tensors: Tensor | None) -> str | None:
+    for t in tensors:
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            return (
+                f"triton kernels take float32, bfloat16 or float16 tensors, got {t.dtype} "
+                "(the reference backend runs it)"
+            )
+    first = next(t for t in tensors if t is not None)
+    if (
+        first.device.type == "cuda"
+        and not INTERPRETED
+        and first.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(first.device) < (8, 0)
+    ):
+        major, minor = torch.cuda.get_device_capability(first.device)
+        return f"bfloat16 tl.dot needs compute capability >= 8.0, this GPU has {major}.{minor}"
+    return None
+
+
+def _index_refusal(indices: Tensor) -> str | None:
+    if indices.dtype not in _INDEX_DTYPES:
+        return f"indices must be int32 or int64, got {indices.dtype}"
+    return None
+
+
+def _width_refusal(width: int) -> str | None:
+    # Column indices are int32 in the kernels (and the selection keys keep them in 32 bits).
+    if width >= 2**31:
+        return f"d_sae={width} is too wide: the triton kernels index latents with int32 (d_sae < 2**31)"
+    return None
+
+
+def _first(*checks: str | None) -> str | None:
+    return next((c for c in checks if c is not None), None)
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _on_device(fn: _Fn) -> _Fn:
+    """Launch on the tensors' device: triton launches on torch's current device, which may be another GPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return fn(*args)
+        return fn(*args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _gpu(t: Tensor) -> bool:
+    """Compiled kernels on a GPU (block sizes for speed), else the interpreter (small blocks, few programs)."""
+    return t.device.type == "cuda" and not INTERPRETED
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` with unit stride along its last dim (kernels index rows by one stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sm_count(t: Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
+def _dot_args(t: Tensor) -> dict[str, Any]:
+    # fp32 follows torch's own TF32 switch for matmuls (off by default: exact fp32 products); 16-bit operands
+    # always run on tensor cores. The interpreter cannot multiply bfloat16 (triton-lang/triton#11584): upcast there.
+    if t.dtype == torch.float32:
+        precision = "tf32" if (_gpu(t) and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    else:
+        precision = "tf32"
+    return {"UPCAST_DOT": INTERPRETED and t.dtype == torch.bfloat16, "DOT_PRECISION": precision}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keys <-> (values, indices)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decode_keys(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(values [.., k] in dtype, indices [.., k] int64)`` from int64 selection keys (kernels/topk.py)."""
+    high = (keys >> 32).to(torch.int32)
+    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+    values = bits.view(torch.float32).to(dtype)
+    indices = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    return values, indices
+
+
+def _merge_splits(keys: Tensor, k: int, n_splits: int) -> Tensor:
+    """The k largest keys per row, sorted, from ``n_splits`` sorted candidate runs: keys are unique per row, so
+    ``torch.topk`` on them is exact and its order is the (value, index) order."""
+    if n_splits == 1:
+        return keys[:, :k]
+    return torch.topk(keys, k, dim=1, sorted=True).values
+
+
+def _splits(row_blocks: int, n_tiles: int, t: Tensor) -> tuple[int, int]:
+    """``(n_splits, tiles_per_split)``: split each row's column tiles so that about two waves of programs run
+    (132 SMs on an H100: 16384 rows in 64-row blocks are 256 blocks, so 2 splits; 1024 rows, 17 splits). Each
+    split has its own bound and warm-up tile, so splits add candidates (about 760 per split at k = 32 over 16384
+    columns); few rows need many splits, many rows need few. Under the interpreter two splits, so that merging
+    splits is always exercised."""
+    target = 2 * _sm_count(t) if _gpu(t) else 2
+    n_splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks)))
+    per_split = triton.cdiv(n_tiles, n_splits)
+    return triton.cdiv(n_tiles, per_split), per_split
+
+
+def _row_chunk(n_rows: int, width: int, t: Tensor) -> int:
+    """Rows per chunk of a two-pass selection: the pre-activation and its int64 keys for 2**26 (GPU) entries at a
+    time, 768 MiB in fp32, or 2**10 in the interpreter (several chunks at test sizes)."""
+    budget = 1 << 26 if _gpu(t) else 1 << 10
+    return max(1, min(n_rows, budget // max(1, width)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode_dense
+# ---------------------------------------------------------------------------------------------------------------
+
+_ACTIVATIONS = {"none": 0, "relu": 1, "jumprelu": 2}
+
+
+def _encoder_refusal(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None) -> str | None:
+    return _first(_dtype_refusal(x, W_enc, b_enc, b_dec), _width_refusal(W_enc.shape[1]))
+
+
+def _encode_dense_supports(x, W_enc, b_enc, b_dec, threshold, activation) -> str | None:
+    if activation not in _ACTIVATIONS:
+        return f"unknown activation {activation!r}"
+    return _encoder_refusal(x, W_enc, b_enc, b_dec)
+
+
+def _launch_encode_dense(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, threshold: Tensor | None, activation: str
+) -> Tensor:
+    n, d_in = x.shape
+    d_sae = W_enc.shape[1]
+    out = x.new_empty(n, d_sae)
+    if n == 0:
+        return out
+    if _gpu(x):
+        # 128x128 output tiles, K steps of 64 (bf16/fp16; 32 for fp32), 3 stages. Offline sm_90 build: wgmma,
+        # 144 registers and 82 KB of shared memory with b_dec (x is centred in registers; 96 KB without), no
+        # spills; fp32 without TF32 runs on FMA units like torch's own fp32 GEMM.
+        block_m, block_n = 128, 128
+        block_k = 32 if x.dtype == torch.float32 else 64
+        launch = {"GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    else:
+        block_m, block_n, block_k = 16, 32, 16
+        launch = {"GROUP_M": 2}
+    grid = (triton.cdiv(n, block_m) * triton.cdiv(d_sae, block_n),)
+    encoder._encode_dense_fwd_kernel[grid](
+        x,
+        W_enc,
+        b_enc,
+        b_dec,
+        threshold,
+        out,
+        n,
+        d_in,
+        d_sae,
+        x.stride(0),
+        x.stride(1),
+        W_enc.stride(0),
+        W_enc.stride(1),
+        out.stride(0),
+        HAS_B_DEC=b_dec is not None,
+        ACTIVATION=_ACTIVATIONS[activation],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **_dot_args(x),
+        **launch,
+    )
+    return out
+
+
+@_on_device
+def encode_dense_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, threshold: Tensor | None, activation: str
+) -> Tensor:
+    """``act((x - b_dec) @ W_enc + b_enc)``: ``[N, d_in] -> [N, d_sae]`` in x's dtype (fp32 accumulation)."""
+    if activation == "jumprelu" and threshold is None:
+        raise ValueError("activation='jumprelu' needs threshold [d_sae]")
+    return _launch_encode_dense(
+        x,
+        W_enc,
+        b_enc.contiguous(),
+        None if b_dec is None else b_dec.contiguous(),
+        None if threshold is None else threshold.contiguous(),
+        activation,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TopK selection: fused (GEMM epilogue) or two-pass (dense GEMM in row chunks + keys + torch.topk)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _candidate_capacity(kp: int, columns: int, block_n: int) -> int:
+    """Slots per (row, split) candidate buffer: the expected number of appends (first tile whole, then about
+    ``KP * H(KP) / c`` per column c, see kernels/topk.py ``_bucket_max``) with 50% + 64 slots of headroom, in
+    whole tiles. 1280 slots (10 KiB) per row and split at k = 32, 16384 columns per split; rows past it (columns
+    sorted by value, heavy-tailed rows) are recomputed exactly by the two-pass path."""
+    harmonic = sum(1.0 / i for i in range(1, kp + 1))
+    expected = block_n + kp * harmonic * math.log(max(1.0, columns / block_n))
+    return block_n * triton.cdiv(int(1.5 * expected) + 64, block_n)
+
+
+def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor:
+    """Sorted keys ``[N, k]``: the k best of each row's candidates (``_topk_candidates_kernel``)."""
+    n, n_splits, cap = cand.shape
+    kp = triton.next_power_of_2(k)
+    block_m, block_n, launch = (32, max(128, kp), {"num_warps": 8}) if _gpu(t) else (16, max(16, kp), {})
+    keys = torch.empty(n, kp, dtype=torch.int64, device=cand.device)
+    topk._topk_candidates_kernel[(triton.cdiv(n, block_m),)](
+        cand, count, keys, n, n_splits, cap, keys.stride(0), KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, **launch
+    )
+    return keys[:, :k]
+
+
+def _fused_topk_keys(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Sorted keys ``[N, k]`` (and ``[N, aux_k]`` among ``aux_mask``): the fused GEMM + filter kernel, then the
+    selection among its candidates; rows that overflowed a candidate buffer go through the two-pass path."""
+    n, d_in = x.shape
+    d_sae = W_enc.shape[1]
+    kp = triton.next_power_of_2(k)
+    kp_aux = triton.next_power_of_2(aux_k) if aux_k else 1
+    if _gpu(x):
+        # 64 x 128 tiles, 8 warps: 64 rows is the smallest M for which Hopper's wgmma is used. K steps of 64 (bf16,
+        # fp16) or 32 (fp32), 3 stages. The epilogue holds the fp32 accumulator, its int64 keys and [64, KP]
+        # bucket maxima; see tests/compile_for_gpu.py for the registers and shared memory of the sm_90 build.
+        block_m, block_n = 64, 128
+        block_k = 32 if x.dtype == torch.float32 else 64
+        launch = {"num_warps": 8, "num_stages": 3}
+    else:
+        block_m, block_n, block_k = 16, max(16, kp, kp_aux), 16
+        launch = {}
+    row_blocks = triton.cdiv(n, block_m)
+    n_splits, per_split = _splits(row_blocks, triton.cdiv(d_sae, block_n), x)
+    columns = per_split * block_n
+    cap = min(_candidate_capacity(kp, columns, block_n), block_n * per_split)
+    cand = torch.empty(n, n_splits, cap, dtype=torch.int64, device=x.device)
+    count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
+    aux_cand = aux_count = None
+    cap_aux = 1
+    if aux_k:
+        assert aux_mask is not None
+        # never more slots than dead latents: with few dead ones the buffer holds all of them
+        eligible = int(aux_mask.sum())
+        cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * triton.cdiv(eligible, block_n))
+        aux_cand = torch.empty(n, n_splits, cap_aux, dtype=torch.int64, device=x.device)
+        aux_count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
+    encoder._topk_encode_fwd_kernel[(row_blocks, n_splits)](
+        x,
+        W_enc,
+        b_enc,
+        b_dec,
+        None if aux_cand is None else aux_mask.view(torch.uint8),
+        cand,
+        count,
+        aux_cand,
+        aux_count,
+        n,
+        d_in,
+        d_sae,
+        per_split,
+        n_splits,
+        cap,
+        cap_aux,
+        x.stride(0),
+        x.stride(1),
+        W_enc.stride(0),
+        W_enc.stride(1),
+        HAS_B_DEC=b_dec is not None,
+        HAS_AUX=aux_cand is not None,
+        KP=kp,
+        KP_AUX=kp_aux,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **_dot_args(x),
+        **launch,
+    )
+    keys = _select_candidates(cand, count, k, x)
+    overflow = (count > cap).any(dim=1)
+    aux_keys = None
+    if aux_cand is not None:
+        aux_keys = _select_candidates(aux_cand, aux_count, aux_k, x)
+        overflow |= (aux_count > cap_aux).any(dim=1)
+    if bool(overflow.any()):
+        rows = overflow.nonzero().squeeze(1)
+        exact, exact_aux = _two_pass_topk_keys(x[rows], W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+        keys[rows] = exact
+        if aux_keys is not None:
+            aux_keys[rows] = exact_aux
+    return keys, aux_keys
+
+
+def _launch_row_keys(scores: Tensor, mask: Tensor | None) -> Tensor:
+    n, width = scores.shape
+    keys = torch.empty(n, width, dtype=torch.int64, device=scores.device)
+    block_m, block_n = (16, 128) if _gpu(scores) else (16, 32)
+    topk._row_keys_kernel[(triton.cdiv(n, block_m), triton.cdiv(width, block_n))](
+        scores,
+        None if mask is None else mask.view(torch.uint8),
+        keys,
+        n,
+        width,
+        scores.stride(0),
+        keys.stride(0),
+        HAS_MASK=mask is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+    )
+    return keys
+
+
+def _two_pass_topk_keys(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Same result as :func:`_fused_topk_keys` for any k: per row chunk, the Triton GEMM writes the
+    pre-activation, a Triton kernel turns it into keys (masked for AuxK), and ``torch.topk`` selects on them."""
+    n = x.shape[0]
+    d_sae = W_enc.shape[1]
+    keys = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    aux_keys = torch.empty(n, aux_k, dtype=torch.int64, device=x.device) if aux_k else None
+    step = _row_chunk(n, d_sae, x)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        pre = _launch_encode_dense(x[rows], W_enc, b_enc, b_dec, None, "none")
+        keys[rows] = torch.topk(_launch_row_keys(pre, None), k, dim=1, sorted=True).values
+        if aux_keys is not None:
+            aux_keys[rows] = torch.topk(_launch_row_keys(pre, aux_mask), aux_k, dim=1, sorted=True).values
+    return keys, aux_keys
+
+
+def _fits_fused(k: int) -> bool:
+    return triton.next_power_of_2(k) <= FUSED_K_MAX
+
+
+def _topk_select(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(values [N, k], indices [N, k], aux_values [N, aux_k], aux_indices [N, aux_k])``, values in x's dtype."""
+    n = x.shape[0]
+    if not _fits_fused(k):
+        keys, aux_keys = _two_pass_topk_keys(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+    elif aux_k == 0 or _fits_fused(aux_k):
+        keys, aux_keys = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+    else:
+        keys, _ = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, 0, None)
+        assert aux_mask is not None
+        # A wide AuxK selection runs over the dead columns only: its GEMM costs the dead fraction of the main one.
+        cols = aux_mask.nonzero().squeeze(1)
+        sub_keys, _ = _two_pass_topk_keys(x, W_enc[:, cols], b_enc[cols], b_dec, aux_k, 0, None)
+        aux_values, sub_indices = _decode_keys(sub_keys, x.dtype)
+        values, indices = _decode_keys(keys, x.dtype)
+        return values, indices, aux_values, cols[sub_indices]
+    values, indices = _decode_keys(keys, x.dtype)
+    if aux_keys is None:
+        return values, indices, x.new_empty(n, 0), torch.empty(n, 0, dtype=torch.int64, device=x.device)
+    aux_values, aux_indices = _decode_keys(aux_keys, x.dtype)
+    return values, indices, aux_values, aux_indices
+
+
+def _selection_supports(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask) -> str | None:
+    return _encoder_refusal(x, W_enc, b_enc, b_dec)
+
+
+def _contiguous_encoder_args(
+    b_enc: Tensor, b_dec: Tensor | None, aux_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    return (
+        b_enc.contiguous(),
+        None if b_dec is None else b_dec.contiguous(),
+        None if aux_mask is None else aux_mask.contiguous(),
+    )
+
+
+@_on_device
+def topk_encode_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused encoder + TopK (+ AuxK among ``aux_mask``): pre-activation values and int64 indices, ``[N, k]`` and
+    ``[N, aux_k]``, sorted by value then index; see :func:`fusedsae.reference.topk_encode`."""
+    b_enc, b_dec, aux_mask = _contiguous_encoder_args(b_enc, b_dec, aux_mask)
+    if x.shape[0] == 0:
+        return _empty_selection(x, k, aux_k)
+    return _topk_select(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
+
+
+def _empty_selection(x: Tensor, k: int, aux_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty ``[0, k]``/``[0, aux_k]`` results for an empty batch."""
+    long = {"dtype": torch.int64, "device": x.device}
+    return x.new_empty(0, k), torch.empty(0, k, **long), x.new_empty(0, aux_k), torch.empty(0, aux_k, **long)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchTopK: per-row candidates from the same selection, then the batch-level cut-off over the candidates only
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _batch_active(values: Tensor, budget: int) -> Tensor:
+    """Which candidates are active: the ``budget`` largest of ``values [N, w]`` (each row sorted by value, then
+    index; -inf pads) by (value, row, index), ties broken by the lower flat index, only positive ones, as
+    :func:`fusedsae.reference.batchtopk_select`. Rows are in order and each row's equal values are in index
+    order, so row-major candidate order is flat-index order."""
+    flat = values.reshape(-1)
+    if budget >= flat.numel():
+        return values > 0
+    cutoff = torch.topk(flat, budget, sorted=False).values.min()
+    if cutoff <= 0:
+        return values > 0
+    active = values > cutoff
+    missing = budget - int(active.sum())
+    if missing > 0:
+        tied = (flat == cutoff).nonzero().squeeze(1)[:missing]
+        active.view(-1)[tied] = True
+    return active
+
+
+@_on_device
+def batchtopk_encode_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchTopK in padded form (see :func:`fusedsae.reference.batchtopk_encode`) without the ``[N, d_sae]``
+    pre-activation.
+
+    Each row contributes its ``w`` best candidates (w = 2k to start, ``next_pow2`` within the fused limit); the
+    ``k * N``-th largest candidate is a lower bound of the batch cut-off. A row all of whose candidates end up
+    active might have more, so only those rows are selected again with 4x the width (to d_sae at most) until
+    no row is saturated; then the candidates hold the exact BatchTopK set (every entry left out of a row ranks
+    below that row's first inactive candidate, hence below the cut-off)."""
+    b_enc, b_dec, aux_mask = _contiguous_encoder_args(b_enc, b_dec, aux_mask)
+    n = x.shape[0]
+    d_sae = W_enc.shape[1]
+    if n == 0:
+        v, i, av, ai = _empty_selection(x, 1, aux_k)
+        return v, i, av, ai
+    width = min(d_sae, 2 * k)
+    if _fits_fused(width):
+        width = min(d_sae, triton.next_power_of_2(width))
+    values, indices, aux_values, aux_indices = _topk_select(x, W_enc, b_enc, b_dec, width, aux_k, aux_mask)
+    values = values.float()
+    while True:
+        active = _batch_active(values, k * n)
+        saturated = active[:, -1] if width < d_sae else torch.zeros_like(active[:, -1])
+        if not bool(saturated.any()):
+            break
+        rows = saturated.nonzero().squeeze(1)
+        new_width = min(d_sae, 4 * width)
+        pad = new_width - width
+        values = torch.cat([values, values.new_full((n, pad), float("-inf"))], dim=1)
+        indices = torch.cat([indices, indices.new_zeros(n, pad)], dim=1)
+        more_values, more_indices, _, _ = _topk_select(x[rows], W_enc, b_enc, b_dec, new_width, 0, None)
+        values[rows] = more_values.float()
+        indices[rows] = more_indices
+        width = new_width
+    counts = active.sum(1)
+    m = max(1, int(counts.max()))
+    # each row's active entries are a prefix of its candidates: sort that prefix by latent
+    order_key = torch.where(active, indices, torch.full_like(indices, d_sae))
+    order_key, perm = torch.sort(order_key[:, :m], dim=1)
+    picked = values.gather(1, perm)
+    live = order_key < d_sae
+    out_values = torch.where(live, picked, torch.zeros_like(picked)).to(x.dtype)
+    out_indices = torch.where(live, order_key, torch.zeros_like(order_key))
+    return out_values, out_indices, aux_values, aux_indices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparse gathers and per-latent sums (decoder forward/backward, encoder backward)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _latent_rows(W_enc: Tensor, n_gathers: int) -> tuple[Tensor, int, int]:
+    """W_enc ``[d_in, d_sae]`` as a table of latent rows: ``(table, stride_latent, stride_d)``.
+
+    Gathering a latent's column straight from row-major W_enc reads one 32-byte sector per element; a transposed
+    copy costs two passes over W_enc (2 * d_in * d_sae elements) and makes every later gather contiguous. Worth
+    it once the gathers outnumber about a quarter of the latents (training: 16384 x 32 gathers vs 32768 latents)."""
+    if W_enc.stride(0) == 1:
+        return W_enc, W_enc.stride(1), 1
+    if 4 * n_gathers >= W_enc.shape[1]:
+        table = W_enc.t().contiguous()
+        return table, table.stride(0), 1
+    return W_enc, W_enc.stride(1), W_enc.stride(0)
+
+
+def _launch_gather_sum(
+    values: Tensor, indices: Tensor, table: Tensor, stride_tr: int, stride_td: int, bias: Tensor | None, d: int
+) -> Tensor:
+    n, m = values.shape
+    out = values.new_empty(n, d)
+    if n == 0:
+        return out
+    # 4 tokens x 256 columns: 512-byte contiguous bf16 row segments per gather, 8 elements per thread at 4 warps.
+    block_t, block_d, launch = (4, 256, {"num_warps": 4}) if _gpu(values) else (16, 16, {})
+    sparse._gather_sum_kernel[(triton.cdiv(n, block_t), triton.cdiv(d, block_d))](
+        values,
+        indices,
+        table,
+        bias,
+        out,
+        n,
+        m,
+        d,
+        values.stride(0),
+        indices.stride(0),
+        stride_tr,
+        stride_td,
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        **launch,
+    )
+    return out
+
+
+def _launch_gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
+    n, m = indices.shape
+    d = table.shape[1]
+    out = vectors.new_empty(n, m)
+    if n == 0:
+        return out
+    # [2 tokens, 16 slots, 128 columns] = 4096 gathered elements per step, 32 per thread at 4 warps.
+    block_t, block_j, block_d, launch = (2, 16, 128, {"num_warps": 4}) if _gpu(vectors) else (4, 4, 16, {})
+    sparse._gather_dot_kernel[(triton.cdiv(n, block_t), triton.cdiv(m, block_j))](
+        table,
+        indices,
+        vectors,
+        out,
+        n,
+        m,
+        d,
+        table.stride(0),
+        indices.stride(0),
+        vectors.stride(0),
+        out.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_J=block_j,
+        BLOCK_D=block_d,
+        **launch,
+    )
+    return out
+
+
+def _latent_sums(
+    src: Tensor,
+    shift: Tensor | None,
+    indices: Tensor,
+    weights: Tensor,
+    out: Tensor,
+    n_out: int,
+    out_strides: tuple[int, int],
+    sums: Tensor | None,
+) -> None:
+    """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * (src[n] - shift)`` for every latent
+    ``i < n_out`` (zero rows for unused latents), stored through ``out_strides = (latent, column)``; with ``sums``,
+    also ``sums[i] = sum of those weights``. Deterministic (sorted) unless :func:`deterministic` is off."""
+    d = src.shape[1]
+    m = indices.shape[1]
+    flat = indices.reshape(-1)
+    gpu = _gpu(src)
+    if not deterministic():
+        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        acc_sums = None if sums is None else torch.zeros(n_out, dtype=torch.float32, device=out.device)
+        block_e, block_d = (32, 128) if gpu else (16, 16)
+        sparse._scatter_add_kernel[(triton.cdiv(flat.numel(), block_e), triton.cdiv(d, block_d))](
+            src,
+            shift,
+            flat,
+            weights.reshape(-1),
+            acc,
+            acc_sums,
+            flat.numel(),
+            d,
+            m,
+            src.stride(0),
+            out_strides[0],
+            out_strides[1],
+            HAS_SHIFT=shift is not None,
+            WRITE_SUMS=sums is not None,
+            BLOCK_E=block_e,
+            BLOCK_D=block_d,
+        )
+        out.copy_(acc)
+        if sums is not None:
+            sums.copy_(acc_sums)
+        return
+    # Group entries by latent: a stable sort of the N*m ids (0.5 M keys at 16384 x 32, tens of microseconds on a
+    # GPU) and integer counts; within a latent, entries stay in token order.
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_out)
+    offsets = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    # 16 latents x 128 columns per program: coalesced 16-wide stores when d W_enc is written transposed; about
+    # N*k/d_sae = 16 entries per latent at 16384 x 32 / 32768, so the in-step walk wastes little on uneven lists.
+    block_l, block_d, launch = (16, 128, {"num_warps": 4}) if gpu else (16, 16, {})
+    sparse._segment_sum_kernel[(triton.cdiv(n_out, block_l), triton.cdiv(d, block_d))](
+        src,
+        shift,
+        order,
+        weights.reshape(-1),
+        offsets,
+        out,
+        sums,
+        n_out,
+        d,
+        m,
+        src.stride(0),
+        out_strides[0],
+        out_strides[1],
+        HAS_SHIFT=shift is not None,
+        WRITE_SUMS=sums is not None,
+        BLOCK_L=block_l,
+        BLOCK_D=block_d,
+        **launch,
+    )
+
+
+def _launch_matvec(W: Tensor, v: Tensor, scale: float) -> Tensor:
+    r, c = W.shape
+    out = v.new_empty(r)
+    block_r, block_c = (32, 256) if _gpu(v) else (16, 32)
+    sparse._matvec_kernel[(triton.cdiv(r, block_r),)](
+        W, v, out, r, c, W.stride(0), W.stride(1), scale, BLOCK_R=block_r, BLOCK_C=block_c
+    )
+    return out
+
+
+def _sparse_refusal(values: Tensor, indices: Tensor, *floats: Tensor | None) -> str | None:
+    return _first(_dtype_refusal(values, *floats), _index_refusal(indices))
+
+
+@_on_device
+def sparse_encode_backward_fwd(
+    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from the gradient at
+    the active entries (repeated indices add up). Only the ``N*m`` active entries are touched: ``dW_enc`` is a
+    per-latent sum of centred inputs written straight into its transposed layout, ``db_enc`` comes from the same
+    pass, ``db_dec = -W_enc @ db_enc`` reduces over the batch first, and ``dx`` gathers latent rows of W_enc."""
+    grad, indices, x = grad.contiguous(), indices.contiguous(), _rows(x)
+    b_dec = None if b_dec is None else b_dec.contiguous()
+    d_in, d_sae = W_enc.shape
+    dW_enc = torch.empty(d_in, d_sae, dtype=grad.dtype, device=grad.device)
+    db_enc = torch.empty(d_sae, dtype=grad.dtype, device=grad.device)
+    if grad.numel() == 0:
+        dW_enc.zero_()
+        db_enc.zero_()
+    else:
+        _latent_sums(x, b_dec, indices, grad, dW_enc, d_sae, (dW_enc.stride(1), dW_enc.stride(0)), db_enc)
+    db_dec = _launch_matvec(W_enc, db_enc, -1.0) if b_dec is not None else grad.new_empty(0)
+    if need_dx:
+        table, stride_tr, stride_td = _latent_rows(W_enc, grad.numel())
+        dx = _launch_gather_sum(grad, indices, table, stride_tr, stride_td, None, d_in)
+    else:
+        dx = grad.new_empty(0)
+    return dx, dW_enc, db_enc, db_dec
+
+
+@_on_device
+def sparse_decode_fwd(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """``x_hat [N, d_in] = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec`` (fp32 accumulation, slots in
+    order)."""
+    W_dec = _rows(W_dec)
+    bias = None if b_dec is None else b_dec.contiguous()
+    return _launch_gather_sum(
+        values.contiguous(), indices.contiguous(), W_dec, W_dec.stride(0), 1, bias, W_dec.shape[1]
+    )
+
+
+@_on_device
+def sparse_decode_backward_fwd(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(d_values [N, m], dW_dec [d_sae, d_in])``: a gather-dot at the active rows, and per-latent sums of
+    ``value * grad_out[token]`` (deterministic unless :func:`set_deterministic` is off)."""
+    grad_out, values, indices, W_dec = _rows(grad_out), values.contiguous(), indices.contiguous(), _rows(W_dec)
+    d_values = _launch_gather_dot(W_dec, indices, grad_out)
+    dW_dec = torch.empty(W_dec.shape, dtype=grad_out.dtype, device=grad_out.device)
+    if values.numel() == 0:
+        dW_dec.zero_()
+    else:
+        _latent_sums(grad_out, None, indices, values, dW_dec, W_dec.shape[0], (dW_dec.stride(0), 1), None)
+    return d_values, dW_dec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# row_topk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _keys_by_torch_topk(scores: Tensor, k: int) -> Tensor:
+    """Sorted keys ``[N, k]``: keys of every entry (a Triton kernel) in row chunks, selected by ``torch.topk``."""
+    n, width = scores.shape
+    keys = torch.empty(n, k, dtype=torch.int64, device=scores.device)
+    step = _row_chunk(n, width, scores)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        keys[rows] = torch.topk(_launch_row_keys(scores[rows], None), k, dim=1, sorted=True).values
+    return keys
+
+
+@_on_device
+def row_topk_fwd(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(values [N, k], indices [N, k] int64)``: the k largest of each row, ties by lower index, sorted. When
+    ``next_pow2(k) <= FUSED_K_MAX``, the encoder's filter over the scores and a selection among its candidates
+    (rows that overflow their buffer, and larger k: keys + ``torch.topk``)."""
+    scores = _rows(scores)
+    n, width = scores.shape
+    if n == 0:
+        return scores.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=scores.device)
+    if not _fits_fused(k):
+        return _decode_keys(_keys_by_torch_topk(scores, k), scores.dtype)
+    kp = triton.next_power_of_2(k)
+    # memory-bound: 16 rows x 256 columns of scores per step, 4 warps
+    block_m, block_n, launch = (16, max(256, kp), {"num_warps": 4}) if _gpu(scores) else (16, max(16, kp), {})
+    row_blocks = triton.cdiv(n, block_m)
+    n_splits, per_split = _splits(row_blocks, triton.cdiv(width, block_n), scores)
+    cap = min(_candidate_capacity(kp, per_split * block_n, block_n), block_n * per_split)
+    cand = torch.empty(n, n_splits, cap, dtype=torch.int64, device=scores.device)
+    count = torch.empty(n, n_splits, dtype=torch.int32, device=scores.device)
+    topk._row_topk_fwd_kernel[(row_blocks, n_splits)](
+        scores,
+        cand,
+        count,
+        n,
+        width,
+        per_split,
+        n_splits,
+        cap,
+        scores.stride(0),
+        KP=kp,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **launch,
+    )
+    keys = _select_candidates(cand, count, k, scores)
+    overflow = (count > cap).any(dim=1)
+    if bool(overflow.any()):
+        rows = overflow.nonzero().squeeze(1)
+        keys[rows] = _keys_by_torch_topk(scores[rows], k)
+    return _decode_keys(keys, scores.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JumpReLU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _launch_threshold_fwd(pre: Tensor, threshold: Tensor, step: bool) -> Tensor:
+    pre = _rows(pre)
+    n, d = pre.shape
+    out = torch.empty_like(pre, memory_format=torch.contiguous_format)
+    if n == 0:
+        return out
+    block_r, block_c = (8, 256) if _gpu(pre) else (16, 32)
+    jumprelu._jumprelu_fwd_kernel[(triton.cdiv(n, block_r), triton.cdiv(d, block_c))](
+        pre,
+        threshold.contiguous(),
+        out,
+        n,
+        d,
+        pre.stride(0),
+        out.stride(0),
+        STEP=step,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+    )
+    return out
+
+
+def _launch_threshold_bwd(
+    grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float, step: bool
+) -> tuple[Tensor | None, Tensor]:
+    grad, pre, threshold = _rows(grad), _rows(pre), threshold.contiguous()
+    n, d = pre.shape
+    d_pre = None if step else torch.empty(n, d, dtype=pre.dtype, device=pre.device)
+    if n == 0:
+        return d_pre, torch.zeros_like(threshold)
+    gpu = _gpu(pre)
+    block_r, block_c = (16, 128) if gpu else (16, 32)
+    col_blocks = triton.cdiv(d, block_c)
+    # Row groups give the column sums enough programs (about 4 waves over 132 SMs); each group writes one fp32
+    # partial row, and the few partial rows are added by torch (a fixed-order reduction).
+    target = 4 * _sm_count(pre) if gpu else 2
+    groups = max(1, min(triton.cdiv(n, block_r), triton.cdiv(target, col_blocks)))
+    rows_per_program = triton.cdiv(triton.cdiv(n, groups), block_r) * block_r
+    groups = triton.cdiv(n, rows_per_program)
+    partial = torch.empty(groups, d, dtype=torch.float32, device=pre.device)
+    jumprelu._jumprelu_bwd_kernel[(col_blocks, groups)](
+        grad,
+        pre,
+        threshold,
+        d_pre,
+        partial,
+        n,
+        d,
+        rows_per_program,
+        grad.stride(0),
+        pre.stride(0),
+        0 if d_pre is None else d_pre.stride(0),
+        float(bandwidth),
+        1.0 / float(bandwidth),
+        STEP=step,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+    )
+    return d_pre, partial.sum(0).to(pre.dtype)
+
+
+@_on_device
+def jumprelu_fwd(pre: Tensor, threshold: Tensor) -> Tensor:
+    """``pre * (pre > threshold)``, threshold ``[d_sae]`` broadcast over rows."""
+    return _launch_threshold_fwd(pre, threshold, step=False)
+
+
+@_on_device
+def step_fwd(pre: Tensor, threshold: Tensor) -> Tensor:
+    """``(pre > threshold)`` in pre's dtype."""
+    return _launch_threshold_fwd(pre, threshold, step=True)
+
+
+@_on_device
+def jumprelu_backward_fwd(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+    """``(d_pre [N, d_sae], d_threshold [d_sae])``; see :func:`fusedsae.reference.jumprelu_backward`."""
+    d_pre, d_threshold = _launch_threshold_bwd(grad, pre, threshold, bandwidth, step=False)
+    assert d_pre is not None
+    return d_pre, d_threshold
+
+
+@_on_device
+def step_backward_fwd(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """``d_threshold [d_sae]``; see :func:`fusedsae.reference.step_backward`."""
+    return _launch_threshold_bwd(grad, pre, threshold, bandwidth, step=True)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# head_partial_sums
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@_on_device
+def head_partial_sums_fwd(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
+    """``[N, m, n_heads]``: per-head partial dot products at the selected latents; see
+    :func:`fusedsae.reference.head_partial_sums`."""
+    x, indices = _rows(x), indices.contiguous()
+    b_dec = None if b_dec is None else b_dec.contiguous()
+    n, d_in = x.shape
+    m = indices.shape[1]
+    out = x.new_empty(n, m, n_heads)
+    if n == 0 or m == 0:
+        return out
+    table, stride_tr, stride_td = _latent_rows(W_enc, indices.numel())
+    block_t, block_j, block_d, launch = (2, 16, 64, {"num_warps": 4}) if _gpu(x) else (4, 4, 16, {})
+    heads._head_partial_sums_fwd_kernel[(triton.cdiv(n, block_t), triton.cdiv(m, block_j))](
+        x,
+        b_dec,
+        table,
+        indices,
+        out,
+        n,
+        m,
+        d_in // n_heads,
+        n_heads,
+        x.stride(0),
+        stride_tr,
+        stride_td,
+        indices.stride(0),
+        HAS_B_DEC=b_dec is not None,
+        BLOCK_T=block_t,
+        BLOCK_J=block_j,
+        BLOCK_D=block_d,
+        **launch,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registration: every op, each with what it cannot take
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decode_supports(values, indices, W_dec, b_dec) -> str | None:
+    return _sparse_refusal(values, indices, W_dec, b_dec)
+
+
+def _decode_backward_supports(grad_out, values, indices, W_dec) -> str | None:
+    return _sparse_refusal(values, indices, grad_out, W_dec)
+
+
+def _encode_backward_supports(grad, indices, x, W_enc, b_dec, need_dx) -> str | None:
+    return _sparse_refusal(grad, indices, x, W_enc, b_dec)
+
+
+def _row_topk_supports(scores, k) -> str | None:
+    return _first(_dtype_refusal(scores), _width_refusal(scores.shape[1]))
+
+
+def _threshold_supports(pre, threshold, *_rest) -> str | None:
+    return _dtype_refusal(pre, threshold)
+
+
+def _heads_supports(x, W_enc, b_dec, indices, n_heads) -> str | None:
+    return _first(_dtype_refusal(x, W_enc, b_dec), _index_refusal(indices))
+
+
+register("triton", "encode_dense", supports=_encode_dense_supports)(encode_dense_fwd)
+register("triton", "topk_encode", supports=_selection_supports)(topk_encode_fwd)
+register("triton", "batchtopk_encode", supports=_selection_supports)(batchtopk_encode_fwd)
+register("triton", "sparse_encode_backward", supports=_encode_backward_supports)(sparse_encode_backward_fwd)
+register("triton", "sparse_decode", supports=_decode_supports)(sparse_decode_fwd)
+register("triton", "sparse_decode_backward", supports=_decode_backward_supports)(sparse_decode_backward_fwd)
+register("triton", "row_topk", supports=_row_topk_supports)(row_topk_fwd)
+register("triton", "jumprelu", supports=_threshold_supports)(jumprelu_fwd)
+register("triton", "jumprelu_backward", supports=_threshold_supports)(jumprelu_backward_fwd)
+register("triton", "step", supports=_threshold_supports)(step_fwd)
+register("triton", "step_backward", supports=_threshold_supports)(step_backward_fwd)
+register("triton", "head_partial_sums", supports=_heads_supports)(head_partial_sums_fwd)
