@@ -429,8 +429,9 @@ def _check_against_reference(op, args, names):
     float64 from the same (rounded) inputs, and plain PyTorch at the same precision as the STYLE §10 baseline."""
     fn = getattr(torch.ops.fusedsae, op)
     ours = _on("cuda", fn, *args)
-    base = _on("reference", fn, *args)
-    exact = _on("reference", fn, *_f64(*args))
+    dense = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in args]  # the reference's usual layout
+    base = _on("reference", fn, *dense)
+    exact = _on("reference", fn, *_f64(*dense))
     ours, base, exact = [(t,) if isinstance(t, torch.Tensor) else t for t in (ours, base, exact)]
     for name, a, b, e in zip(names, ours, base, exact):
         assert a.shape == e.shape and a.dtype == b.dtype, name
@@ -569,7 +570,9 @@ def test_head_partial_sums(on_gpu, dtype, index_dtype, n, d_sae, n_heads):
 @gpu
 @pytest.mark.parametrize("center", [True, False])
 def test_training_gradients_through_the_cuda_backward_ops(on_gpu, center):
-    """TopK encode + sparse decode + MSE: every gradient through the cuda backend's ops (fp32) against float64."""
+    """TopK encode + sparse decode + MSE + AuxK: every gradient through the cuda backend's ops in float32, held to
+    STYLE §10 against float64: the loss's chain of fp32 roundings (x_hat - target cancels) puts the plain PyTorch
+    error itself at tens of ulps on some entries, so the torch.testing defaults would test luck."""
     n, d_in, d_sae, k = 48, 40, 96, 6
     inputs64 = [
         _rand(n, d_in, dtype=torch.float64, device=on_gpu),
@@ -592,10 +595,11 @@ def test_training_gradients_through_the_cuda_backward_ops(on_gpu, center):
         return code.indices, torch.autograd.grad(loss, leaves)
 
     idx, ours = loss_and_grads([t.float() for t in inputs64], "cuda")
-    idx_ref, expected = loss_and_grads([t.float().double() for t in inputs64], "reference")
-    assert torch.equal(idx, idx_ref)
-    for name, a, e in zip(["x", "W_enc", "b_enc", "b_dec", "W_dec"], ours, expected):
-        torch.testing.assert_close(a, e.float(), msg=f"d{name}")
+    idx_base, baseline = loss_and_grads([t.float() for t in inputs64], "reference")
+    idx_exact, exact = loss_and_grads([t.float().double() for t in inputs64], "reference")
+    assert torch.equal(idx, idx_base) and torch.equal(idx, idx_exact)
+    for name, a, b, e in zip(["x", "W_enc", "b_enc", "b_dec", "W_dec"], ours, baseline, exact):
+        assert_close_lowp(a, b, e, f"d{name}")
 
 
 @gpu

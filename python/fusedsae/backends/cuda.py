@@ -229,6 +229,8 @@ def _supports_head_partial_sums(
         return f"indices must be int32 or int64, got {indices.dtype}"
     if reason is None and (indices.dim() != 2 or indices.shape[0] > _INT32_MAX):
         return f"indices must be [N, m] with N <= 2^31 - 1, got shape {tuple(indices.shape)}"
+    if reason is None and (n_heads < 1 or W_enc.shape[0] % n_heads):
+        return f"n_heads={n_heads} must divide d_in={W_enc.shape[0]}"
     return reason
 
 
