@@ -6,7 +6,8 @@ STAMP := $(VENV)/.fusedsae-installed
 
 .PHONY: train test lint bench clean
 
-$(STAMP): setup.py pyproject.toml scripts/bootstrap.sh
+# csrc/ is compiled by the install (setup.py builds the CUDA extension when nvcc is found).
+$(STAMP): setup.py pyproject.toml scripts/bootstrap.sh $(wildcard csrc/*)
 	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)
 	@touch $@
 

@@ -1,0 +1,460 @@
+"""The ``cuda`` backend: hand-written CUDA kernels for the memory-bound sparse work (DESIGN §2, STYLE §5).
+
+The kernels live in ``csrc/`` and reach Python through the pybind11 extension ``fusedsae._C``, which knows nothing
+of torch. This module is their launcher layer: it checks device, dtype, layout and shapes, allocates every output
+(destination passing), and hands data pointers, sizes, strides (in elements) and the current stream to ``_C`` as
+integers. It serves:
+
+* ``sparse_decode``: per token, a gather of ``W_dec`` rows weighted by the values (``gather_rows``).
+* ``sparse_decode_backward``: ``d_values`` as a gather-dot at the active entries (``gather_dot``) and ``dW_dec`` as
+  per-latent sums over the entries sorted by latent (``segment_sum_rows``): deterministic, no float atomics.
+* ``sparse_encode_backward``: ``dW_enc`` and ``db_enc`` per latent the same way (``segment_sum_columns``, written in
+  ``W_enc``'s ``[d_in, d_sae]`` layout), ``dx`` a gather of ``W_enc`` columns (``gather_rows``), and
+  ``db_dec = -W_enc @ db_enc`` as one cuBLAS mat-vec.
+* ``row_topk``: exact radix select per row with ties to the lower index (``row_topk_select``), then a stable sort of
+  the k winners by value.
+* ``topk_encode``: the unfused path, a cuBLAS GEMM (torch) per row chunk followed by ``row_topk``.
+* ``head_partial_sums``: per-head dot products at the selected (token, latent) pairs.
+
+Sums accumulate in float32 whatever the storage dtype (float32, bfloat16, float16). In the sparse sums an entry
+whose value (decoder) or gradient (encoder) is exactly 0 is skipped: it adds nothing, and BatchTopK's padding slots
+(value 0, index 0) would otherwise all queue on latent 0. So, unlike the reference, 0 times a non-finite weight
+gives 0 rather than NaN there. Indices must lie in ``[0, d_sae)`` (``fusedsae.functional`` checks it); the kernels
+do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedsae import reference
+from fusedsae.backends import define_backend, register
+
+# The dtype codes of csrc/bindings.cpp.
+FLOAT_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INDEX_CODES: dict[torch.dtype, int] = {torch.int32: 0, torch.int64: 1}
+
+# Written by setup.py beside the extension: {"built": bool, "reason": str, ...}.
+BUILD_RECORD = Path(__file__).resolve().parent.parent / "_cuda_build.json"
+
+_INT32_MAX = 2**31 - 1  # row_topk counts a row in 32-bit integers; CUDA grids hold at most 2^31 - 1 blocks
+
+
+def build_record() -> dict[str, Any] | None:
+    """What setup.py did about the extension, or None if it never ran here (a source tree on ``PYTHONPATH``)."""
+    try:
+        return json.loads(BUILD_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@functools.cache
+def extension() -> tuple[ModuleType | None, str]:
+    """``(fusedsae._C, "")``, or ``(None, why it cannot be used)``. Never raises."""
+    try:
+        return importlib.import_module("fusedsae._C"), ""
+    except Exception as exc:  # a broken or missing extension must not break fusedsae
+        record = build_record()
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "fusedsae._C":
+            if record is None:
+                return None, "not compiled: setup.py never ran here (install fusedsae with pip to build fusedsae._C)"
+            if not record.get("built"):
+                return None, f"not compiled: {record.get('reason', 'no reason recorded')}"
+        return None, f"import failed: {type(exc).__name__}: {exc}"
+
+
+def _cuda_version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+@functools.cache
+def availability() -> tuple[bool, str]:
+    """Whether the kernels can run here, and why (not). Asks the CUDA runtime linked into the extension, so it
+    answers even where torch has no CUDA."""
+    module, why = extension()
+    if module is None:
+        return False, why
+    archs = ", ".join(f"sm_{a}" for a in module.ARCHS.split(";") if a)
+    built = f"compiled for {archs} with CUDA {_cuda_version(module.CUDA_VERSION)}"
+    info = module.runtime_info()
+    driver, runtime = info["driver_version"], info["runtime_version"]
+    if driver == 0:
+        return False, f"{built}; no GPU (no NVIDIA driver)"
+    if driver // 1000 < runtime // 1000:
+        return False, (
+            f"{built}; no usable GPU: the NVIDIA driver supports CUDA {_cuda_version(driver)} only; update the "
+            f"driver or rebuild with the nvcc of CUDA {driver // 1000} (CUDA_HOME=... pip install -e .)"
+        )
+    count = info["device_count"]
+    if count == 0:
+        return False, f"{built}; no GPU ({info['error'] or 'the CUDA runtime sees no device'})"
+    if not torch.cuda.is_available():
+        return False, f"{built}; {count} GPU(s), but torch {torch.__version__} has no CUDA support"
+    return True, f"{built}; {count} GPU(s)"
+
+
+def _lib() -> ModuleType:
+    module, why = extension()
+    if module is None:
+        raise RuntimeError(f"the cuda backend cannot run: {why}")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks (each returns why the kernels cannot take the inputs, or None)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _device_refusal(index: int) -> str | None:
+    with torch.cuda.device(index):
+        error = _lib().kernel_image_error()
+    if not error:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (
+        f"fusedsae._C has no code for {torch.cuda.get_device_name(index)} (sm_{major}{minor}; built for "
+        f"{_lib().ARCHS}): reinstall with FUSEDSAE_CUDA_ARCHS={major}{minor} ({error})"
+    )
+
+
+def _refuse_device(**tensors: Tensor | None) -> str | None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.device.type != "cuda":
+            return f"the cuda kernels take CUDA tensors, but {name} is on {t.device}"
+        if t.device != first.device:
+            return f"{name} is on {t.device} but {first_name} is on {first.device}"
+    return _device_refusal(first.device.index)
+
+
+def _refuse_floats(**tensors: Tensor | None) -> str | None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    if first.dtype not in FLOAT_CODES:
+        return f"the cuda kernels take float32, bfloat16 or float16, but {first_name} is {first.dtype}"
+    for name, t in present.items():
+        if t.dtype != first.dtype:
+            return f"{name} is {t.dtype} but {first_name} is {first.dtype}; the cuda kernels take one dtype"
+    return None
+
+
+def _refuse_sparse(values: Tensor, indices: Tensor, table_rows: int) -> str | None:
+    if values.dim() != 2 or indices.shape != values.shape:
+        return f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be one [N, m] shape"
+    if indices.dtype not in INDEX_CODES:
+        return f"indices must be int32 or int64, got {indices.dtype}"
+    if values.shape[0] > _INT32_MAX or table_rows > _INT32_MAX:
+        return f"at most 2^31 - 1 rows and latents, got {values.shape[0]} rows and {table_rows} latents"
+    return None
+
+
+def _first(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r is not None), None)
+
+
+def _supports_sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> str | None:
+    return _first(
+        _refuse_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec),
+        _refuse_floats(values=values, W_dec=W_dec, b_dec=b_dec),
+        _refuse_sparse(values, indices, W_dec.shape[0]),
+    )
+
+
+def _supports_sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> str | None:
+    return _first(
+        _refuse_device(grad_out=grad_out, values=values, indices=indices, W_dec=W_dec),
+        _refuse_floats(grad_out=grad_out, values=values, W_dec=W_dec),
+        _refuse_sparse(values, indices, W_dec.shape[0]),
+    )
+
+
+def _supports_sparse_encode_backward(
+    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+) -> str | None:
+    return _first(
+        _refuse_device(grad=grad, indices=indices, x=x, W_enc=W_enc, b_dec=b_dec),
+        _refuse_floats(grad=grad, x=x, W_enc=W_enc, b_dec=b_dec),
+        _refuse_sparse(grad, indices, W_enc.shape[1]),
+    )
+
+
+def _supports_row_topk(scores: Tensor, k: int) -> str | None:
+    reason = _first(_refuse_device(scores=scores), _refuse_floats(scores=scores))
+    if reason is None and scores.dim() != 2:
+        return f"scores must be [N, M], got shape {tuple(scores.shape)}"
+    if reason is None and not 1 <= k <= scores.shape[1] <= _INT32_MAX:
+        return f"row_topk needs 1 <= k <= M <= 2^31 - 1, got k={k}, M={scores.shape[1]}"
+    if reason is None and scores.shape[0] > _INT32_MAX:
+        return f"at most 2^31 - 1 rows, got {scores.shape[0]}"
+    return reason
+
+
+def _supports_topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    aux_k: int,
+    aux_mask: Tensor | None,
+) -> str | None:
+    d_sae = W_enc.shape[1]
+    return _first(
+        _refuse_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, aux_mask=aux_mask),
+        _refuse_floats(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec),
+        None if 1 <= k <= d_sae <= _INT32_MAX else f"TopK needs 1 <= k <= d_sae <= 2^31 - 1, got k={k}, d_sae={d_sae}",
+        None if 0 <= aux_k <= d_sae else f"aux_k={aux_k} is out of [0, d_sae={d_sae}]",
+    )
+
+
+def _supports_head_partial_sums(
+    x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int
+) -> str | None:
+    reason = _first(
+        _refuse_device(x=x, W_enc=W_enc, b_dec=b_dec, indices=indices),
+        _refuse_floats(x=x, W_enc=W_enc, b_dec=b_dec),
+    )
+    if reason is None and indices.dtype not in INDEX_CODES:
+        return f"indices must be int32 or int64, got {indices.dtype}"
+    if reason is None and (indices.dim() != 2 or indices.shape[0] > _INT32_MAX):
+        return f"indices must be [N, m] with N <= 2^31 - 1, got shape {tuple(indices.shape)}"
+    if reason is None and (n_heads < 1 or W_enc.shape[0] % n_heads):
+        return f"n_heads={n_heads} must divide d_in={W_enc.shape[0]}"
+    return reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    """``t`` if its elements are contiguous along the last dim (rows may be strided, e.g. a column slice), else a
+    contiguous copy; the kernels take a row stride but read each row as one run."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(t: Tensor) -> int:
+    """The handle of torch's current stream on ``t``'s device: the kernels queue behind torch's own work."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s GPU current, so that the extension's CUDA runtime launches on the context of ``t``'s stream."""
+    return torch.cuda.device(t.device)
+
+
+def _latent_rows(W_enc: Tensor, pairs: int) -> tuple[Tensor, int, int]:
+    """``W_enc [d_in, d_sae]`` as a table of latent rows: ``(tensor, stride between latents, stride between
+    features)``.
+
+    A latent's column read in place costs one 32-byte sector per element; a transposed copy costs a read and a
+    write of all of ``W_enc``, after which the gather reads contiguous rows. The copy wins once the ``pairs``
+    gathered (token, latent) pairs outweigh it: ``2 * d_sae * elt < pairs * (32 - elt)``, i.e. any training batch
+    (16384 x 32 pairs against 32768 latents), but not attributing a few tokens.
+    """
+    if W_enc.stride(0) == 1:  # already latent-major (a transposed view of a [d_sae, d_in] tensor)
+        return W_enc, W_enc.stride(1), 1
+    d_sae = W_enc.shape[1]
+    elt = W_enc.element_size()
+    if 2 * d_sae * elt < pairs * (32 - elt):
+        return W_enc.t().contiguous(), W_enc.shape[0], 1
+    return W_enc, W_enc.stride(1), W_enc.stride(0)
+
+
+def _segments(indices: Tensor, weights: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """The entries of ``indices [N, m]`` grouped by latent, for the segmented-sum kernels: ``order`` (flat
+    positions ``n * m + j``, by latent then position: a stable sort) and ``offsets [n_latents + 1]`` (latent i owns
+    ``order[offsets[i]:offsets[i + 1]]``). Entries with weight exactly 0 get the key ``n_latents`` and so fall
+    outside every segment. int32 keys: half the sort traffic of int64."""
+    keys = indices.reshape(-1).to(torch.int32).masked_fill(weights.reshape(-1) == 0, n_latents)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    bounds = torch.arange(n_latents + 1, dtype=torch.int32, device=keys.device)
+    return order, torch.searchsorted(sorted_keys, bounds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """``[N, m] -> [N, d_in]``: ``x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec``."""
+    values, indices = _rowmajor(values), _rowmajor(indices)
+    bias = None if b_dec is None else b_dec.contiguous()
+    n, m = values.shape
+    d_in = W_dec.shape[1]
+    out = values.new_empty(n, d_in)
+    with _device_guard(values):
+        _lib().gather_rows(
+            dtype=FLOAT_CODES[values.dtype], index_dtype=INDEX_CODES[indices.dtype],
+            out=out.data_ptr(), out_stride=d_in,
+            values=values.data_ptr(), values_stride=values.stride(0),
+            indices=indices.data_ptr(), indices_stride=indices.stride(0),
+            table=W_dec.data_ptr(), table_stride_latent=W_dec.stride(0), table_stride_feature=W_dec.stride(1),
+            bias=_ptr(bias), n_rows=n, m=m, d=d_in, stream=_stream(values),
+        )  # fmt: skip
+    return out
+
+
+def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d_values [N, m], dW_dec [d_sae, d_in])`` given ``grad_out [N, d_in]``; ``dW_dec`` is bitwise
+    reproducible (per-latent sums in token order)."""
+    grad_out, values, indices = _rowmajor(grad_out), _rowmajor(values), _rowmajor(indices)
+    n, m = values.shape
+    d_sae, d_in = W_dec.shape
+    dtype, index_dtype = FLOAT_CODES[values.dtype], INDEX_CODES[indices.dtype]
+    d_values = grad_out.new_empty(n, m)
+    dW_dec = grad_out.new_empty(d_sae, d_in)
+    order, offsets = _segments(indices, values, d_sae)
+    with _device_guard(values):
+        stream = _stream(values)
+        _lib().gather_dot(
+            dtype=dtype, index_dtype=index_dtype,
+            out=d_values.data_ptr(), out_stride=m,
+            vectors=grad_out.data_ptr(), vectors_stride=grad_out.stride(0),
+            indices=indices.data_ptr(), indices_stride=indices.stride(0),
+            table=W_dec.data_ptr(), table_stride_latent=W_dec.stride(0), table_stride_feature=W_dec.stride(1),
+            n_rows=n, m=m, d=d_in, stream=stream,
+        )  # fmt: skip
+        _lib().segment_sum_rows(
+            dtype=dtype,
+            out=dW_dec.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
+            weights=values.data_ptr(), weights_stride=values.stride(0), m=m,
+            src=grad_out.data_ptr(), src_stride=grad_out.stride(0),
+            n_latents=d_sae, d=d_in, stream=stream,
+        )  # fmt: skip
+    return d_values, dW_dec
+
+
+def sparse_encode_backward(
+    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from ``grad [N, m]``,
+    the gradient at the active pre-activations ``indices [N, m]``; see
+    :func:`fusedsae.reference.sparse_encode_backward`."""
+    grad, indices, x = _rowmajor(grad), _rowmajor(indices), _rowmajor(x)
+    sub = None if b_dec is None else b_dec.contiguous()
+    n, m = grad.shape
+    d_in, d_sae = W_enc.shape
+    dtype, index_dtype = FLOAT_CODES[grad.dtype], INDEX_CODES[indices.dtype]
+    dW_enc = x.new_empty(d_in, d_sae)
+    db_enc = grad.new_empty(d_sae)
+    order, offsets = _segments(indices, grad, d_sae)
+    with _device_guard(grad):
+        stream = _stream(grad)
+        _lib().segment_sum_columns(
+            dtype=dtype,
+            out=dW_enc.data_ptr(), out_sum=db_enc.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
+            weights=grad.data_ptr(), weights_stride=grad.stride(0), m=m,
+            src=x.data_ptr(), src_stride=x.stride(0), sub=_ptr(sub),
+            n_latents=d_sae, d=d_in, stream=stream,
+        )  # fmt: skip
+        # Reduce over the batch first, then one mat-vec (d_in * d_sae multiply-adds, not N * m * d_in).
+        db_dec = -(W_enc @ db_enc) if b_dec is not None else grad.new_empty(0)
+        if need_dx:
+            table, stride_latent, stride_feature = _latent_rows(W_enc, n * m)
+            dx = x.new_empty(n, d_in)
+            _lib().gather_rows(
+                dtype=dtype, index_dtype=index_dtype,
+                out=dx.data_ptr(), out_stride=d_in,
+                values=grad.data_ptr(), values_stride=grad.stride(0),
+                indices=indices.data_ptr(), indices_stride=indices.stride(0),
+                table=table.data_ptr(), table_stride_latent=stride_latent, table_stride_feature=stride_feature,
+                bias=0, n_rows=n, m=m, d=d_in, stream=stream,
+            )  # fmt: skip
+        else:
+            dx = grad.new_empty(0)
+    return dx, dW_enc, db_enc, db_dec
+
+
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``[N, M] -> (values [N, k], indices [N, k] int64)``: the k largest of each row, ties to the lower index,
+    sorted by value (descending) then index."""
+    scores = _rowmajor(scores)
+    n, width = scores.shape
+    values = scores.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64, device=scores.device)
+    with _device_guard(scores):
+        _lib().row_topk_select(
+            dtype=FLOAT_CODES[scores.dtype],
+            values=values.data_ptr(), indices=indices.data_ptr(),
+            scores=scores.data_ptr(), scores_stride=scores.stride(0),
+            n_rows=n, width=width, k=k, stream=_stream(scores),
+        )  # fmt: skip
+    # The kernel lists the k winners in index order, so a stable sort by value leaves equal values by index.
+    values, perm = torch.sort(values, dim=1, descending=True, stable=True)
+    return values, indices.gather(1, perm)
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    aux_k: int,
+    aux_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The unfused TopK encoder: cuBLAS GEMM (torch) then :func:`row_topk`, over the same row chunks as the
+    reference (so the pre-activations, and hence the selections, are the reference's); AuxK from the same chunk."""
+    n = x.shape[0]
+    d_sae = W_enc.shape[1]
+    values = x.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    aux_values = x.new_empty(n, aux_k)
+    aux_indices = torch.empty(n, aux_k, dtype=torch.int64, device=x.device)
+    x_c = reference.center(x, b_dec)
+    step = reference._rows_per_chunk(n, d_sae, x.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        pre = torch.addmm(b_enc, x_c[rows], W_enc)
+        values[rows], indices[rows] = row_topk(pre, k)
+        if aux_k:
+            assert aux_mask is not None
+            aux_values[rows], aux_indices[rows] = row_topk(pre.masked_fill_(~aux_mask, float("-inf")), aux_k)
+    return values, indices, aux_values, aux_indices
+
+
+def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
+    """``[N, m, n_heads]``: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h-block, indices[n, j]]`` (DESIGN §4)."""
+    x, indices = _rowmajor(x), _rowmajor(indices)
+    sub = None if b_dec is None else b_dec.contiguous()
+    n, m = indices.shape
+    d_in = W_enc.shape[0]
+    out = x.new_empty(n, m, n_heads)
+    table, stride_latent, stride_feature = _latent_rows(W_enc, n * m)
+    with _device_guard(x):
+        _lib().head_partial_sums(
+            dtype=FLOAT_CODES[x.dtype], index_dtype=INDEX_CODES[indices.dtype],
+            out=out.data_ptr(), x=x.data_ptr(), x_stride=x.stride(0), sub=_ptr(sub),
+            indices=indices.data_ptr(), indices_stride=indices.stride(0),
+            table=table.data_ptr(), table_stride_latent=stride_latent, table_stride_feature=stride_feature,
+            n_rows=n, m=m, n_heads=n_heads, d_head=d_in // n_heads, stream=_stream(x),
+        )  # fmt: skip
+    return out
+
+
+_backend = define_backend("cuda", availability, devices=("cuda",))
+
+register("cuda", "sparse_decode", supports=_supports_sparse_decode)(sparse_decode)
+register("cuda", "sparse_decode_backward", supports=_supports_sparse_decode_backward)(sparse_decode_backward)
+register("cuda", "sparse_encode_backward", supports=_supports_sparse_encode_backward)(sparse_encode_backward)
+register("cuda", "row_topk", supports=_supports_row_topk)(row_topk)
+register("cuda", "topk_encode", supports=_supports_topk_encode)(topk_encode)
+register("cuda", "head_partial_sums", supports=_supports_head_partial_sums)(head_partial_sums)
