@@ -15,6 +15,7 @@ ships it), and the offline text is CPython's own documentation (:func:`offline_t
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,11 +109,13 @@ def _stdlib_docstrings() -> list[str]:
             continue
         texts.append(inspect.getdoc(module) or "")
         for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                texts.append(inspect.getdoc(obj) or "")
+            with warnings.catch_warnings():  # typing.io and friends warn when touched
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = getattr(module, attr)
+                if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                    continue
+                if inspect.isclass(obj) or inspect.isfunction(obj):
+                    texts.append(inspect.getdoc(obj) or "")
     return texts
 
 
