@@ -233,3 +233,17 @@ def test_cache_command(tmp_path, monkeypatch, capsys):
     cache = K.ActivationCache(out, verify=True)
     assert 300 < cache.rows <= 400 and cache.n_shards >= 2
     assert cache.source["model"] == "minilm" and cache.source["layer"] == 3
+
+
+def test_train_from_live_capture(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(C, "load_model", lambda name, device="cpu": minilm.model())
+    texts = list(minilm.texts(16))
+    monkeypatch.setattr(C, "offline_texts", lambda source="pydoc": texts)
+    out = tmp_path / "live"
+    args = ["train", "--data", "live:minilm:3", "--d-sae", "96", "--k", "4", "--batch-size", "64", "--steps", "6"]
+    assert cli.main([*args, "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    cfg = json.loads((out / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["fusedsae"]["n_heads"] == minilm.N_HEADS
+    assert cfg["metadata"]["hook_name"] == minilm.hooks().z.module and cfg["metadata"]["model_name"] == "minilm"
+    with pytest.raises(SystemExit, match="live:<model>:<layer>"):
+        cli.main(["train", "--data", "live:minilm", "--out", str(tmp_path / "x")])

@@ -595,7 +595,8 @@ class LiveSource(_GroupStream):
     ``buffer_texts`` of them at a time (one shuffle buffer) and permutes their tokens.
 
     Deterministic and resumable like :class:`CacheSource` (a resumed run recaptures the current buffer). Every
-    rank runs the model on every text of a buffer; for multi-process training write a cache first.
+    rank runs the model on every text of a buffer; for multi-process training write a cache first. ``info`` is
+    added to :meth:`describe` (the model's name, say, for the SAE's metadata).
     """
 
     def __init__(
@@ -613,6 +614,7 @@ class LiveSource(_GroupStream):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        info: dict[str, Any] | None = None,
     ) -> None:
         from fusedsae.capture import capture, tokenize
 
@@ -627,6 +629,7 @@ class LiveSource(_GroupStream):
         self.max_length = max_length
         self.capture_batch_size = capture_batch_size
         self.buffer_texts = buffer_texts
+        self.info = dict(info or {})
         encoded = tokenizer(self.texts, truncation=True, max_length=max_length)
         self.lengths = [len(ids) for ids in encoded["input_ids"]]
         self.rows = sum(self.lengths)
@@ -661,7 +664,7 @@ class LiveSource(_GroupStream):
         return rows
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, "hook": self.hook.to_dict()}
+        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, "hook": self.hook.to_dict(), **self.info}
 
 
 def is_cache_dir(path: str | os.PathLike[str]) -> bool:

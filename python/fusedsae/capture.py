@@ -14,6 +14,7 @@ ships it), and the offline text is CPython's own documentation (:func:`offline_t
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -66,8 +67,10 @@ def load_model(name: str = MINILM, device: str | torch.device = "cpu") -> tuple[
     """
     transformers = _require_transformers()
     path = model_path(name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
+    # a local folder never needs the hub: say so, so that a machine without network does not wait for one
+    local = {"local_files_only": True} if os.path.isdir(path) else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **local)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager", **local)
     model.to(device=device, dtype=torch.float32).eval()
     return model, tokenizer
 

@@ -27,7 +27,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--data",
         default="toy:sparse",
         help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), a .safetensors file "
-        "holding one [N, d_in] tensor, or an activation cache folder written by `fusedsae cache` (default: toy:sparse)",
+        "holding one [N, d_in] tensor, an activation cache folder written by `fusedsae cache`, or live:<model>:<layer> "
+        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3) (default: toy:sparse)",
     )
     data.add_argument("--d-in", type=int, default=64, help="toy:sparse/composed input width (default 64)")
     data.add_argument("--n-features", type=int, default=256, help="toy:sparse true features (default 256)")
@@ -115,6 +116,8 @@ def _build_data(settings: dict[str, Any], rank: int, world: int):
             return CacheSource(spec, settings["batch_size"], seed=settings["seed"], rank=rank, world_size=world)
         except (CacheError, ValueError) as exc:
             raise SystemExit(f"--data {spec}: {exc}") from exc
+    if spec.startswith("live:"):
+        return _live_source(spec, settings, rank, world)
     if spec.startswith("toy:"):
         kind = spec.split(":", 1)[1]
         if kind not in TOY_KINDS:
@@ -266,6 +269,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
+    """``live:<model>:<layer>``: z of that attention layer, captured while training from the pydoc text."""
+    from fusedsae.cache import LiveSource
+    from fusedsae.capture import attention_hooks, load_model, offline_texts
+
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3")
+    model, tokenizer = load_model(parts[1])
+    hooks = attention_hooks(model, int(parts[2]))
+    return LiveSource(
+        model,
+        tokenizer,
+        offline_texts("pydoc"),
+        hooks.z,
+        settings["batch_size"],
+        n_heads=hooks.n_heads,
+        seed=settings["seed"],
+        rank=rank,
+        world_size=world,
+        info={"model": parts[1], "layer": int(parts[2]), "text": "pydoc"},
+    )
 
 
 def _source_metadata(source: Any) -> dict[str, Any]:
