@@ -20,11 +20,15 @@ Per source position: ``z_h[dest] = sum_src A_h[dest, src] v_h[src]`` (values inc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fusedsae import functional as F
+
+if TYPE_CHECKING:
+    from fusedsae.sae import SparseAutoencoder
 
 CONVENTIONS: tuple[str, ...] = ("raw", "centred")
 # Elements of a dense [rows, d_sae] block held at once when pre-activations are gathered (64 MiB of float32).
@@ -84,7 +88,7 @@ class HeadContributions:
         return out
 
 
-def _n_heads(sae, n_heads: int | None) -> int:
+def _n_heads(sae: SparseAutoencoder, n_heads: int | None) -> int:
     n = n_heads if n_heads is not None else sae.cfg.n_heads
     if n is None:
         raise ValueError(
@@ -101,7 +105,7 @@ def _check_convention(convention: str) -> None:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
-def _check_mode(sae) -> None:
+def _check_mode(sae: SparseAutoencoder) -> None:
     if sae.cfg.activation == "batchtopk" and sae.training:
         raise ValueError(
             "a BatchTopK SAE in training mode selects over the whole batch, so its activations depend on which tokens "
@@ -109,12 +113,12 @@ def _check_mode(sae) -> None:
         )
 
 
-def _offset(sae, convention: str) -> Tensor | None:
+def _offset(sae: SparseAutoencoder, convention: str) -> Tensor | None:
     """The vector subtracted from z inside the per-head terms: b_dec in the centred convention, else nothing."""
     return sae.b_dec.detach() if convention == "centred" and sae.cfg.apply_b_dec_to_input else None
 
 
-def feature_constant(sae, convention: str = "raw") -> Tensor:
+def feature_constant(sae: SparseAutoencoder, convention: str = "raw") -> Tensor:
     """``[d_sae]`` constant term per feature: ``b_enc - b_dec @ W_enc`` ("raw", when the SAE centres its input) or
     ``b_enc`` ("centred")."""
     _check_convention(convention)
@@ -136,7 +140,7 @@ def _gather_dense(fn, z2: Tensor, indices: Tensor, d_sae: int) -> Tensor:
 
 @torch.no_grad()
 def head_contributions(
-    sae,
+    sae: SparseAutoencoder,
     z: Tensor,
     convention: str = "raw",
     features: Tensor | list[int] | None = None,
@@ -207,7 +211,7 @@ def head_contributions(
 
 @torch.no_grad()
 def source_contributions(
-    sae,
+    sae: SparseAutoencoder,
     attention: Tensor,
     values: Tensor,
     indices: Tensor,
@@ -264,7 +268,7 @@ def source_contributions(
     return out.reshape(*lead, s_dest, m, heads, s_src)
 
 
-def weight_head_shares(sae, which: str = "decoder", n_heads: int | None = None) -> Tensor:
+def weight_head_shares(sae: SparseAutoencoder, which: str = "decoder", n_heads: int | None = None) -> Tensor:
     """Data-free head attribution: each head's share of a feature's squared weight norm, ``[d_sae, n_heads]``
     (rows sum to 1). ``which="decoder"``: the share of head h's block in ``W_dec[f]`` (where the feature writes);
     ``"encoder"``: in ``W_enc[:, f]`` (what it reads)."""
@@ -282,7 +286,7 @@ def weight_head_shares(sae, which: str = "decoder", n_heads: int | None = None) 
 
 @torch.no_grad()
 def single_head_ablations(
-    sae,
+    sae: SparseAutoencoder,
     z: Tensor,
     features: Tensor | list[int],
     n_heads: int | None = None,

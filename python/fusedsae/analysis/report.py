@@ -8,12 +8,15 @@ import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from fusedsae.analysis.attribution import head_contributions, source_contributions, weight_head_shares
+
+if TYPE_CHECKING:
+    from fusedsae.sae import SparseAutoencoder
 
 # Tokens of a [tokens, d_sae] dense activation block scanned at once (64 MiB of float32 at d_sae = 4096).
 _SCAN_ELEMENTS = 1 << 24
@@ -40,7 +43,7 @@ class Scan:
 
 
 @torch.no_grad()
-def scan(sae, batches: Iterable[tuple[Tensor, Tensor, Tensor]], n_contexts: int = 5) -> Scan:
+def scan(sae: SparseAutoencoder, batches: Iterable[tuple[Tensor, Tensor, Tensor]], n_contexts: int = 5) -> Scan:
     """Scans ``(z [t, d_in], text_index [t], position [t])`` batches; keeps each feature's ``n_contexts`` largest
     activations (distinct tokens)."""
     d_sae = sae.cfg.d_sae
@@ -117,7 +120,7 @@ class FeatureReport:
 
 @torch.no_grad()
 def build_reports(
-    sae,
+    sae: SparseAutoencoder,
     found: Scan,
     features: list[int],
     text_tokens: Callable[[int], list[int]],
