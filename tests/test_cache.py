@@ -149,8 +149,11 @@ def test_other_settings_are_refused(tmp_path, reference_cache):
         _write(path, dtype="float16")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(K.CacheError, match="not an activation cache"):
-        _write(tmp_path / "other")
+    for overwrite in (False, True):  # never deletes a folder that is not a cache
+        with pytest.raises(K.CacheError, match="not an activation cache"):
+            _write(tmp_path / "other", overwrite=overwrite)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert _write(path, dtype="float16", overwrite=True).dtype == "float16"
     with pytest.raises(K.CacheError, match=r"no manifest\.json"):
         K.ActivationCache(tmp_path / "other")
 

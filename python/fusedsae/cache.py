@@ -250,8 +250,8 @@ class CacheWriter:
             "n_texts": int(n_texts),
             "source": source,
         }
-        if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
+        if overwrite and (self.path / MANIFEST).is_file():
+            shutil.rmtree(self.path)  # only ever a folder that holds a cache manifest
         if (self.path / MANIFEST).is_file():
             self.manifest = self._reopen()
         else:
