@@ -279,7 +279,8 @@ class CacheWriter:
         if differ:
             detail = "; ".join(f"{k}: folder has {manifest.get(k)!r}, asked for {self.settings[k]!r}" for k in differ)
             raise CacheError(
-                f"{self.path} holds a cache written with other settings ({detail}); use another folder or overwrite"
+                f"{self.path} holds a cache written with other settings ({detail}); use another folder, or overwrite "
+                "it (--overwrite)"
             )
         kept = []
         for shard in manifest["shards"]:
