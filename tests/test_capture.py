@@ -135,6 +135,8 @@ def test_offline_texts_are_fixed_and_clean():
     first = C.offline_texts("pydoc")
     assert first == C.offline_texts("pydoc") and len(first) > 1000
     assert all(len(t) >= 40 for t in first)
+    both = C.offline_texts("all")
+    assert len(set(both)) == len(both) > len(first)
     underline = re.compile(r"^\s*([*=~^\-])\1{2,}\s*$")  # reST section underlines carry no text
     assert not any(underline.match(line) for t in first for line in t.splitlines())
     assert any("*****" in t for t in first)  # while code examples keep their stars

@@ -127,7 +127,7 @@ def offline_texts(source: str = "pydoc", min_chars: int = 40) -> list[str]:
 
     ``source``: ``"pydoc"`` (the language reference topics of ``pydoc_data.topics``, about 130k MiniLM tokens),
     ``"stdlib"`` (docstrings of a fixed list of standard-library modules) or ``"all"`` (both). Section underlines
-    are dropped, and paragraphs shorter than ``min_chars`` characters.
+    are dropped, and paragraphs shorter than ``min_chars`` characters, and repeats of a paragraph.
     """
     if source not in ("pydoc", "stdlib", "all"):
         raise ValueError(f"unknown text source {source!r}; use pydoc, stdlib or all")
@@ -140,7 +140,9 @@ def offline_texts(source: str = "pydoc", min_chars: int = 40) -> list[str]:
     if source in ("stdlib", "all"):
         for doc in _stdlib_docstrings():
             texts.extend(_paragraphs(doc, min_chars))
-    return texts
+    # the same paragraph recurs (inherited docstrings, topics quoting each other): keep its first occurrence, so
+    # that top-activating contexts are not copies of one another
+    return list(dict.fromkeys(texts))
 
 
 def texts_up_to(tokenizer: Any, texts: list[str], max_tokens: int | None, max_length: int) -> list[str]:
