@@ -5,7 +5,7 @@ ops live in :mod:`fusedsae.functional`; :class:`Trainer` trains on any data sour
 :mod:`fusedsae.toy`). Ops run on the fastest usable backend (:mod:`fusedsae.backends`, ``FUSEDSAE_BACKEND``).
 """
 
-from fusedsae import backends, functional, metrics, ops, reference, toy
+from fusedsae import analysis, backends, functional, metrics, ops, reference, toy
 from fusedsae._version import __version__
 from fusedsae.checkpoint import CheckpointError
 from fusedsae.config import SAEConfig
@@ -28,6 +28,7 @@ __all__ = [
     "Trainer",
     "TrainingOutput",
     "__version__",
+    "analysis",
     "backends",
     "functional",
     "load",

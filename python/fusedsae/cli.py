@@ -1,7 +1,9 @@
-"""The ``fusedsae`` command line: ``train``, ``info``.
+"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``.
 
 ``fusedsae train`` with no arguments trains a TopK SAE on built-in toy-superposition data, prints a results table
 and writes PNG plots to ``runs/toy``. Multi-process: ``torchrun --nproc-per-node N -m fusedsae train …``.
+``fusedsae cache`` writes transformer activations to an on-disk cache (``train --data <cache dir>`` reads it);
+``fusedsae attribute`` reports per-head and per-source-position attributions of an attention SAE's features.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data",
         default="toy:sparse",
-        help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), or a .safetensors file "
-        "holding one [N, d_in] tensor (default: toy:sparse)",
+        help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), a .safetensors file "
+        "holding one [N, d_in] tensor, an activation cache folder written by `fusedsae cache`, or live:<model>:<layer> "
+        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3) (default: toy:sparse)",
     )
     data.add_argument("--d-in", type=int, default=64, help="toy:sparse/composed input width (default 64)")
     data.add_argument("--n-features", type=int, default=256, help="toy:sparse true features (default 256)")
@@ -72,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an SAE (toy superposition data by default)")
     _add_train_args(train)
     sub.add_parser("info", help="versions and which backends can run here")
+    _add_cache_args(sub.add_parser("cache", help="capture transformer activations into an on-disk cache"))
+    _add_attribute_args(
+        sub.add_parser("attribute", help="per-head and per-source attribution of an attention SAE's features")
+    )
     return parser
 
 
@@ -102,6 +109,15 @@ def _build_data(settings: dict[str, Any], rank: int, world: int):
     from fusedsae.data import TensorSource, ToySource
 
     spec = settings["data"]
+    if Path(spec).is_dir():
+        from fusedsae.cache import CacheError, CacheSource
+
+        try:
+            return CacheSource(spec, settings["batch_size"], seed=settings["seed"], rank=rank, world_size=world)
+        except (CacheError, ValueError) as exc:
+            raise SystemExit(f"--data {spec}: {exc}") from exc
+    if spec.startswith("live:"):
+        return _live_source(spec, settings, rank, world)
     if spec.startswith("toy:"):
         kind = spec.split(":", 1)[1]
         if kind not in TOY_KINDS:
@@ -195,7 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             k=settings["k"] if activation in ("topk", "batchtopk") else None,
             dtype=settings["dtype"],
             device=device,
-            metadata={"dataset_path": settings["data"]},
+            n_heads=getattr(source, "n_heads", None),
+            metadata={"dataset_path": settings["data"], **_source_metadata(source)},
             **sae_kwargs,
         )
         torch.manual_seed(settings["seed"])
@@ -254,6 +271,240 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
+    """``live:<model>:<layer>``: z of that attention layer, captured while training from the pydoc text."""
+    from fusedsae.cache import LiveSource
+    from fusedsae.capture import attention_hooks, load_model, offline_texts
+
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3")
+    model, tokenizer = load_model(parts[1])
+    hooks = attention_hooks(model, int(parts[2]))
+    return LiveSource(
+        model,
+        tokenizer,
+        offline_texts("pydoc"),
+        hooks.z,
+        settings["batch_size"],
+        n_heads=hooks.n_heads,
+        seed=settings["seed"],
+        rank=rank,
+        world_size=world,
+        info={"model": parts[1], "layer": int(parts[2]), "text": "pydoc"},
+    )
+
+
+def _source_metadata(source: Any) -> dict[str, Any]:
+    """SAELens metadata keys (model_name, hook_name) of a cached data source, for the SAE's cfg.json."""
+    info = source.describe() if hasattr(source, "describe") else {}
+    out = {}
+    if "model" in info:
+        out["model_name"] = info["model"]
+    if isinstance(info.get("hook"), dict):
+        out["hook_name"] = info["hook"]["module"]
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# cache
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> None:
+    model = p.add_argument_group("model and text")
+    model.add_argument(
+        "--model",
+        default=None if text_default is None else "minilm",
+        help="transformers model: 'minilm' (offline MiniLM-L6, the default) or a local folder",
+    )
+    model.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2",
+    )
+    model.add_argument(
+        "--text",
+        default=text_default or "pydoc",
+        choices=["pydoc", "stdlib", "all"],
+        help="offline text: pydoc (language reference topics), stdlib (docstrings) or all",
+    )
+    model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
+    model.add_argument("--device", default="cpu", help="device of the model (default cpu)")
+    model.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="cache folder (an interrupted capture into it resumes)")
+    _add_model_args(p, "pydoc")
+    hook = p.add_argument_group("hook (instead of --layer)")
+    hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
+    hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
+    hook.add_argument("--n-heads", type=int, default=None, help="heads in the hooked tensor (enables attribution)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after the texts holding this many tokens")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard, at least (default 65536)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true", help="delete an existing cache in --out first")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _model_hook(args: argparse.Namespace, model: Any) -> tuple[Any, int | None, dict[str, Any]]:
+    from fusedsae.capture import HookSpec, attention_hooks
+
+    if args.hook:
+        return HookSpec(args.hook, args.io), args.n_heads, {}
+    if args.layer is None:
+        raise SystemExit("give --layer (attention z of that layer) or --hook (any module path)")
+    hooks = attention_hooks(model, args.layer)
+    return hooks.z, hooks.n_heads, {"layer": args.layer}
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedsae.cache import CacheError, write_cache
+    from fusedsae.capture import load_model, offline_texts, texts_up_to
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device=args.device)
+    hook, n_heads, extra = _model_hook(args, model)
+    texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens, args.max_length)
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), unit="text", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.n = done
+            bar.refresh()
+
+    try:
+        cache = write_cache(
+            args.out,
+            model,
+            tokenizer,
+            texts,
+            hook,
+            n_heads=n_heads,
+            source={"model": args.model, "text": args.text, **extra},
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            shard_tokens=args.shard_tokens,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    except CacheError as exc:
+        raise SystemExit(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    print(
+        f"cache {cache.path}: {cache.rows:,} tokens x d_in={cache.d_in} ({cache.dtype}) in {cache.n_shards} shard(s) "
+        f"from {len(texts)} texts; hook {hook.module} ({hook.io})" + (f", {n_heads} heads" if n_heads else "")
+    )
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# attribute
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_attribute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE folder (e.g. runs/minilm/sae)")
+    p.add_argument("--cache", default=None, help="activation cache to scan (default: capture live with --model)")
+    _add_model_args(p, None)
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="tokens to scan (default: the whole cache, or 20000 live)"
+    )
+    p.add_argument("--features", default=None, help="comma-separated feature ids (default: the --top most frequent)")
+    p.add_argument("--top", type=int, default=5, help="how many features when --features is not given (default 5)")
+    p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per feature (default 5)")
+    p.add_argument("--convention", default="raw", choices=["raw", "centred"])
+    p.add_argument(
+        "--no-model", action="store_true", help="with --cache: do not load the model (no per-source breakdown)"
+    )
+    p.add_argument("--out", default=None, help="folder for attribution.json and PNGs (default: next to the SAE)")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedsae.analysis import report as R
+    from fusedsae.formats import load_sae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sae = load_sae(args.sae, device=args.device).eval()
+    model = tokenizer = hooks = None
+    z_of_row = None
+    if args.cache:
+        from fusedsae.cache import ActivationCache, CacheError
+
+        try:
+            cache = ActivationCache(args.cache)
+        except CacheError as exc:
+            raise SystemExit(str(exc)) from exc
+        info = cache.source
+        model_name = args.model or info.get("model")
+        layer = args.layer if args.layer is not None else info.get("layer")
+        n_heads = sae.cfg.n_heads or cache.n_heads
+        batches, text_tokens, z_of_row = R.cache_reader(cache, args.max_tokens)
+        if model_name is None:
+            raise SystemExit(f"{args.cache} does not say which model wrote it; give --model (its tokenizer is needed)")
+        from fusedsae.capture import attention_hooks, load_model
+
+        model, tokenizer = load_model(model_name, device=args.device)
+        if args.no_model or layer is None:
+            model = None
+        else:
+            hooks = attention_hooks(model, layer)
+    else:
+        from fusedsae.capture import attention_hooks, load_model
+
+        if args.layer is None:
+            raise SystemExit("give --cache, or --layer with --model (default minilm) to capture live")
+        model, tokenizer = load_model(args.model or "minilm", device=args.device)
+        hooks = attention_hooks(model, args.layer)
+        n_heads = sae.cfg.n_heads or hooks.n_heads
+        from fusedsae.capture import offline_texts, texts_up_to
+
+        texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens or 20000, args.max_length)
+        batches, text_tokens = R.live_reader(model, tokenizer, hooks, texts, args.max_length)
+    if n_heads is None:
+        raise SystemExit(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
+    if sae.cfg.n_heads is None:
+        sae.cfg = sae.cfg.replace(n_heads=n_heads)
+    found = R.scan(sae, batches, n_contexts=args.contexts)
+    features = [int(f) for f in args.features.split(",")] if args.features else R.choose_features(found, args.top)
+    bad = [f for f in features if not 0 <= f < sae.cfg.d_sae]
+    if bad:
+        raise SystemExit(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
+    reports = R.build_reports(
+        sae, found, features, text_tokens, tokenizer, args.convention, model=model, hooks=hooks, z_of_row=z_of_row
+    )
+    out = Path(args.out) if args.out else Path(args.sae).resolve().parent / "attribution"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"scanned {found.n_tokens:,} tokens; SAE {args.sae} ({sae.cfg.activation}, d_sae={sae.cfg.d_sae})")
+    for rep in reports:
+        print()
+        print(R.format_report(rep))
+    (out / "attribution.json").write_text(json.dumps(R.to_json(reports), indent=1) + "\n")
+    written = [out / "attribution.json"]
+    if not args.no_plots:
+        for rep in reports:
+            written.extend(R.plot_report(rep, out))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # info
 # -----------------------------------------------------------------------------------------------------------------
@@ -299,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     if args.command == "info":
         return cmd_info(args)
+    if args.command == "cache":
+        return cmd_cache(args)
+    if args.command == "attribute":
+        return cmd_attribute(args)
     raise AssertionError(args.command)
 
 

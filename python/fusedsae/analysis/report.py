@@ -1,0 +1,315 @@
+"""Feature reports for attention SAEs (``fusedsae attribute``): for chosen features, the data-free head shares of
+the decoder, and the top-activating contexts with their exact per-head and per-source-position breakdowns, as
+text tables, JSON and PNG heatmaps."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from fusedsae.analysis.attribution import head_contributions, source_contributions, weight_head_shares
+
+if TYPE_CHECKING:
+    from fusedsae.sae import SparseAutoencoder
+
+# Tokens of a [tokens, d_sae] dense activation block scanned at once (64 MiB of float32 at d_sae = 4096).
+_SCAN_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Scan:
+    """Firing statistics and the top-activating tokens of every feature over a stream of tokens.
+
+    Attributes:
+        n_tokens: tokens scanned.
+        counts: ``[d_sae]`` int64, tokens where the feature fired.
+        top_values: ``[d_sae, n]`` the largest activations (-inf where fewer than n tokens fired).
+        top_rows: ``[d_sae, n]`` int64, their rows in the scanned stream.
+        text_index, position: ``[rows]`` int64 of every scanned row (to find its text).
+    """
+
+    n_tokens: int
+    counts: Tensor
+    top_values: Tensor
+    top_rows: Tensor
+    text_index: Tensor
+    position: Tensor
+
+
+@torch.no_grad()
+def scan(sae: SparseAutoencoder, batches: Iterable[tuple[Tensor, Tensor, Tensor]], n_contexts: int = 5) -> Scan:
+    """Scans ``(z [t, d_in], text_index [t], position [t])`` batches; keeps each feature's ``n_contexts`` largest
+    activations (distinct tokens)."""
+    d_sae = sae.cfg.d_sae
+    counts = torch.zeros(d_sae, dtype=torch.int64)
+    top_values = torch.full((d_sae, n_contexts), float("-inf"))
+    top_rows = torch.zeros(d_sae, n_contexts, dtype=torch.int64)
+    texts, positions = [], []
+    seen = 0
+    for z, text_index, position in batches:
+        texts.append(text_index.long().cpu())
+        positions.append(position.long().cpu())
+        step = max(1, _SCAN_ELEMENTS // d_sae)
+        for start in range(0, z.shape[0], step):
+            block = z[start : start + step].to(sae.device)
+            acts = sae.encode(block).float().cpu()
+            counts += (acts != 0).sum(0)
+            acts = acts.masked_fill(acts == 0, float("-inf"))
+            rows = torch.arange(seen + start, seen + start + acts.shape[0]).expand(d_sae, -1)
+            merged_values = torch.cat([top_values, acts.t()], dim=1)
+            merged_rows = torch.cat([top_rows, rows], dim=1)
+            top_values, order = torch.topk(merged_values, n_contexts, dim=1)
+            top_rows = merged_rows.gather(1, order)
+        seen += z.shape[0]
+    return Scan(seen, counts, top_values, top_rows, torch.cat(texts), torch.cat(positions))
+
+
+@dataclass
+class Context:
+    """One top-activating token of a feature.
+
+    ``contributions [n_heads]`` + ``constant`` = ``activation`` exactly; ``sources [n_heads, S]`` (when the model
+    was available) splits each head's contribution over the source positions of the text; ``tokens`` is the text.
+    """
+
+    text_index: int
+    position: int
+    activation: float
+    constant: float
+    contributions: list[float]
+    tokens: list[str]
+    sources: list[list[float]] | None = None
+
+    def window(self, radius: int = 8) -> str:
+        lo, hi = max(0, self.position - radius), min(len(self.tokens), self.position + radius + 1)
+        words = [f"[[{t}]]" if i == self.position else t for i, t in enumerate(self.tokens[lo:hi], start=lo)]
+        return " ".join(words)
+
+    def top_sources(self, n: int = 3) -> list[tuple[int, int, float]]:
+        """The ``n`` (head, source position, contribution) triples of largest magnitude."""
+        if self.sources is None:
+            return []
+        grid = torch.tensor(self.sources)
+        flat = grid.reshape(-1)
+        order = torch.sort(flat.abs(), descending=True, stable=True).indices[:n]
+        width = grid.shape[1]
+        return [(int(i) // width, int(i) % width, float(flat[i])) for i in order]
+
+
+@dataclass
+class FeatureReport:
+    feature: int
+    frequency: float
+    decoder_shares: list[float]
+    convention: str
+    contexts: list[Context] = field(default_factory=list)
+
+    def mean_abs_shares(self) -> list[float]:
+        """Mean over the contexts of each head's share of ``sum_h |c_h|``."""
+        if not self.contexts:
+            return []
+        c = torch.tensor([ctx.contributions for ctx in self.contexts]).abs()
+        return (c / c.sum(1, keepdim=True).clamp_min(1e-30)).mean(0).tolist()
+
+
+@torch.no_grad()
+def build_reports(
+    sae: SparseAutoencoder,
+    found: Scan,
+    features: list[int],
+    text_tokens: Callable[[int], list[int]],
+    tokenizer: Any,
+    convention: str = "raw",
+    model: Any = None,
+    hooks: Any = None,
+    z_of_row: Callable[[int], Tensor] | None = None,
+) -> list[FeatureReport]:
+    """Per-feature reports. With ``model`` and ``hooks`` (:class:`fusedsae.capture.AttentionHooks`) each context's
+    text is run again to capture z, A and v together, so the per-head and per-source figures come from one forward
+    pass; otherwise ``z_of_row`` gives the stored z of a scanned row (per-head figures only)."""
+    from fusedsae.capture import capture_attention
+
+    shares = weight_head_shares(sae, "decoder")
+    reports = []
+    for f in features:
+        report = FeatureReport(
+            feature=f,
+            frequency=float(found.counts[f]) / max(1, found.n_tokens),
+            decoder_shares=shares[f].tolist(),
+            convention=convention,
+        )
+        for value, row in zip(found.top_values[f].tolist(), found.top_rows[f].tolist()):
+            if value == float("-inf"):
+                break
+            text, pos = int(found.text_index[row]), int(found.position[row])
+            ids = text_tokens(text)
+            sources = None
+            if model is not None and hooks is not None:
+                ids_t = torch.tensor([ids])
+                cap = capture_attention(model, {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}, hooks)
+                z = cap.z[0, pos]
+                hc = head_contributions(sae, z, convention=convention, features=[f])
+                src = source_contributions(
+                    sae, cap.attention[0, :, pos : pos + 1], cap.values[0], hc.indices.view(1, 1), convention
+                )
+                sources = src[0, 0].float().cpu().tolist()
+            else:
+                assert z_of_row is not None, "build_reports needs a model or z_of_row"
+                hc = head_contributions(sae, z_of_row(row), convention=convention, features=[f])
+            report.contexts.append(
+                Context(
+                    text_index=text,
+                    position=pos,
+                    activation=float(hc.activations[0]),
+                    constant=float(hc.constant[0]),
+                    contributions=hc.contributions[0].float().cpu().tolist(),
+                    tokens=tokenizer.convert_ids_to_tokens(ids),
+                    sources=sources,
+                )
+            )
+        reports.append(report)
+    return reports
+
+
+def choose_features(found: Scan, n: int) -> list[int]:
+    """The ``n`` features that fired on the most tokens (ties to the lower id)."""
+    order = torch.sort(found.counts, descending=True, stable=True).indices
+    return [int(i) for i in order[:n] if found.counts[i] > 0]
+
+
+def format_report(report: FeatureReport, n_sources: int = 3) -> str:
+    """A text table: the feature's decoder head shares, then one row per context (activation, constant, the
+    contribution of every head, the context) and its largest per-source terms."""
+    n_heads = len(report.decoder_shares)
+    ranked = sorted(range(n_heads), key=lambda h: -report.decoder_shares[h])
+    lines = [
+        f"feature {report.feature}: fires on {100 * report.frequency:.2f}% of tokens; decoder head shares "
+        + ", ".join(f"h{h} {report.decoder_shares[h]:.2f}" for h in ranked[:4]),
+        f"  ({report.convention} convention: activation = constant + sum of the {n_heads} head contributions)",
+    ]
+    header = f"  {'act':>6} {'const':>6} " + " ".join(f"{'h' + str(h):>6}" for h in range(n_heads)) + "  context"
+    lines.append(header)
+    for ctx in report.contexts:
+        cells = " ".join(f"{c:+6.2f}" for c in ctx.contributions)
+        lines.append(f"  {ctx.activation:6.2f} {ctx.constant:+6.2f} {cells}  {ctx.window()}")
+        tops = ctx.top_sources(n_sources)
+        if tops:
+            text = ", ".join(f"h{h} <- {ctx.tokens[s]!r}@{s} {v:+.2f}" for h, s, v in tops)
+            lines.append(f"  {'':>6} {'':>6} top sources: {text}")
+    if report.contexts:
+        mean = report.mean_abs_shares()
+        top = sorted(range(n_heads), key=lambda h: -mean[h])[:4]
+        lines.append(
+            "  mean |contribution| share over these contexts: " + ", ".join(f"h{h} {mean[h]:.2f}" for h in top)
+        )
+    return "\n".join(lines)
+
+
+def to_json(reports: list[FeatureReport]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in reports]
+
+
+def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
+    """``feature_<f>_heads.png`` (contexts × heads heatmap of the contributions) and, when per-source terms exist,
+    ``feature_<f>_sources.png`` (heads × source tokens of the top context)."""
+    from fusedsae.plots import _pyplot
+
+    plt = _pyplot()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if not report.contexts:
+        return written
+    n_heads = len(report.decoder_shares)
+    grid = torch.tensor([ctx.contributions for ctx in report.contexts])
+    bound = float(grid.abs().max()) or 1.0
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n_heads, 1.2 + 0.5 * len(report.contexts)))
+    image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(n_heads), [f"h{h}" for h in range(n_heads)])
+    labels = [
+        f"{ctx.tokens[ctx.position]} (act {ctx.activation:.2f} = const {ctx.constant:+.2f} + heads)"
+        for ctx in report.contexts
+    ]
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(grid.tolist()):
+        for h, value in enumerate(row):
+            ax.text(h, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title(f"feature {report.feature}: per-head contributions ({report.convention}) at top contexts", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path = folder / f"feature_{report.feature}_heads.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    top = report.contexts[0]
+    if top.sources is not None:
+        src = torch.tensor(top.sources)
+        bound = float(src.abs().max()) or 1.0
+        n_src = src.shape[1]
+        fig, ax = plt.subplots(figsize=(min(24.0, 2.0 + 0.22 * n_src), 1.5 + 0.3 * n_heads))
+        image = ax.imshow(src.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+        ax.set_yticks(range(n_heads), [f"h{h}" for h in range(n_heads)])
+        ax.set_xticks(range(n_src), top.tokens, rotation=90, fontsize=6)
+        ax.axvline(top.position, color="k", lw=0.6, ls="--")
+        ax.set_title(
+            f"feature {report.feature} at {top.tokens[top.position]!r} (position {top.position}): "
+            "contribution of each head via each source position",
+            fontsize=9,
+        )
+        fig.colorbar(image, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        path = folder / f"feature_{report.feature}_sources.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def cache_reader(cache: Any, max_tokens: int | None):
+    """(batches, text_tokens, z_of_row) for :func:`scan` and :func:`build_reports` over a cache's shards in order,
+    up to ``max_tokens`` rows. A text's tokens are read back from the cache (its shard holds the whole text)."""
+    limit = cache.rows if max_tokens is None else min(cache.rows, max_tokens)
+    starts = [0]
+    for rows in cache.shard_rows:
+        starts.append(starts[-1] + rows)
+
+    def batches():
+        for i in range(cache.n_shards):
+            if starts[i] >= limit:
+                return
+            take = min(cache.shard_rows[i], limit - starts[i])
+            meta = cache.tokens(i)[:take]
+            yield cache.activations(i)[:take].float(), meta[:, 0], meta[:, 1]
+
+    def text_tokens(text: int) -> list[int]:
+        firsts = [s["first_text"] for s in cache.shards]
+        i = bisect.bisect_right(firsts, text) - 1
+        meta = cache.tokens(i)
+        rows = meta[meta[:, 0] == text]
+        return rows[rows[:, 1].argsort()][:, 2].tolist()
+
+    def z_of_row(row: int):
+        i = bisect.bisect_right(starts, row) - 1
+        return cache.activations(i)[row - starts[i]].float()
+
+    return batches(), text_tokens, z_of_row
+
+
+def live_reader(model: Any, tokenizer: Any, hooks: Any, texts: list[str], max_length: int):
+    """(batches, text_tokens) for :func:`scan` and :func:`build_reports`, capturing z of ``texts`` live."""
+    from fusedsae.capture import iter_capture
+
+    def batches():
+        for _, _, batch in iter_capture(model, tokenizer, texts, {"z": hooks.z}, max_length=max_length):
+            yield batch.acts["z"], batch.text_index, batch.position
+
+    def text_tokens(text: int) -> list[int]:
+        return tokenizer(texts[text], truncation=True, max_length=max_length)["input_ids"]
+
+    return batches(), text_tokens
