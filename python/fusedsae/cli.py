@@ -1,9 +1,10 @@
-"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``.
+"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``, ``toy``.
 
 ``fusedsae train`` with no arguments trains a TopK SAE on built-in toy-superposition data, prints a results table
 and writes PNG plots to ``runs/toy``. Multi-process: ``torchrun --nproc-per-node N -m fusedsae train …``.
 ``fusedsae cache`` writes transformer activations to an on-disk cache (``train --data <cache dir>`` reads it);
 ``fusedsae attribute`` reports per-head and per-source-position attributions of an attention SAE's features.
+``fusedsae toy <experiment>`` runs a toy study of which feature bases an SAE recovers (:mod:`fusedsae.experiments`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attribute_args(
         sub.add_parser("attribute", help="per-head and per-source attribution of an attention SAE's features")
     )
+    _add_toy_args(sub.add_parser("toy", help="toy experiments: which feature bases an SAE can and cannot recover"))
     return parser
 
 
@@ -510,6 +512,67 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 # -----------------------------------------------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# toy
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_toy_args(p: argparse.ArgumentParser) -> None:
+    from fusedsae.experiments import EXPERIMENTS
+
+    p.add_argument(
+        "experiment",
+        choices=[*EXPERIMENTS, "all"],
+        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items()),
+    )
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per SAE (default 600)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, … or auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--out", default="runs/toy-experiments", help="writes <experiment>.json and .png here")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _print_case(row: dict[str, Any]) -> None:
+    from fusedsae.experiments import settings
+
+    described = ", ".join(f"{k}={v}" for k, v in settings(row).items())
+    print(f"  {described}: {row['basis']} ({row['seconds']:.1f} s)", flush=True)
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedsae import plots
+    from fusedsae.experiments import EXPERIMENTS, run_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(args.device, 0)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    for name in names:
+        print(f"{name}: {EXPERIMENTS[name].question}", flush=True)
+        result = run_experiment(
+            name,
+            steps=args.steps,
+            seed=args.seed,
+            device=device,
+            on_row=_print_case,
+        )
+        print(result.table())
+        record = {**result.to_dict(), "steps": args.steps, "seed": args.seed, "device": device}
+        written = [out / f"{name}.json"]
+        written[0].write_text(json.dumps(record, indent=2) + "\n")
+        if not args.no_plots:
+            written.append(plots.plot_experiment(result, out / f"{name}.png"))
+        print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import numpy
     import torch
@@ -554,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cache(args)
     if args.command == "attribute":
         return cmd_attribute(args)
+    if args.command == "toy":
+        return cmd_toy(args)
     raise AssertionError(args.command)
 
 

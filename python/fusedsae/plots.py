@@ -87,6 +87,31 @@ def plot_decoder_vs_truth(W_dec: Tensor, ground_truth: Tensor, path: str | Path,
     return Path(path)
 
 
+def plot_experiment(result: Any, path: str | Path) -> Path:
+    """A toy experiment (:class:`fusedsae.experiments.ExperimentResult`): per case, the MMCS of the decoder with
+    each candidate basis as grouped bars, the match line, and the learned basis under each group."""
+    from fusedsae.experiments import MATCH_MMCS, settings
+
+    plt = _pyplot()
+    rows, bases = result.rows, result.bases
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) * len(bases) + 1.5), 3.8))
+    width = 0.8 / len(bases)
+    for j, basis in enumerate(bases):
+        xs = [i + (j - (len(bases) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r[f"mmcs_{basis}"] for r in rows], width, label=f"MMCS with {basis}")
+    ax.axhline(MATCH_MMCS, color="k", ls="--", lw=0.8)
+    labels = ["\n".join(f"{k}={v}" for k, v in settings(r).items()) + f"\n-> {r['basis']}" for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean max cosine")
+    ax.set_title(f"{result.name}\n{result.question}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def results_table(metrics: dict[str, Any], keys: list[str] | None = None) -> str:
     """A plain-text two-column table of the final metrics."""
     keys = keys or [
