@@ -182,6 +182,9 @@ def test_explicit_triton_refuses_float64_with_the_reason():
             "sparse_decode", randn(3, 2), torch.zeros(3, 2, dtype=torch.int16, device=DEVICE), W.float().t(), None
         )
     F.topk_encode(x, W, b, k=2)  # auto falls back to the reference
+    indices = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
+    with on_triton(), pytest.raises(backends.BackendError, match="n_heads=5 must divide d_in=4"):
+        backends.call("head_partial_sums", x.float(), W.float(), None, indices, 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,9 +40,10 @@ OPS: tuple[str, ...] = (
     "head_partial_sums",
 )
 
-# auto's preference per op (first usable wins); ops not listed use DEFAULT_ORDER. A backend joins an op's auto
-# order only once its kernel has been checked and timed on a GPU (benchmarks/results/); until then it runs only
-# when asked for by name.
+# auto's preference per op (first usable wins); ops not listed use DEFAULT_ORDER. triton serves every op on CUDA
+# tensors (checked against the reference in the interpreter and compiled for sm_90 in CI). cuda, the alternative
+# for the sparse ops, joins an op's order only where its GPU tests pass and benchmarks/results/ show it faster
+# than triton; until then it runs only when asked for by name.
 DEFAULT_ORDER: tuple[str, ...] = ("triton", "reference")
 AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 

@@ -99,6 +99,10 @@ def availability() -> tuple[bool, str]:
         return False, f"{built}; no GPU ({info['error'] or 'the CUDA runtime sees no device'})"
     if not torch.cuda.is_available():
         return False, f"{built}; {count} GPU(s), but torch {torch.__version__} has no CUDA support"
+    # a GPU the build has no code for (e.g. sm_75 with the default 80;90) is usable by no op
+    refusal = _device_refusal(torch.cuda.current_device())
+    if refusal is not None:
+        return False, f"{built}; {refusal}"
     return True, f"{built}; {count} GPU(s)"
 
 

@@ -1019,7 +1019,13 @@ def _threshold_supports(pre, threshold, *_rest) -> str | None:
 
 
 def _heads_supports(x, W_enc, b_dec, indices, n_heads) -> str | None:
-    return _first(_dtype_refusal(x, W_enc, b_dec), _index_refusal(indices))
+    # the kernel splits d_in into n_heads equal slices; a remainder would be dropped silently
+    heads = (
+        None
+        if n_heads >= 1 and W_enc.shape[0] % n_heads == 0
+        else f"n_heads={n_heads} must divide d_in={W_enc.shape[0]}"
+    )
+    return _first(_dtype_refusal(x, W_enc, b_dec), _index_refusal(indices), heads)
 
 
 register("triton", "encode_dense", supports=_encode_dense_supports)(encode_dense_fwd)
