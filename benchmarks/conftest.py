@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def measure(request: pytest.FixtureRequest, benchmark):
             "rounds": n,
             **case.describe(),
         }
+        row["tokens_per_s"] = case.n / seconds
         if flops:
             row["tflops"] = flops / seconds / 1e12
         if nbytes:
@@ -106,6 +108,9 @@ def _environment(dev: str) -> dict:
         triton_version = None
     return {
         "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else (platform.processor() or "cpu"),
+        # settings that change what the kernels compute: TF32 products, and sorted vs atomic gradient sums
+        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "deterministic": os.environ.get("FUSEDSAE_DETERMINISTIC", "1") != "0",
         "device_kind": dev,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -119,10 +124,12 @@ def _environment(dev: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per (suite, case), each provider's median time, its ratio to the GEMM floor and the speed-up over
-    torch-unfused measured in the same run."""
+    """Markdown: per (suite, case), each provider's median time, its distance from the floor measured in the same
+    run (compute-bound suites: time over the GEMM's; memory-bound ones: bandwidth as a share of the copy's) and the
+    speed-up over torch-unfused."""
     lines = []
     floors = {r["case"]: r["median_s"] for r in rows if r["provider"] == "gemm"}
+    copies = {r["case"]: r["gb_per_s"] for r in rows if r["provider"] == "copy"}
     for suite in dict.fromkeys(r["suite"] for r in rows):
         if suite == "floor":
             continue
@@ -131,15 +138,18 @@ def table(rows: list[dict]) -> str:
             unfused = next((r["median_s"] for r in group if r["provider"] == "torch-unfused"), None)
             lines += [
                 f"\n**{suite}**, {case}\n",
-                "| provider | median ms | x GEMM | speed-up vs torch-unfused | TFLOP/s | GB/s |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| provider | median ms | tokens/s | x GEMM | % copy BW | speed-up vs torch-unfused | TFLOP/s | GB/s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
             ]
+            memory_bound = all("gb_per_s" in r for r in group)
             for r in sorted(group, key=lambda r: r["median_s"]):
-                floor = floors.get(case)
+                floor, copy = floors.get(case), copies.get(case)
                 cells = [
                     r["provider"],
                     f"{r['median_s'] * 1e3:.2f}",
-                    f"{r['median_s'] / floor:.2f}" if floor else "",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['median_s'] / floor:.2f}" if floor and not memory_bound else "",
+                    f"{100 * r['gb_per_s'] / copy:.0f}%" if copy and memory_bound else "",
                     f"{unfused / r['median_s']:.2f}" if unfused else "",
                     f"{r['tflops']:.1f}" if "tflops" in r else "",
                     f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else "",

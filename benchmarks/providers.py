@@ -228,7 +228,8 @@ def encoder_topk(provider: str, case: Case) -> Callable[[], None]:
 
 
 def decoder_fwd_bwd(provider: str, case: Case) -> Callable[[], None]:
-    """Sparse decoder forward and backward (gradients of the values, W_dec and b_dec)."""
+    """Sparse decoder forward and backward (gradients of the values, W_dec and b_dec). ``autograd.grad`` returns
+    fresh gradients each round; ``.backward()`` would add into ``.grad``, a dense extra pass over ``W_dec``."""
     g = torch.Generator(device=case.device).manual_seed(1)
     values = torch.rand(case.n, case.k, generator=g, device=case.device).to(case.dtype).requires_grad_()
     indices = torch.randint(0, case.d_sae, (case.n, case.k), generator=g, device=case.device)
@@ -239,7 +240,7 @@ def decoder_fwd_bwd(provider: str, case: Case) -> Callable[[], None]:
         def run() -> None:
             acts = torch.zeros(case.n, case.d_sae, device=case.device, dtype=case.dtype).scatter(-1, indices, values)
             out = acts @ sae.W_dec + sae.b_dec
-            out.backward(grad)
+            torch.autograd.grad(out, (values, sae.W_dec, sae.b_dec), grad)
             synchronize(case.device)
 
         return run
@@ -247,18 +248,20 @@ def decoder_fwd_bwd(provider: str, case: Case) -> Callable[[], None]:
 
     def run() -> None:
         with backends.use(provider):
-            F.sparse_decode(values, indices, sae.W_dec, sae.b_dec).backward(grad)
+            out = F.sparse_decode(values, indices, sae.W_dec, sae.b_dec)
+            torch.autograd.grad(out, (values, sae.W_dec, sae.b_dec), grad)
         synchronize(case.device)
 
     return run
 
 
 def decoder_bytes(case: Case) -> float:
-    """Bytes a sparse decoder forward + backward must move at least: W_dec rows gathered (forward, d values) and
-    written (dW_dec), the output and its gradient, values and indices."""
+    """Bytes a sparse decoder forward + backward must move at least: the active W_dec rows gathered twice (the
+    forward, and d values) and the output gradient's rows gathered once more (dW_dec's per-latent sums), the dense
+    dW_dec written, the output and its gradient, values and indices."""
     elt = torch.finfo(case.dtype).bits // 8
     rows = case.n * case.k * case.d_in * elt
-    return 3 * rows + 2 * case.n * case.d_in * elt + case.n * case.k * (elt + 8)
+    return 3 * rows + case.d_sae * case.d_in * elt + 2 * case.n * case.d_in * elt + case.n * case.k * (elt + 8)
 
 
 def copy(case: Case) -> Callable[[], None]:
