@@ -63,7 +63,8 @@ class ExperimentResult:
 
     def table(self) -> str:
         """The rows as a plain-text table."""
-        keys = [*settings(self.rows[0]), *(f"mmcs_{b}" for b in self.bases), "basis", "l0", "fvu", "dead_fraction"]
+        measured = [f"{m}_{b}" for b in self.bases for m in ("mmcs", "recovered")]
+        keys = [*settings(self.rows[0]), *measured, "basis", "l0", "fvu", "dead_fraction"]
         cells = [[_format(row[k]) for k in keys] for row in self.rows]
         widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
         lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths)), "  ".join("-" * w for w in widths)]
