@@ -28,6 +28,7 @@ from fusedsae.analysis import (
     source_contributions,
     weight_head_shares,
 )
+from fusedsae.analysis import report as cli_report
 
 U = torch.finfo(torch.float32).eps / 2  # unit roundoff of float32 (round to nearest)
 H, DH, D_IN = minilm.N_HEADS, minilm.D_HEAD, minilm.D_IN
@@ -364,3 +365,15 @@ def test_attribute_command_from_a_cache(saved, monkeypatch, capsys):
         feature = torch.tensor([[rep["feature"]]])
         mag = source_magnitude(sae, cap.attention[0, :, pos : pos + 1], cap.values[0], feature, "raw")[0, 0]
         assert ((sources.sum(1) - contributions).abs() <= 2 * gamma(2 * s + DH + 4) * mag).all()
+
+
+def test_attribute_command_rejects_bad_features_before_scanning(saved, monkeypatch):
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned before checking --features")
+
+    monkeypatch.setattr(cli_report, "scan", no_scan)
+    args = ["attribute", "--sae", str(saved / "sae"), "--cache", str(saved / "cache")]
+    with pytest.raises(SystemExit, match=r"out of range: the SAE has d_sae="):
+        cli.main([*args, "--features", "3,999999"])
+    with pytest.raises(SystemExit, match="comma-separated integers"):
+        cli.main([*args, "--features", "3,x"])

@@ -125,7 +125,7 @@ def _stdlib_docstrings() -> list[str]:
 def offline_texts(source: str = "pydoc", min_chars: int = 40) -> list[str]:
     """English text that every Python installation carries, as paragraphs in a fixed order.
 
-    ``source``: ``"pydoc"`` (the language reference topics of ``pydoc_data.topics``, about 130k MiniLM tokens),
+    ``source``: ``"pydoc"`` (the language reference topics of ``pydoc_data.topics``, 81k MiniLM tokens at 128 per text),
     ``"stdlib"`` (docstrings of a fixed list of standard-library modules) or ``"all"`` (both). Section underlines
     are dropped, and paragraphs shorter than ``min_chars`` characters, and repeats of a paragraph.
     """

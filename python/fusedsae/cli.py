@@ -430,7 +430,9 @@ def _add_attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per feature (default 5)")
     p.add_argument("--convention", default="raw", choices=["raw", "centred"])
     p.add_argument(
-        "--no-model", action="store_true", help="with --cache: do not load the model (no per-source breakdown)"
+        "--no-model",
+        action="store_true",
+        help="with --cache: do not run the model (only its tokenizer, for contexts; no per-source breakdown)",
     )
     p.add_argument("--out", default=None, help="folder for attribution.json and PNGs (default: next to the SAE)")
     p.add_argument("--no-plots", action="store_true")
@@ -445,6 +447,15 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sae = load_sae(args.sae, device=args.device).eval()
+    requested = None
+    if args.features:  # checked before the scan, which can take minutes
+        try:
+            requested = [int(f) for f in args.features.split(",")]
+        except ValueError as exc:
+            raise SystemExit(f"--features {args.features!r}: expected comma-separated integers") from exc
+        bad = [f for f in requested if not 0 <= f < sae.cfg.d_sae]
+        if bad:
+            raise SystemExit(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
     model = tokenizer = hooks = None
     z_of_row = None
     if args.cache:
@@ -485,10 +496,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if sae.cfg.n_heads is None:
         sae.cfg = sae.cfg.replace(n_heads=n_heads)
     found = R.scan(sae, batches, n_contexts=args.contexts)
-    features = [int(f) for f in args.features.split(",")] if args.features else R.choose_features(found, args.top)
-    bad = [f for f in features if not 0 <= f < sae.cfg.d_sae]
-    if bad:
-        raise SystemExit(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
+    features = requested if requested is not None else R.choose_features(found, args.top)
     reports = R.build_reports(
         sae, found, features, text_tokens, tokenizer, args.convention, model=model, hooks=hooks, z_of_row=z_of_row
     )
@@ -505,11 +513,6 @@ def cmd_attribute(args: argparse.Namespace) -> int:
             written.extend(R.plot_report(rep, out))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# info
-# -----------------------------------------------------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -571,6 +574,11 @@ def cmd_toy(args: argparse.Namespace) -> int:
             written.append(plots.plot_experiment(result, out / f"{name}.png"))
         print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
     return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# info
+# -----------------------------------------------------------------------------------------------------------------
 
 
 def cmd_info(args: argparse.Namespace) -> int:
