@@ -13,6 +13,8 @@ latent (a stable sort) and reduce each group with ``embedding_bag``, which is de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -108,12 +110,6 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _order_by_value_then_index(values, indices)
 
 
-def _aux_select(pre: Tensor, aux_k: int, aux_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Top ``aux_k`` of each row among the latents where ``aux_mask`` is true (overwrites ``pre``)."""
-    pre.masked_fill_(~aux_mask, float("-inf"))
-    return row_topk(pre, aux_k)
-
-
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -130,6 +126,22 @@ def topk_encode(
     the ``aux_k`` largest among latents where ``aux_mask [d_sae]`` is true (the dead ones). ``aux_k=0`` gives
     ``[N, 0]`` tensors. Indices are int64, sorted by value then index.
     """
+    return chunked_topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask, row_topk)
+
+
+def chunked_topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    aux_k: int,
+    aux_mask: Tensor | None,
+    select: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`topk_encode` with the row selection ``select(scores, k) -> (values, indices)`` given: one GEMM per
+    row chunk, TopK and AuxK from the same chunk. Backends with their own selection kernel (cuda) pass it, so
+    their pre-activations are the reference's bit for bit."""
     n = x.shape[0]
     d_sae = W_enc.shape[1]
     values = x.new_empty(n, k)
@@ -141,10 +153,11 @@ def topk_encode(
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         pre = torch.addmm(b_enc, x_c[rows], W_enc)
-        values[rows], indices[rows] = row_topk(pre, k)
+        values[rows], indices[rows] = select(pre, k)
         if aux_k:
             assert aux_mask is not None
-            aux_values[rows], aux_indices[rows] = _aux_select(pre, aux_k, aux_mask)
+            # AuxK among the dead latents only (overwrites this chunk's pre-activation, no longer needed)
+            aux_values[rows], aux_indices[rows] = select(pre.masked_fill_(~aux_mask, float("-inf")), aux_k)
     return values, indices, aux_values, aux_indices
 
 
@@ -202,7 +215,7 @@ def batchtopk_encode(
     values, indices = _pack_rows(pre, batchtopk_select(pre, k))
     if aux_k:
         assert aux_mask is not None
-        aux_values, aux_indices = _aux_select(pre, aux_k, aux_mask)
+        aux_values, aux_indices = row_topk(pre.masked_fill_(~aux_mask, float("-inf")), aux_k)
     else:
         aux_values = x.new_empty(x.shape[0], 0)
         aux_indices = torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)

@@ -417,22 +417,7 @@ def topk_encode(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The unfused TopK encoder: cuBLAS GEMM (torch) then :func:`row_topk`, over the same row chunks as the
     reference (so the pre-activations, and hence the selections, are the reference's); AuxK from the same chunk."""
-    n = x.shape[0]
-    d_sae = W_enc.shape[1]
-    values = x.new_empty(n, k)
-    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    aux_values = x.new_empty(n, aux_k)
-    aux_indices = torch.empty(n, aux_k, dtype=torch.int64, device=x.device)
-    x_c = reference.center(x, b_dec)
-    step = reference._rows_per_chunk(n, d_sae, x.device)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        pre = torch.addmm(b_enc, x_c[rows], W_enc)
-        values[rows], indices[rows] = row_topk(pre, k)
-        if aux_k:
-            assert aux_mask is not None
-            aux_values[rows], aux_indices[rows] = row_topk(pre.masked_fill_(~aux_mask, float("-inf")), aux_k)
-    return values, indices, aux_values, aux_indices
+    return reference.chunked_topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask, row_topk)
 
 
 def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
