@@ -37,6 +37,7 @@ RANK_SCRIPT = textwrap.dedent(
     trainer.train()
     if dist.get_rank() == 0:
         save_file(dict(sae.state_dict()), sys.argv[1])
+    dist.barrier()  # tear gloo down together: a rank leaving while the other still works aborted once under load
     dist.destroy_process_group()
     """
 )

@@ -194,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             saved["steps"] = args.steps
         settings = saved
     rank, world, local_rank = _init_distributed()
+    finished = False
     try:
         source = _build_data(settings, rank, world)
         steps = settings["steps"] or 1000
@@ -248,6 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # a fresh run must not append to an old run's log
             (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = trainer.train()
+        finished = True
         if rank != 0:
             return 0
         print()
@@ -270,6 +272,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            if finished:  # leave together (rank 0 writes the tables and plots); gloo aborted once on a ragged exit
+                dist.barrier()
             dist.destroy_process_group()
 
 
