@@ -1,5 +1,5 @@
-"""Single ops per provider: the encoder with TopK selection (forward) against the GEMM floor, and the sparse
-decoder forward + backward against the measured copy bandwidth."""
+"""Single ops per provider: the encoder with TopK selection (forward) and the encoder's backward against the GEMM
+floor, and the sparse decoder forward + backward against the measured copy bandwidth."""
 
 from __future__ import annotations
 
@@ -24,3 +24,8 @@ def test_encoder_topk(case, provider, measure):
 def test_decoder_forward_backward(case, provider, measure):
     run = providers.decoder_fwd_bwd(provider, case)
     measure("decoder fwd+bwd", case, provider, run, nbytes=providers.decoder_bytes(case))
+
+
+@pytest.mark.parametrize("provider", OP_PROVIDERS)
+def test_encoder_backward(case, provider, measure):
+    measure("encoder backward", case, provider, providers.encoder_backward(provider, case))

@@ -255,6 +255,36 @@ def decoder_fwd_bwd(provider: str, case: Case) -> Callable[[], None]:
     return run
 
 
+def encoder_backward(provider: str, case: Case) -> Callable[[], None]:
+    """The encoder's backward in a training step (x needs no gradient): ``d W_enc``, ``d b_enc``, ``d b_dec`` from
+    the gradient at the k active pre-activations per token. torch-unfused scatters it into a dense ``[N, d_sae]``
+    gradient and runs a GEMM; fusedsae's sparse backward touches only the ``N*k`` active columns."""
+    g = torch.Generator(device=case.device).manual_seed(2)
+    grad = torch.randn(case.n, case.k, generator=g, device=case.device).to(case.dtype)
+    indices = torch.randint(0, case.d_sae, (case.n, case.k), generator=g, device=case.device)
+    x = inputs(case)
+    sae = make_sae(case)
+    W_enc, b_dec = sae.W_enc.detach(), sae.b_dec.detach()
+    if provider == "torch-unfused":
+
+        def run() -> None:
+            dense = torch.zeros(case.n, case.d_sae, device=case.device, dtype=case.dtype).scatter(-1, indices, grad)
+            (x - b_dec).t() @ dense
+            db_enc = dense.sum(0)
+            W_enc @ db_enc
+            synchronize(case.device)
+
+        return run
+    require_backend(provider, "sparse_encode_backward", grad, indices, x, W_enc, b_dec, False)
+
+    def run() -> None:
+        with backends.use(provider):
+            torch.ops.fusedsae.sparse_encode_backward(grad, indices, x, W_enc, b_dec, False)
+        synchronize(case.device)
+
+    return run
+
+
 def decoder_bytes(case: Case) -> float:
     """Bytes a sparse decoder forward + backward must move at least: the active W_dec rows gathered twice (the
     forward, and d values) and the output gradient's rows gathered once more (dW_dec's per-latent sums), the dense
