@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fusedsae.formats import fsync_dir, write_json
+from fusedsae.formats import fsync_dir, sha256_file, write_json
 from fusedsae.toy import generator
 
 CACHE_FORMAT = "fusedsae-activation-cache"
@@ -89,14 +89,6 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     fsync_dir(folder)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_manifest(folder: Path) -> dict[str, Any]:
     import json
 
@@ -127,7 +119,7 @@ def _check_file(folder: Path, name: str, entry: dict[str, Any], shard: str, hash
             f"{folder}: shard {shard} file {name} has {size} bytes but the manifest says {entry['bytes']} "
             f"(truncated or partially written); {fix}"
         )
-    if hash_it and _sha256_file(path) != entry["sha256"]:
+    if hash_it and sha256_file(path) != entry["sha256"]:
         raise CacheError(f"{folder}: shard {shard} file {name} does not match its SHA-256 (corrupt); {fix}")
 
 

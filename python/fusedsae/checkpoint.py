@@ -9,7 +9,6 @@ manifest; a truncated or altered one is reported and skipped in favour of the ne
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import warnings
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedsae.formats import read_json, read_safetensors, replace_dir, write_json, write_safetensors
+from fusedsae.formats import read_json, read_safetensors, replace_dir, sha256_file, write_json, write_safetensors
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -28,14 +27,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint folder is incomplete, corrupt, or not a fusedsae checkpoint."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -59,7 +50,7 @@ def write_checkpoint(run_dir: str | Path, step: int, contents: dict[str, Any], k
                 write_json(path, content)
             else:
                 raise ValueError(f"checkpoint file {name!r} must end in .safetensors or .json")
-            manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         write_json(tmp / MANIFEST, manifest)
         replace_dir(tmp, final)
     except BaseException:
@@ -108,7 +99,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{folder}: {name} has {size} bytes, the manifest says {entry['bytes']} (truncated?)")
-        if _sha256(file) != entry["sha256"]:
+        if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{folder}: {name} does not match its SHA-256 in the manifest (corrupt)")
     return manifest
 

@@ -164,15 +164,20 @@ def chunked_topk_encode(
 def batchtopk_select(pre: Tensor, k: int) -> Tensor:
     """BatchTopK's active set: the ``k*N`` largest entries of ``relu(pre)`` over the whole batch, ties broken by
     the lower flat (row-major) index; zeros never count as active. ``pre [N, M] -> bool [N, M]``."""
-    n = pre.shape[0]
-    budget = k * n
-    flat = pre.reshape(-1)
+    return batch_active(pre, k * pre.shape[0])
+
+
+def batch_active(scores: Tensor, budget: int) -> Tensor:
+    """The ``budget`` largest positive entries of ``scores [N, M]`` over the whole tensor, ties broken by the lower
+    flat (row-major) index: ``bool [N, M]``. The triton backend runs it on its per-row candidates, which are in
+    flat-index order among equal values."""
+    flat = scores.reshape(-1)
     if budget >= flat.numel():
-        return pre > 0
+        return scores > 0
     cutoff = torch.topk(flat, budget, sorted=False).values.min()
     if cutoff <= 0:
-        return pre > 0
-    active = pre > cutoff
+        return scores > 0
+    active = scores > cutoff
     missing = budget - int(active.sum())
     if missing > 0:
         tied = (flat == cutoff).nonzero().squeeze(1)[:missing]

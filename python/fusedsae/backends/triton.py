@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from fusedsae import reference
 from fusedsae.backends import define_backend, register
 
 try:
@@ -514,25 +515,6 @@ def _empty_selection(x: Tensor, k: int, aux_k: int) -> tuple[Tensor, Tensor, Ten
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _batch_active(values: Tensor, budget: int) -> Tensor:
-    """Which candidates are active: the ``budget`` largest of ``values [N, w]`` (each row sorted by value, then
-    index; -inf pads) by (value, row, index), ties broken by the lower flat index, only positive ones, as
-    :func:`fusedsae.reference.batchtopk_select`. Rows are in order and each row's equal values are in index
-    order, so row-major candidate order is flat-index order."""
-    flat = values.reshape(-1)
-    if budget >= flat.numel():
-        return values > 0
-    cutoff = torch.topk(flat, budget, sorted=False).values.min()
-    if cutoff <= 0:
-        return values > 0
-    active = values > cutoff
-    missing = budget - int(active.sum())
-    if missing > 0:
-        tied = (flat == cutoff).nonzero().squeeze(1)[:missing]
-        active.view(-1)[tied] = True
-    return active
-
-
 @_on_device
 def batchtopk_encode_fwd(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
@@ -557,7 +539,7 @@ def batchtopk_encode_fwd(
     values, indices, aux_values, aux_indices = _topk_select(x, W_enc, b_enc, b_dec, width, aux_k, aux_mask)
     values = values.float()
     while True:
-        active = _batch_active(values, k * n)
+        active = reference.batch_active(values, k * n)
         saturated = active[:, -1] if width < d_sae else torch.zeros_like(active[:, -1])
         if not bool(saturated.any()):
             break
