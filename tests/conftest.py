@@ -59,3 +59,40 @@ def assert_close_lowp(actual: torch.Tensor, baseline: torch.Tensor, exact: torch
     base = (baseline.double() - exact).abs().max().item()
     floor = 4 * EPS[actual.dtype] * max(1.0, exact.abs().max().item())
     assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x baseline error {base:.3e} + floor {floor:.1e}"
+
+
+def make_weights(d_in: int, d_sae: int, dtype: torch.dtype = torch.float32, bias: float = 0.3, device="cpu"):
+    """Random SAE weights ``(W_enc [d_in, d_sae], b_enc, b_dec, W_dec [d_sae, d_in])`` at the init's scale."""
+    return (
+        torch.randn(d_in, d_sae, dtype=dtype, device=device) / d_in**0.5,
+        bias * torch.randn(d_sae, dtype=dtype, device=device),
+        bias * torch.randn(d_in, dtype=dtype, device=device),
+        torch.randn(d_sae, d_in, dtype=dtype, device=device) / d_in**0.5,
+    )
+
+
+def opcheck_cases(dtype: torch.dtype, device="cpu", activation: str = "relu") -> dict[str, tuple]:
+    """Small arguments for ``torch.library.opcheck`` of every fusedsae op (inputs that carry gradients require
+    them), shared by the reference, triton and cuda backends' tests."""
+    x = torch.randn(4, 8, dtype=dtype, device=device)
+    W_enc, b_enc, b_dec, W_dec = make_weights(8, 12, dtype, device=device)
+    mask = torch.ones(12, dtype=torch.bool, device=device)
+    values = torch.randn(4, 3, dtype=dtype, device=device)
+    indices = torch.randint(0, 12, (4, 3), device=device)
+    pre = torch.randn(4, 12, dtype=dtype, device=device)
+    thr = torch.rand(12, dtype=dtype, device=device)
+    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "encode_dense": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), thr, activation),
+        "topk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
+        "batchtopk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
+        "sparse_encode_backward": (values, indices, x, W_enc, b_dec, True),
+        "sparse_decode": (rg(values), indices, rg(W_dec), rg(b_dec)),
+        "sparse_decode_backward": (torch.randn(4, 8, dtype=dtype, device=device), values, indices, W_dec),
+        "row_topk": (rg(pre), 3),
+        "jumprelu": (rg(pre), rg(thr), 0.3),
+        "step": (rg(pre), rg(thr), 0.3),
+        "jumprelu_backward": (pre, pre, thr, 0.3),
+        "step_backward": (pre, pre, thr, 0.3),
+        "head_partial_sums": (x, W_enc, b_dec, indices, 2),
+    }

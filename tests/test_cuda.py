@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import naive
-from conftest import assert_close_lowp
+from conftest import assert_close_lowp, opcheck_cases
 from fusedsae import backends, reference
 from fusedsae import functional as F
 from fusedsae.backends import cuda as cuda_backend
@@ -690,23 +690,7 @@ def test_sparse_decode_with_more_than_2_31_output_elements(on_gpu):
 @gpu
 @pytest.mark.parametrize("op", sorted(CUDA_OPS))
 def test_opcheck_on_the_cuda_backend(on_gpu, op):
-    dt = torch.float32
-    x = _rand(4, 8, dtype=dt, device=on_gpu)
-    W_enc = _rand(8, 12, dtype=dt, device=on_gpu)
-    b_enc, b_dec = _rand(12, dtype=dt, device=on_gpu), _rand(8, dtype=dt, device=on_gpu)
-    W_dec = _rand(12, 8, dtype=dt, device=on_gpu)
-    values = _rand(4, 3, dtype=dt, device=on_gpu)
-    indices = torch.randint(0, 12, (4, 3), device=on_gpu)
-    mask = torch.ones(12, dtype=torch.bool, device=on_gpu)
-    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
-    cases = {
-        "sparse_decode": (rg(values), indices, rg(W_dec), rg(b_dec)),
-        "sparse_decode_backward": (_rand(4, 8, dtype=dt, device=on_gpu), values, indices, W_dec),
-        "sparse_encode_backward": (values, indices, x, W_enc, b_dec, True),
-        "row_topk": (rg(_rand(4, 12, dtype=dt, device=on_gpu)), 3),
-        "topk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
-        "head_partial_sums": (x, W_enc, b_dec, indices, 2),
-    }
+    cases = opcheck_cases(torch.float32, on_gpu)
     with backends.use("cuda"):
         torch.library.opcheck(getattr(torch.ops.fusedsae, op).default, cases[op])
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import naive
-from conftest import assert_close_lowp
+from conftest import assert_close_lowp, make_weights, opcheck_cases
 from fusedsae import backends, reference
 from fusedsae import functional as F
 
@@ -22,15 +22,6 @@ SHAPES = [(5, 16, 32, 4), (7, 13, 40, 1), (4, 13, 24, 24), (9, 33, 65, 7)]
 def backend(request):
     with backends.use(request.param):
         yield request.param
-
-
-def make_weights(d_in, d_sae, dtype, bias=0.3):
-    return (
-        torch.randn(d_in, d_sae, dtype=dtype) / d_in**0.5,
-        bias * torch.randn(d_sae, dtype=dtype),
-        bias * torch.randn(d_in, dtype=dtype),
-        torch.randn(d_sae, d_in, dtype=dtype) / d_in**0.5,
-    )
 
 
 def assert_same_selection(exact_scores, indices, k, tol):
@@ -368,32 +359,6 @@ def test_low_precision_encode_and_decode(backend, dtype):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _opcheck_cases():
-    dt = torch.float64
-    x = torch.randn(4, 8, dtype=dt)
-    W_enc, b_enc, b_dec, W_dec = make_weights(8, 12, dt)
-    mask = torch.ones(12, dtype=torch.bool)
-    values = torch.randn(4, 3, dtype=dt)
-    indices = torch.randint(0, 12, (4, 3))
-    pre = torch.randn(4, 12, dtype=dt)
-    thr = torch.rand(12, dtype=dt)
-    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
-    return {
-        "encode_dense": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), thr, "relu"),
-        "topk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
-        "batchtopk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
-        "sparse_encode_backward": (values, indices, x, W_enc, b_dec, True),
-        "sparse_decode": (rg(values), indices, rg(W_dec), rg(b_dec)),
-        "sparse_decode_backward": (torch.randn(4, 8, dtype=dt), values, indices, W_dec),
-        "row_topk": (rg(pre), 3),
-        "jumprelu": (rg(pre), rg(thr), 0.3),
-        "step": (rg(pre), rg(thr), 0.3),
-        "jumprelu_backward": (pre, pre, thr, 0.3),
-        "step_backward": (pre, pre, thr, 0.3),
-        "head_partial_sums": (x, W_enc, b_dec, indices, 2),
-    }
-
-
 # BatchTopK returns a data-dependent width; PyTorch's AOT-dispatch test cannot return such an (unbacked) size
 # from a custom op, so that one sub-check is left out for it; its schema, fake and autograd checks still run.
 _OPCHECK_SKIP = {"batchtopk_encode": ("test_aot_dispatch_dynamic",)}
@@ -401,7 +366,7 @@ _OPCHECK_SKIP = {"batchtopk_encode": ("test_aot_dispatch_dynamic",)}
 
 @pytest.mark.parametrize("op", sorted(backends.OPS))
 def test_opcheck(backend, op):
-    cases = _opcheck_cases()
+    cases = opcheck_cases(torch.float64)
     assert set(cases) == set(backends.OPS)
     checks = [
         t

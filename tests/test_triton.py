@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 import naive
-from conftest import assert_close_lowp
+from conftest import assert_close_lowp, opcheck_cases
 from fusedsae import backends, reference
 from fusedsae import functional as F
 
@@ -79,12 +80,14 @@ def randn(*shape, dtype=torch.float32):
 
 
 def make_weights(d_in, d_sae, dtype=torch.float32, bias=0.3):
-    return (
-        randn(d_in, d_sae, dtype=dtype) / d_in**0.5,
-        bias * randn(d_sae, dtype=dtype),
-        bias * randn(d_in, dtype=dtype),
-        randn(d_sae, d_in, dtype=dtype) / d_in**0.5,
-    )
+    return conftest.make_weights(d_in, d_sae, dtype, bias, DEVICE)
+
+
+def assert_same_topk(ours, expected):
+    """``topk_encode`` outputs: the same TopK and AuxK indices, values to torch.testing's defaults."""
+    assert torch.equal(ours[1], expected[1]) and torch.equal(ours[3], expected[3])
+    torch.testing.assert_close(ours[0], expected[0])
+    torch.testing.assert_close(ours[2], expected[2])
 
 
 def aux_mask_for(d_sae, aux_k):
@@ -230,9 +233,7 @@ def test_topk_encode_beyond_the_fused_limit(shape, k, aux_k):
     with on_triton():
         ours = torch.ops.fusedsae.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
     expected = reference.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
-    assert torch.equal(ours[1], expected[1]) and torch.equal(ours[3], expected[3])
-    torch.testing.assert_close(ours[0], expected[0])
-    torch.testing.assert_close(ours[2], expected[2])
+    assert_same_topk(ours, expected)
 
 
 @pytest.mark.parametrize("aux_k", [0, 4])
@@ -249,16 +250,13 @@ def test_topk_encode_candidate_overflow_falls_back_exactly(monkeypatch, aux_k):
     with on_triton():
         ours = torch.ops.fusedsae.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
     expected = reference.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
-    assert torch.equal(ours[1], expected[1]) and torch.equal(ours[3], expected[3])
-    torch.testing.assert_close(ours[0], expected[0])
-    torch.testing.assert_close(ours[2], expected[2])
+    assert_same_topk(ours, expected)
     scores = torch.linspace(-1, 1, d_sae, device=DEVICE).expand(4, d_sae).contiguous()
     scores[1] = scores[1].flip(0)  # decreasing: this row fits its buffer, the increasing ones overflow
     with on_triton():
         values, indices = F.row_topk(scores, 7)
-    assert torch.equal(indices, reference.row_topk(scores, 7)[1]) and torch.equal(
-        values, reference.row_topk(scores, 7)[0]
-    )
+    expected_values, expected_indices = reference.row_topk(scores, 7)
+    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
 
 
 @pytest.mark.parametrize("k", [1, 5, 16, 20])
@@ -726,9 +724,7 @@ def test_gpu_block_configurations_in_the_interpreter(monkeypatch, n, k, aux_k):
         thr, g_jump = torch.rand(d_sae, device=DEVICE), randn(n, d_sae)
         d_jump = backends.call("jumprelu_backward", g_jump, dense, thr, 0.5)
     expected = reference.topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, mask)
-    assert torch.equal(ours[1], expected[1]) and torch.equal(ours[3], expected[3])
-    torch.testing.assert_close(ours[0], expected[0])
-    torch.testing.assert_close(ours[2], expected[2])
+    assert_same_topk(ours, expected)
     expected_batch = reference.batchtopk_encode(x, W_enc, b_enc, b_dec, k, 0, None)
     assert torch.equal(batch[1], expected_batch[1])
     torch.testing.assert_close(dense, reference.encode_dense(x, W_enc, b_enc, b_dec, None, "relu"))
@@ -761,33 +757,13 @@ def test_kernels_compile_for_hopper():
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def _opcheck_cases():
-    x = randn(4, 8)
-    W_enc, b_enc, b_dec, W_dec = make_weights(8, 12)
-    mask = torch.ones(12, dtype=torch.bool, device=DEVICE)
-    values = randn(4, 3)
-    indices = torch.randint(0, 12, (4, 3), device=DEVICE)
-    pre, thr = randn(4, 12), torch.rand(12, device=DEVICE)
-    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
-    return {
-        "encode_dense": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), thr, "jumprelu"),
-        "topk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
-        "batchtopk_encode": (rg(x), rg(W_enc), rg(b_enc), rg(b_dec), 3, 2, mask),
-        "sparse_encode_backward": (values, indices, x, W_enc, b_dec, True),
-        "sparse_decode": (rg(values), indices, rg(W_dec), rg(b_dec)),
-        "sparse_decode_backward": (randn(4, 8), values, indices, W_dec),
-        "row_topk": (rg(pre), 3),
-        "jumprelu": (rg(pre), rg(thr), 0.3),
-        "step": (rg(pre), rg(thr), 0.3),
-        "jumprelu_backward": (pre, pre, thr, 0.3),
-        "step_backward": (pre, pre, thr, 0.3),
-        "head_partial_sums": (x, W_enc, b_dec, indices, 2),
-    }
-
-
 @pytest.mark.parametrize("op", sorted(backends.OPS))
 def test_opcheck(op):
     """Schema, fake (shapes, dtypes, strides of the real outputs) and autograd registration with triton serving."""
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     with on_triton():
-        torch.library.opcheck(getattr(torch.ops.fusedsae, op).default, _opcheck_cases()[op], test_utils=checks)
+        torch.library.opcheck(
+            getattr(torch.ops.fusedsae, op).default,
+            opcheck_cases(torch.float32, DEVICE, "jumprelu")[op],
+            test_utils=checks,
+        )
