@@ -658,8 +658,3 @@ class LiveSource(_GroupStream):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "live", "texts": len(self.texts), "rows": self.rows, "hook": self.hook.to_dict(), **self.info}
-
-
-def is_cache_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder with an activation-cache manifest."""
-    return (Path(path) / MANIFEST).is_file()

@@ -198,14 +198,6 @@ def _decode_keys(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-def _merge_splits(keys: Tensor, k: int, n_splits: int) -> Tensor:
-    """The k largest keys per row, sorted, from ``n_splits`` sorted candidate runs: keys are unique per row, so
-    ``torch.topk`` on them is exact and its order is the (value, index) order."""
-    if n_splits == 1:
-        return keys[:, :k]
-    return torch.topk(keys, k, dim=1, sorted=True).values
-
-
 def _splits(row_blocks: int, n_tiles: int, t: Tensor) -> tuple[int, int]:
     """``(n_splits, tiles_per_split)``: split each row's column tiles so that about two waves of programs run
     (132 SMs on an H100: 16384 rows in 64-row blocks are 256 blocks, so 2 splits; 1024 rows, 17 splits). Each
