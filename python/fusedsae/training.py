@@ -21,6 +21,7 @@ from torch import Tensor
 from fusedsae import checkpoint as ckpt
 from fusedsae import metrics as M
 from fusedsae.config import SAEConfig
+from fusedsae.data import DataError, as_source
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 
 METRICS_FILE = "metrics.jsonl"
@@ -102,6 +103,15 @@ class Trainer:
     folder, input scale folded in) to ``sae/``; :meth:`resume` continues a killed run bit-for-bit on the same
     machine. Under ``torch.distributed`` every rank runs a Trainer on its own share of the data; gradients and
     firing statistics are averaged/combined across ranks and rank 0 writes the files.
+
+    ``data`` is anything :func:`fusedsae.data.as_source` takes: a data source, a ``[N, d_in]`` tensor, a toy dataset,
+    any iterable of ``[n, d_in]`` tensors (a generator, a ``DataLoader``) or a ``--data`` spec string. Every step
+    takes exactly ``cfg.batch_size`` rows; a source that cannot fill that is a :class:`~fusedsae.data.DataError`.
+
+    ``callbacks``: each is called on rank 0 with every logged metrics dict (the keys and values of a
+    ``metrics.jsonl`` line: ``step``, ``tokens``, ``loss``, ``fvu``, ``l0``, ``dead_fraction``…), as
+    ``callback(metrics)``; one that has a ``close()`` method has it called once when :meth:`train` returns or
+    raises. :mod:`fusedsae.tracking` has callbacks for Weights & Biases, TensorBoard and JSONL files.
     """
 
     def __init__(
@@ -112,14 +122,14 @@ class Trainer:
         callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
     ) -> None:
         self.sae = sae
-        self.data = data
         self.cfg = cfg or TrainConfig()
         self.callbacks = list(callbacks or [])
-        if int(data.d_in) != sae.cfg.d_in:
-            raise ValueError(f"the data has d_in={data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
+        self.data = as_source(data, self.cfg.batch_size, seed=self.cfg.seed, rank=self.rank, world_size=self.world_size)
+        if int(self.data.d_in) != sae.cfg.d_in:
+            raise DataError(f"the data has d_in={self.data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
         self.device = sae.device
         params = [p for p in sae.parameters() if p.requires_grad]
         # The fused kernel updates each tensor in one pass: on 2 CPU threads at d_in=768, d_sae=16384 it took
@@ -169,6 +179,16 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------------------
     # the loop
     # -------------------------------------------------------------------------------------------------------------
+
+    def _checked(self, x: Tensor) -> Tensor:
+        """A batch of exactly ``[batch_size, d_in]`` (shapes only: no device sync); a source that cannot fill a
+        batch is an error, not a silently smaller step."""
+        if x.dim() != 2 or x.shape[0] != self.cfg.batch_size or x.shape[1] != self.sae.cfg.d_in:
+            raise DataError(
+                f"the data gave a batch of shape {tuple(x.shape)} at step {self.step}, but training needs "
+                f"[batch_size={self.cfg.batch_size}, d_in={self.sae.cfg.d_in}]"
+            )
+        return x
 
     def _prepare(self, x: Tensor) -> Tensor:
         return x.to(self.device, self.sae.dtype, non_blocking=True)
@@ -285,7 +305,7 @@ class Trainer:
             while self.step < total:
                 if self.window_steps >= cfg.sparsity_window_steps:  # a new window starts with this step
                     self._reset_window()
-                x = self._prepare(self.data.next_batch())
+                x = self._prepare(self._checked(self.data.next_batch()))
                 out = self.train_step(x)
                 session_tokens += x.shape[0] * self.world_size
                 last = self.step == total
@@ -311,12 +331,19 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._close_callbacks()
         if out is None:  # already finished (a resumed run at its last step)
             return self.last_metrics
         if self.run_dir is not None:
             self.save_checkpoint()
             self.save_final()
         return self.last_metrics
+
+    def _close_callbacks(self) -> None:
+        for callback in self.callbacks:
+            close = getattr(callback, "close", None)
+            if callable(close):
+                close()
 
     def _reset_window(self) -> None:
         self.fire_counts.zero_()
