@@ -14,12 +14,98 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusedsae._version import __version__
+from fusedsae.tracking import TRACKERS
+
 RUN_CONFIG = "run_config.json"
 
-TOY_KINDS = ("sparse", "superposition", "composed")
+# Options that shape how a command runs, not what the run is: not saved in run_config.json, free on --resume.
+NOT_SETTINGS = ("command", "resume", "no_plots", "no_progress", "threads", "debug", "given")
+# Settings --resume applies when they differ from the saved run: they change the schedule's length, the step size
+# or what is logged, never the SAE, its data or the optimizer state the checkpoint holds.
+SAFE_ON_RESUME = ("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project")
+TOY_OPTIONS = ("d_in", "n_features", "mean_active", "toy_seed")
+
+
+class UsageError(Exception):
+    """A user's mistake on the command line (a bad value, a missing file, a device that is not there). Raised where
+    the mistake is found, with one line that says what is wrong and what to do; :func:`main` prints it and exits 1
+    (``--debug`` shows the traceback instead)."""
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# parsing: one-line errors, defaults in --help, validated values
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, except where there is nothing to show (None, a flag's False) or
+    the help already explains the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _number(kind: type, low: float, inclusive: bool, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1, True, "a whole number >= 1")
+non_negative_int = _number(int, 0, True, "a whole number >= 0")
+positive_float = _number(float, 0.0, False, "a number > 0")
+non_negative_float = _number(float, 0.0, True, "a number >= 0")
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations the user typed in ``argv``: a second parse with every default suppressed, so that only typed
+    options appear (typing an option's default value still counts as typing it)."""
+    parsers = [parser]
+    seen: set[int] = set()
+    while parsers:
+        current = parsers.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.dest != "help":
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -29,58 +115,73 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default="toy:sparse",
         help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), a .safetensors file "
         "holding one [N, d_in] tensor, an activation cache folder written by `fusedsae cache`, or live:<model>:<layer> "
-        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3) (default: toy:sparse)",
+        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3)",
     )
-    data.add_argument("--d-in", type=int, default=64, help="toy:sparse/composed input width (default 64)")
-    data.add_argument("--n-features", type=int, default=256, help="toy:sparse true features (default 256)")
-    data.add_argument("--mean-active", type=float, default=4.0, help="toy:sparse mean active features (default 4)")
-    data.add_argument("--toy-seed", type=int, default=0, help="seed of the toy data's ground truth (default 0)")
+    data.add_argument("--d-in", type=positive_int, help="toy:sparse/composed input width (default: the toy's, 64/16)")
+    data.add_argument("--n-features", type=positive_int, help="toy true features (default: the toy's, 256/20)")
+    data.add_argument("--mean-active", type=positive_float, help="toy:sparse mean active features (default: 4)")
+    data.add_argument("--toy-seed", type=non_negative_int, help="seed of the toy data's ground truth (default: 0)")
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
-    sae.add_argument("--k", type=int, default=6, help="active latents per token for topk/batchtopk (default 6)")
-    sae.add_argument("--d-sae", type=int, default=None, help="latents (default: 2 x the true features, or 8 x d_in)")
-    sae.add_argument("--l1-coefficient", type=float, default=None, help="ReLU SAEs' L1 weight")
-    sae.add_argument("--l0-coefficient", type=float, default=None, help="JumpReLU SAEs' L0 weight")
+    sae.add_argument("--k", type=positive_int, help="active latents per token, topk/batchtopk only (default: 6)")
+    sae.add_argument("--d-sae", type=positive_int, help="latents (default: 2 x the true features, or 8 x d_in)")
+    sae.add_argument("--l1-coefficient", type=non_negative_float, help="L1 weight, relu only (default: 1)")
+    sae.add_argument("--l0-coefficient", type=non_negative_float, help="L0 weight, jumprelu only (default: 1)")
     sae.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
 
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
-    train.add_argument("--batch-size", type=int, default=1024, help="tokens per step per process (default 1024)")
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--lr-warm-up-steps", type=int, default=0)
-    train.add_argument("--lr-decay-steps", type=int, default=None, help="linear decay at the end (default 20%%)")
-    train.add_argument("--sparsity-warm-up-steps", type=int, default=0)
+    train.add_argument("--steps", type=positive_int, help="optimizer steps (default: 1000)")
+    train.add_argument("--batch-size", type=positive_int, default=1024, help="tokens per step per process")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--lr-warm-up-steps", type=non_negative_int, default=0, help="linear warm-up from 0")
+    train.add_argument(
+        "--lr-decay-steps", type=non_negative_int, help="linear decay at the end (default: 20%% of steps)"
+    )
+    train.add_argument("--sparsity-warm-up-steps", type=non_negative_int, default=0, help="L1/L0 weight warm-up")
     train.add_argument(
         "--dead-tokens",
-        type=int,
-        default=None,
+        type=positive_int,
         help="tokens without firing before a latent counts as dead (default: 50 batches)",
     )
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (default)")
-    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    train.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the SAE's initialisation and data order"
+    )
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (a GPU when torch sees one)")
+    train.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
+    run.add_argument("--out", default="runs/toy", help="run folder")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    run.add_argument("--checkpoint-every", type=int, default=200)
-    run.add_argument("--log-every", type=int, default=50)
-    run.add_argument("--no-plots", action="store_true")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--checkpoint-every", type=non_negative_int, default=200, help="steps (0: only at the end)")
+    run.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics lines")
+    run.add_argument(
+        "--log",
+        nargs="+",
+        choices=TRACKERS,
+        default=["jsonl"],
+        help="where metrics go, one or more: jsonl (metrics.jsonl, always written), wandb (offline unless you are "
+        "logged in), tensorboard (<out>/tensorboard)",
+    )
+    run.add_argument("--wandb-project", default="fusedsae", help="W&B project of --log wandb")
+    run.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedsae", description="Fast sparse autoencoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train an SAE (toy superposition data by default)")
-    _add_train_args(train)
-    sub.add_parser("info", help="versions and which backends can run here")
-    _add_cache_args(sub.add_parser("cache", help="capture transformer activations into an on-disk cache"))
-    _add_attribute_args(
-        sub.add_parser("attribute", help="per-head and per-source attribution of an attention SAE's features")
-    )
-    _add_toy_args(sub.add_parser("toy", help="toy experiments: which feature bases an SAE can and cannot recover"))
+    parser = _Parser(prog="fusedsae", description="Fast sparse autoencoders.", formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fusedsae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+    _add_train_args(command("train", "train an SAE (toy superposition data by default)"))
+    _add_common_args(command("info", "versions and which backends can run here"))
+    _add_cache_args(command("cache", "capture transformer activations into an on-disk cache"))
+    _add_attribute_args(command("attribute", "per-head and per-source attribution of an attention SAE's features"))
+    _add_toy_args(command("toy", "toy experiments: which feature bases an SAE can and cannot recover"))
     return parser
 
 
@@ -90,67 +191,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(name: str, local_rank: int) -> str:
+    """``--device`` as a torch device string; a device that is not there is a :class:`UsageError`."""
     import torch
 
     if name == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank:
-        return f"cuda:{local_rank}"
-    return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:<index> or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu (or auto)"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        if device.index is None and local_rank:
+            return f"cuda:{local_rank}"
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise UsageError(f"--device {name}: not usable here ({str(exc).splitlines()[0]})") from None
+    return str(device)
 
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that defines the run, as saved to run_config.json (a resume rebuilds the run from it)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_plots", "no_progress", "threads")}
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
-def _build_data(settings: dict[str, Any], rank: int, world: int):
-    import torch
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Refuses options that do not apply to the chosen activation or data, instead of ignoring them."""
+    given = args.given
+    activation = args.activation
+    if "k" in given and activation not in ("topk", "batchtopk"):
+        raise UsageError(f"--k applies to topk and batchtopk; a {activation} SAE takes no k (drop --k)")
+    if "l1_coefficient" in given and activation != "relu":
+        raise UsageError(f"--l1-coefficient applies to relu SAEs; a {activation} SAE has no L1 penalty")
+    if "l0_coefficient" in given and activation != "jumprelu":
+        raise UsageError(f"--l0-coefficient applies to jumprelu SAEs; a {activation} SAE has no L0 penalty")
+    toy = [_option(name) for name in TOY_OPTIONS if name in given]
+    if toy and not args.data.startswith("toy:"):
+        raise UsageError(f"{', '.join(toy)} shape toy data only; --data {args.data} is not toy data")
+    if args.k is not None and args.d_sae is not None and args.k > args.d_sae:
+        raise UsageError(f"--k {args.k} is more than --d-sae {args.d_sae}: at most d_sae latents can be active")
 
-    from fusedsae import toy
-    from fusedsae.data import TensorSource, ToySource
 
-    spec = settings["data"]
-    if Path(spec).is_dir():
-        from fusedsae.cache import CacheError, CacheSource
+def _resume_settings(args: argparse.Namespace, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The settings of the run in ``out`` with the typed options of this command: a safe difference
+    (:data:`SAFE_ON_RESUME`) is applied and said; any other is refused with the difference."""
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    differing = [name for name in sorted(args.given) if name in settings and saved.get(name) != settings[name]]
+    refused = [name for name in differing if name not in SAFE_ON_RESUME]
+    if refused:
+        was = ", ".join(f"{_option(n)} {_shown(saved.get(n))}" for n in refused)
+        now = ", ".join(f"{_option(n)} {_shown(settings[n])}" for n in refused)
+        raise UsageError(
+            f"--resume: {out} was started with {was} but this command gives {now}; drop those options to continue "
+            "that run, or train a new one in another --out"
+        )
+    for name in differing:
+        print(f"resume: {_option(name)} {_shown(settings[name])} (was {_shown(saved.get(name))})", flush=True)
+    return {**settings, **saved, **{name: settings[name] for name in differing}}
 
-        try:
-            return CacheSource(spec, settings["batch_size"], seed=settings["seed"], rank=rank, world_size=world)
-        except (CacheError, ValueError) as exc:
-            raise SystemExit(f"--data {spec}: {exc}") from exc
-    if spec.startswith("live:"):
-        return _live_source(spec, settings, rank, world)
-    if spec.startswith("toy:"):
-        kind = spec.split(":", 1)[1]
-        if kind not in TOY_KINDS:
-            raise SystemExit(f"unknown toy data {spec!r}; use one of {', '.join('toy:' + k for k in TOY_KINDS)}")
-        if kind == "sparse":
-            data = toy.SparseFeatureData(
-                d_in=settings["d_in"],
-                n_features=settings["n_features"],
-                mean_active=settings["mean_active"],
-                seed=settings["toy_seed"],
-            )
-        elif kind == "superposition":
-            data = toy.SuperpositionData(seed=settings["toy_seed"])
-        else:
-            data = toy.ComposedFeatureData(d_in=settings["d_in"], seed=settings["toy_seed"])
-        return ToySource(data, settings["batch_size"], rank, world)
-    path = Path(spec)
-    if not path.is_file():
-        raise SystemExit(f"--data {spec}: no such file (expected toy:<kind> or a .safetensors file)")
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    matrices = [t for t in tensors.values() if t.dim() == 2]
-    if len(matrices) != 1:
-        raise SystemExit(f"--data {spec}: expected exactly one 2-D tensor [N, d_in], found {len(matrices)}")
-    return TensorSource(
-        matrices[0].to(torch.float32),
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _build_data(settings: dict[str, Any], rank: int, world: int) -> Any:
+    from fusedsae.data import from_spec
+
+    toy_options = {name: settings[name] for name in ("d_in", "n_features", "mean_active") if settings.get(name)}
+    if settings.get("toy_seed") is not None:
+        toy_options["seed"] = settings["toy_seed"]
+    return from_spec(
+        settings["data"],
         settings["batch_size"],
         seed=settings["seed"],
         rank=rank,
         world_size=world,
+        toy_options=toy_options,
     )
 
 
@@ -176,6 +300,27 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def _trackers(settings: dict[str, Any], out: Path) -> list[Any]:
+    """The ``--log`` callbacks besides metrics.jsonl (which the trainer always writes), with the run config."""
+    from fusedsae import tracking
+
+    callbacks: list[Any] = []
+    try:
+        if "tensorboard" in settings["log"]:
+            callbacks.append(tracking.TensorBoardLogger(out / "tensorboard", config=settings))
+            print(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out})", flush=True)
+        if "wandb" in settings["log"]:
+            logger = tracking.WandbLogger(settings["wandb_project"], name=out.name, dir=out, config=settings)
+            callbacks.append(logger)
+            hint = f"; upload with `wandb sync {logger.dir}`" if logger.mode == "offline" else ""
+            print(f"wandb: {logger.mode} run in {logger.dir}{hint}", flush=True)
+    except ImportError as exc:
+        for callback in callbacks:
+            callback.close()
+        raise UsageError(f"--log: {exc}") from exc
+    return callbacks
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -186,56 +331,65 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_train_args(args)
     out = Path(args.out)
     settings = _run_settings(args)
     if args.resume and (out / RUN_CONFIG).is_file():
-        saved = json.loads((out / RUN_CONFIG).read_text())
-        if args.steps is not None:
-            saved["steps"] = args.steps
-        settings = saved
+        settings = _resume_settings(args, settings, out)
     rank, world, local_rank = _init_distributed()
     finished = False
     try:
+        device = _resolve_device(settings["device"], local_rank)
         source = _build_data(settings, rank, world)
         steps = settings["steps"] or 1000
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(steps=steps, d_sae=d_sae)
-        device = _resolve_device(settings["device"], local_rank)
+        activation = settings["activation"]
+        sparse = activation in ("topk", "batchtopk")
+        k = (settings["k"] or 6) if sparse else None
+        if k is not None and k > d_sae:
+            raise UsageError(
+                f"--k {k} is more than the SAE's {d_sae} latents (--d-sae); give a smaller --k or a larger --d-sae"
+            )
+        settings["k"] = k
         sae_kwargs: dict[str, Any] = {}
         if settings["l1_coefficient"] is not None:
             sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
         if settings["l0_coefficient"] is not None:
             sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
-        activation = settings["activation"]
-        cfg = SAEConfig(
-            d_in=source.d_in,
-            d_sae=d_sae,
-            activation=activation,
-            k=settings["k"] if activation in ("topk", "batchtopk") else None,
-            dtype=settings["dtype"],
-            device=device,
-            n_heads=getattr(source, "n_heads", None),
-            metadata={"dataset_path": settings["data"], **_source_metadata(source)},
-            **sae_kwargs,
-        )
+        decay = settings["lr_decay_steps"]
+        try:
+            cfg = SAEConfig(
+                d_in=source.d_in,
+                d_sae=d_sae,
+                activation=activation,
+                k=k,
+                dtype=settings["dtype"],
+                device=device,
+                n_heads=getattr(source, "n_heads", None),
+                metadata={"dataset_path": settings["data"], **_source_metadata(source)},
+                **sae_kwargs,
+            )
+            train_cfg = TrainConfig(
+                steps=steps,
+                batch_size=settings["batch_size"],
+                lr=settings["lr"],
+                lr_warm_up_steps=settings["lr_warm_up_steps"],
+                lr_decay_steps=steps // 5 if decay is None else decay,
+                sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
+                dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+                checkpoint_every=settings["checkpoint_every"],
+                log_every=settings["log_every"],
+                run_dir=str(out),
+                seed=settings["seed"],
+                progress=not args.no_progress,
+            )
+        except ValueError as exc:  # the settings' own checks (SAEConfig, TrainConfig) name the value
+            raise UsageError(str(exc)) from exc
         torch.manual_seed(settings["seed"])
         sae = SparseAutoencoder(cfg)
-        decay = settings["lr_decay_steps"]
-        train_cfg = TrainConfig(
-            steps=steps,
-            batch_size=settings["batch_size"],
-            lr=settings["lr"],
-            lr_warm_up_steps=settings["lr_warm_up_steps"],
-            lr_decay_steps=steps // 5 if decay is None else decay,
-            sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
-            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
-            checkpoint_every=settings["checkpoint_every"],
-            log_every=settings["log_every"],
-            run_dir=str(out),
-            seed=settings["seed"],
-            progress=not args.no_progress,
-        )
-        trainer = Trainer(sae, source, train_cfg)
+        callbacks = _trackers(settings, out) if rank == 0 else []
+        trainer = Trainer(sae, source, train_cfg, callbacks=callbacks)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
@@ -260,7 +414,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         print(plots.results_table(metrics))
         if not args.no_plots:
-            curves = plots.plot_training_curves(plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
+            curves = plots.plot_training_curves(
+                plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png", activation=activation
+            )
             written = [curves]
             truth = getattr(source, "ground_truth", None)
             if truth is not None:
@@ -275,30 +431,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             if finished:  # leave together (rank 0 writes the tables and plots); gloo aborted once on a ragged exit
                 dist.barrier()
             dist.destroy_process_group()
-
-
-def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
-    """``live:<model>:<layer>``: z of that attention layer, captured while training from the pydoc text."""
-    from fusedsae.cache import LiveSource
-    from fusedsae.capture import attention_hooks, load_model, offline_texts
-
-    parts = spec.split(":")
-    if len(parts) != 3 or not parts[2].isdigit():
-        raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3")
-    model, tokenizer = load_model(parts[1])
-    hooks = attention_hooks(model, int(parts[2]))
-    return LiveSource(
-        model,
-        tokenizer,
-        offline_texts("pydoc"),
-        hooks.z,
-        settings["batch_size"],
-        n_heads=hooks.n_heads,
-        seed=settings["seed"],
-        rank=rank,
-        world_size=world,
-        info={"model": parts[1], "layer": int(parts[2]), "text": "pydoc"},
-    )
 
 
 def _source_metadata(source: Any) -> dict[str, Any]:
@@ -326,7 +458,7 @@ def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> Non
     )
     model.add_argument(
         "--layer",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2",
     )
@@ -336,9 +468,10 @@ def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> Non
         choices=["pydoc", "stdlib", "all"],
         help="offline text: pydoc (language reference topics), stdlib (docstrings) or all",
     )
-    model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
-    model.add_argument("--device", default="cpu", help="device of the model (default cpu)")
-    model.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    model.add_argument("--max-length", type=positive_int, default=128, help="tokens per text at most")
+    model.add_argument("--device", default="cpu", help="device of the model")
+    model.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    _add_common_args(p)
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -347,35 +480,36 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     hook = p.add_argument_group("hook (instead of --layer)")
     hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
     hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
-    hook.add_argument("--n-heads", type=int, default=None, help="heads in the hooked tensor (enables attribution)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after the texts holding this many tokens")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard, at least (default 65536)")
+    hook.add_argument("--n-heads", type=positive_int, help="heads in the hooked tensor (enables attribution)")
+    p.add_argument("--max-tokens", type=positive_int, help="stop after the texts holding this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    p.add_argument("--shard-tokens", type=positive_int, default=65536, help="rows per shard, at least")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="delete an existing cache in --out first")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _model_hook(args: argparse.Namespace, model: Any) -> tuple[Any, int | None, dict[str, Any]]:
-    from fusedsae.capture import HookSpec, attention_hooks
+    from fusedsae.capture import HookSpec
 
     if args.hook:
         return HookSpec(args.hook, args.io), args.n_heads, {}
     if args.layer is None:
-        raise SystemExit("give --layer (attention z of that layer) or --hook (any module path)")
-    hooks = attention_hooks(model, args.layer)
+        raise UsageError("give --layer (attention z of that layer) or --hook (any module path)")
+    hooks = _attention_hooks(model, args.layer)
     return hooks.z, hooks.n_heads, {"layer": args.layer}
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedsae.cache import CacheError, write_cache
-    from fusedsae.capture import load_model, offline_texts, texts_up_to
+    from fusedsae.cache import write_cache
+    from fusedsae.capture import offline_texts, texts_up_to
+    from fusedsae.data import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=_resolve_device(args.device, 0))
     hook, n_heads, extra = _model_hook(args, model)
     texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens, args.max_length)
     bar = None
@@ -405,8 +539,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    except CacheError as exc:
-        raise SystemExit(str(exc)) from exc
+    except ValueError as exc:  # a cache in the way (CacheError), a --hook the model does not have, its layout
+        raise UsageError(str(exc)) from exc
     finally:
         if bar is not None:
             bar.close()
@@ -427,11 +561,11 @@ def _add_attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="activation cache to scan (default: capture live with --model)")
     _add_model_args(p, None)
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="tokens to scan (default: the whole cache, or 20000 live)"
+        "--max-tokens", type=positive_int, default=None, help="tokens to scan (default: the whole cache, or 20000 live)"
     )
     p.add_argument("--features", default=None, help="comma-separated feature ids (default: the --top most frequent)")
-    p.add_argument("--top", type=int, default=5, help="how many features when --features is not given (default 5)")
-    p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per feature (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="how many features when --features is not given")
+    p.add_argument("--contexts", type=positive_int, default=5, help="top-activating contexts per feature")
     p.add_argument("--convention", default="raw", choices=["raw", "centred"])
     p.add_argument(
         "--no-model",
@@ -439,7 +573,26 @@ def _add_attribute_args(p: argparse.ArgumentParser) -> None:
         help="with --cache: do not run the model (only its tokenizer, for contexts; no per-source breakdown)",
     )
     p.add_argument("--out", default=None, help="folder for attribution.json and PNGs (default: next to the SAE)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+
+
+def _check_width(args: argparse.Namespace, sae: Any, width: int | None, where: str) -> None:
+    """An SAE reads activations of its own width: a mismatch is the user's choice of SAE or data, said first (a
+    later check would blame a symptom, such as the number of heads)."""
+    if width is not None and int(width) != sae.cfg.d_in:
+        raise UsageError(
+            f"{args.sae} takes d_in={sae.cfg.d_in} activations but {where} gives {width}; use an SAE trained on "
+            "this data (or the data it was trained on)"
+        )
+
+
+def _attention_hooks(model: Any, layer: int) -> Any:
+    from fusedsae.capture import attention_hooks
+
+    try:
+        return attention_hooks(model, layer)
+    except ValueError as exc:  # a layer the model does not have, or a model whose attention it cannot find
+        raise UsageError(f"--layer {layer}: {exc}") from exc
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -450,53 +603,52 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sae = load_sae(args.sae, device=args.device).eval()
+    sae = load_sae(args.sae, device=_resolve_device(args.device, 0)).eval()
     requested = None
     if args.features:  # checked before the scan, which can take minutes
         try:
             requested = [int(f) for f in args.features.split(",")]
         except ValueError as exc:
-            raise SystemExit(f"--features {args.features!r}: expected comma-separated integers") from exc
+            raise UsageError(f"--features {args.features!r}: expected comma-separated integers") from exc
         bad = [f for f in requested if not 0 <= f < sae.cfg.d_sae]
         if bad:
-            raise SystemExit(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
+            raise UsageError(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
     model = tokenizer = hooks = None
     z_of_row = None
     if args.cache:
-        from fusedsae.cache import ActivationCache, CacheError
+        from fusedsae.cache import ActivationCache
 
-        try:
-            cache = ActivationCache(args.cache)
-        except CacheError as exc:
-            raise SystemExit(str(exc)) from exc
+        cache = ActivationCache(args.cache)
+        _check_width(args, sae, cache.d_in, f"the cache {args.cache}")
         info = cache.source
         model_name = args.model or info.get("model")
         layer = args.layer if args.layer is not None else info.get("layer")
         n_heads = sae.cfg.n_heads or cache.n_heads
         batches, text_tokens, z_of_row = R.cache_reader(cache, args.max_tokens)
         if model_name is None:
-            raise SystemExit(f"{args.cache} does not say which model wrote it; give --model (its tokenizer is needed)")
-        from fusedsae.capture import attention_hooks, load_model
+            raise UsageError(f"{args.cache} does not say which model wrote it; give --model (its tokenizer is needed)")
+        from fusedsae.data import load_model
 
-        model, tokenizer = load_model(model_name, device=args.device)
+        model, tokenizer = load_model(model_name, device=_resolve_device(args.device, 0))
         if args.no_model or layer is None:
             model = None
         else:
-            hooks = attention_hooks(model, layer)
+            hooks = _attention_hooks(model, layer)
     else:
-        from fusedsae.capture import attention_hooks, load_model
+        from fusedsae.data import load_model
 
         if args.layer is None:
-            raise SystemExit("give --cache, or --layer with --model (default minilm) to capture live")
-        model, tokenizer = load_model(args.model or "minilm", device=args.device)
-        hooks = attention_hooks(model, args.layer)
+            raise UsageError("give --cache, or --layer with --model (default minilm) to capture live")
+        model, tokenizer = load_model(args.model or "minilm", device=_resolve_device(args.device, 0))
+        _check_width(args, sae, getattr(model.config, "hidden_size", None), f"model {args.model or 'minilm'}")
+        hooks = _attention_hooks(model, args.layer)
         n_heads = sae.cfg.n_heads or hooks.n_heads
         from fusedsae.capture import offline_texts, texts_up_to
 
         texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens or 20000, args.max_length)
         batches, text_tokens = R.live_reader(model, tokenizer, hooks, texts, args.max_length)
     if n_heads is None:
-        raise SystemExit(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
+        raise UsageError(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
     if sae.cfg.n_heads is None:
         sae.cfg = sae.cfg.replace(n_heads=n_heads)
     found = R.scan(sae, batches, n_contexts=args.contexts)
@@ -532,12 +684,13 @@ def _add_toy_args(p: argparse.ArgumentParser) -> None:
         choices=[*EXPERIMENTS, "all"],
         help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items()),
     )
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per SAE (default 600)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, … or auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--steps", type=positive_int, default=600, help="optimizer steps per SAE")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the SAEs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, … or auto")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default="runs/toy-experiments", help="writes <experiment>.json and .png here")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    _add_common_args(p)
 
 
 def _print_case(row: dict[str, Any]) -> None:
@@ -555,8 +708,6 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(args.device, 0)
@@ -619,19 +770,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "info": cmd_info,
+    "cache": cmd_cache,
+    "attribute": cmd_attribute,
+    "toy": cmd_toy,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user's input is wrong (each names what and the fix): one line, not a traceback.
+    Imported here, not at the top, so that ``--help`` and ``--version`` do not load torch."""
+    from fusedsae.cache import CacheError
+    from fusedsae.checkpoint import CheckpointError
+    from fusedsae.data import DataError
+    from fusedsae.formats import SAEFormatError
+
+    return (UsageError, DataError, CacheError, CheckpointError, SAEFormatError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    if args.command == "info":
-        return cmd_info(args)
-    if args.command == "cache":
-        return cmd_cache(args)
-    if args.command == "attribute":
-        return cmd_attribute(args)
-    if args.command == "toy":
-        return cmd_toy(args)
-    raise AssertionError(args.command)
+    """Runs one command; returns its exit status. A user's mistake raises ``SystemExit`` with one line
+    (``fusedsae <command>: error: …``; exit status 1), a bad option exits 2 with one line; ``--debug`` re-raises
+    the original exception instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = _typed_options(build_parser(), argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        raise SystemExit(f"fusedsae {args.command}: interrupted") from None
+    except Exception as exc:
+        if args.debug or not isinstance(exc, _user_errors()):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise SystemExit(f"fusedsae {args.command}: error: {message}") from None
 
 
 if __name__ == "__main__":
