@@ -218,9 +218,9 @@ def to_json(reports: list[FeatureReport]) -> list[dict[str, Any]]:
 def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
     """``feature_<f>_heads.png`` (contexts × heads heatmap of the contributions) and, when per-source terms exist,
     ``feature_<f>_sources.png`` (heads × source tokens of the top context)."""
-    from fusedsae.plots import _pyplot
+    from fusedsae.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
