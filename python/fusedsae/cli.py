@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fusedsae._version import __version__
+from fusedsae import __version__
 from fusedsae.tracking import TRACKERS
 
 RUN_CONFIG = "run_config.json"
@@ -26,8 +26,9 @@ RUN_CONFIG = "run_config.json"
 # Options that shape how a command runs, not what the run is: not saved in run_config.json, free on --resume.
 NOT_SETTINGS = ("command", "resume", "no_plots", "no_progress", "threads", "debug", "given")
 # Settings --resume applies when they differ from the saved run: they change the schedule's length, the step size
-# or what is logged, never the SAE, its data or the optimizer state the checkpoint holds.
-SAFE_ON_RESUME = ("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project")
+# or what is logged, never the SAE, its data or the optimizer state the checkpoint holds (--out is where the run
+# was found, however it is spelled).
+SAFE_ON_RESUME = ("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out")
 TOY_OPTIONS = ("d_in", "n_features", "mean_active", "toy_seed")
 
 
@@ -243,7 +244,12 @@ def _check_train_args(args: argparse.Namespace) -> None:
 def _resume_settings(args: argparse.Namespace, settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """The settings of the run in ``out`` with the typed options of this command: a safe difference
     (:data:`SAFE_ON_RESUME`) is applied and said; any other is refused with the difference."""
-    saved = json.loads((out / RUN_CONFIG).read_text())
+    try:
+        saved = json.loads((out / RUN_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: cannot read {out / RUN_CONFIG} ({exc}); it is not a fusedsae run folder") from exc
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {out / RUN_CONFIG} does not hold a run's settings")
     differing = [name for name in sorted(args.given) if name in settings and saved.get(name) != settings[name]]
     refused = [name for name in differing if name not in SAFE_ON_RESUME]
     if refused:

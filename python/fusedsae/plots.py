@@ -71,8 +71,17 @@ def training_panels(rows: list[dict[str, Any]], activation: str | None = None) -
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, activation: str | None = None) -> Path:
-    """Loss terms, FVU, L0 (learned-sparsity SAEs only), dead fraction and (toy data) MMCS against training tokens;
-    the panels are :func:`training_panels`."""
+    """Writes :func:`training_figure` to ``path`` (PNG)."""
+    plt = pyplot()
+    fig = training_figure(rows, activation)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def training_figure(rows: list[dict[str, Any]], activation: str | None = None) -> Any:
+    """Loss terms, FVU, L0 (learned-sparsity SAEs only), dead fraction and (toy data) MMCS against training tokens
+    (the panels of :func:`training_panels`), as a matplotlib Figure."""
     plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
@@ -106,9 +115,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, activatio
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_decoder_vs_truth(W_dec: Tensor, ground_truth: Tensor, path: str | Path, max_features: int = 64) -> Path:
