@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def training_figure(rows: list[dict[str, Any]], activation: str | None = None) -
     """Loss terms, FVU, L0 (learned-sparsity SAEs only), dead fraction and (toy data) MMCS against training tokens
     (the panels of :func:`training_panels`), as a matplotlib Figure."""
     plt = pyplot()
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     panels = training_panels(rows, activation)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0), squeeze=False)
@@ -102,9 +103,12 @@ def training_figure(rows: list[dict[str, Any]], activation: str | None = None) -
         ax.xaxis.set_major_formatter(count_formatter())
         if title in ("loss", "reconstruction"):
             ax.set_yscale("log")
-            # plain numbers (0.4, 0.6) rather than 4 x 10^-1 on axes that span less than a decade
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+            # plain numbers (0.4, 0.6) rather than 4 x 10^-1; minor ticks are labelled only on an axis that spans
+            # about a decade or less (on a wider one their labels pile up)
+            plain = FuncFormatter(lambda value, _pos: f"{value:.3g}")
+            low, high = ax.get_ylim()
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain if math.log10(high / low) <= 1.2 else NullFormatter())
         elif title == "dead latents":
             top = max((r.get("dead_fraction") or 0.0 for r in rows), default=0.0)
             ax.set_ylim(0.0, max(0.05, 1.1 * top))  # a fraction: never below 0; an all-zero line sits on the axis
@@ -152,7 +156,8 @@ def plot_experiment(result: Any, path: str | Path) -> Path:
 
     plt = pyplot()
     rows, bases = result.rows, result.bases
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) * len(bases) + 1.5), 3.8))
+    # at most 14 inches (1540 px): eight cases of two bases made a 2100-pixel-wide image
+    fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.8 * len(rows) * len(bases) + 2.5)), 3.8))
     width = 0.8 / len(bases)
     for j, basis in enumerate(bases):
         xs = [i + (j - (len(bases) - 1) / 2) * width for i in range(len(rows))]
@@ -161,9 +166,10 @@ def plot_experiment(result: Any, path: str | Path) -> Path:
     labels = ["\n".join(f"{k}={v}" for k, v in settings(r).items()) + f"\n-> {r['basis']}" for r in rows]
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("mean max cosine")
+    ax.set_ylabel(f"MMCS (dashed: {MATCH_MMCS}, a match)", fontsize=8)
+    ax.set_xlabel("case: its settings and the basis the SAE learned", fontsize=8)
     ax.set_title(f"{result.name}\n{result.question}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
