@@ -136,6 +136,7 @@ def _mistakes(root: Path) -> dict[str, list[str]]:
         "SAE on a wider cache": ["attribute", "--sae", str(root / "toy_sae"), "--cache", str(root / "cache384")],
         "no such SAE": ["attribute", "--sae", str(root / "nothing"), "--cache", str(root / "cache384")],
         "no such command": ["trian"],
+        "out is a file": ["train", "--out", str(root / "junk.txt"), *QUICK],
     }
 
 
@@ -178,6 +179,7 @@ def test_every_user_mistake_is_one_clear_line(bad_files, capsys):
         "SAE on a wider cache": "takes d_in=64 activations but the cache",
         "no such SAE": "nothing",
         "no such command": "invalid choice: 'trian'",
+        "out is a file": "File exists",
     }
     for name, argv in _mistakes(bad_files).items():
         line = _one_line_error(argv, capsys)
@@ -244,7 +246,8 @@ def test_version_help_and_a_real_process(tmp_path, capsys):
     for argv, code in (
         (["train", "--data", str(tmp_path / "junk.txt"), "--out", str(tmp_path)], 1),
         (["train", "--k", "0"], 2),
-        (["train", "--data", "live:gpt2:3", "--out", str(tmp_path)], 1),  # not in the HF cache, offline
+        # a hub id that is in no Hugging Face cache, offline (as live:gpt2:3 on a machine that never downloaded it)
+        (["train", "--data", "live:fusedsae-tests/no-such-model:3", "--out", str(tmp_path)], 1),
     ):
         result = subprocess.run(
             [sys.executable, "-m", "fusedsae", *argv], env=env, capture_output=True, text=True, timeout=300

@@ -787,13 +787,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user's input is wrong (each names what and the fix): one line, not a traceback.
-    Imported here, not at the top, so that ``--help`` and ``--version`` do not load torch."""
+    ``OSError`` is the file system refusing a path the user gave (a file where --out wants a folder, no permission,
+    a full disk); its message names the path. Imported here, not at the top, so that ``--help`` and ``--version``
+    do not load torch."""
     from fusedsae.cache import CacheError
     from fusedsae.checkpoint import CheckpointError
     from fusedsae.data import DataError
     from fusedsae.formats import SAEFormatError
 
-    return (UsageError, DataError, CacheError, CheckpointError, SAEFormatError)
+    return (UsageError, DataError, CacheError, CheckpointError, SAEFormatError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
