@@ -767,3 +767,33 @@ def test_opcheck(op):
             opcheck_cases(torch.float32, DEVICE, "jumprelu")[op],
             test_utils=checks,
         )
+
+
+@pytest.mark.parametrize("layout", ["hot latent", "uniform"])
+def test_latent_sums_hot_latent_match_reference_and_repeat_bitwise(layout):
+    # A latent that fires on every token spans several chunks of the sorted entry list (16 entries per chunk in
+    # the interpreter): its pieces go through the combine pass. The uniform layout spreads the entries evenly.
+    n, d_in, d_sae, k = 72, 19, 37, 4
+    if layout == "hot latent":
+        indices = torch.stack([torch.randperm(d_sae - 1, device=DEVICE)[: k - 1] + 1 for _ in range(n)])
+        indices = torch.cat([torch.zeros(n, 1, dtype=torch.int64, device=DEVICE), indices], dim=1)
+        indices = indices[:, torch.randperm(k, device=DEVICE)]
+    else:
+        indices = torch.stack([torch.randperm(d_sae, device=DEVICE)[:k] for _ in range(n)])
+    grad, x, g = randn(n, k), randn(n, d_in), randn(n, d_in)
+    W_enc, _, b_dec, W_dec = make_weights(d_in, d_sae)
+    with on_triton():
+        runs = [
+            (
+                torch.ops.fusedsae.sparse_encode_backward(grad, indices, x, W_enc, b_dec, False),
+                torch.ops.fusedsae.sparse_decode_backward(g, grad, indices, W_dec),
+            )
+            for _ in range(2)
+        ]
+    expected_enc = reference.sparse_encode_backward(grad, indices, x, W_enc, b_dec, False)
+    expected_dec = reference.sparse_decode_backward(g, grad, indices, W_dec)
+    for name, a, e in zip(["dW_enc", "db_enc", "db_dec"], runs[0][0][1:], expected_enc[1:]):
+        torch.testing.assert_close(a, e, msg=name)
+    torch.testing.assert_close(runs[0][1][1], expected_dec[1], msg="dW_dec")
+    first, again = (torch.cat([t.reshape(-1) for t in (*enc[1:], dec[1])]) for enc, dec in runs)
+    assert torch.equal(first, again)

@@ -14,6 +14,7 @@ latent (a stable sort) and reduce each group with ``embedding_bag``, which is de
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -234,16 +235,21 @@ def sparse_encode_backward(
     W_enc: Tensor,
     b_dec: Tensor | None,
     need_dx: bool,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of a sparse encoder, given ``grad [N, m]``, the gradient of the loss w.r.t. the pre-activation
-    at the active entries ``indices [N, m]`` (repeated indices add up).
+    at the active entries ``indices [N, m]`` (repeated indices add up). ``order, keys, offsets``: the
+    :func:`latent_segments` of ``indices`` if already computed.
 
     Returns ``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])``. ``dW_enc`` is
     non-zero only at active columns; ``db_dec = -W_enc @ db_enc`` reduces over the batch before the mat-vec.
     """
     d_sae = W_enc.shape[1]
     x_c = center(x, b_dec)
-    dW_enc = transposed(scatter_rows(x_c, indices, grad, d_sae))
+    segments = None if order is None else Segments(order, keys, offsets)  # type: ignore[arg-type]
+    dW_enc = transposed(scatter_rows(x_c, indices, grad, d_sae, segments))
     db_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
     db_enc.index_add_(0, indices.reshape(-1).long(), grad.reshape(-1))
     db_dec = -(W_enc @ db_enc) if b_dec is not None else grad.new_empty(0)
@@ -279,31 +285,60 @@ def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
     return out.view(n, m)
 
 
-def scatter_rows(src: Tensor, indices: Tensor, weights: Tensor, n_out: int) -> Tensor:
+class Segments(NamedTuple):
+    """The active entries of an ``[N, m]`` index array grouped by latent: one stable sort, shared by every per-latent
+    sum of a step (the decoder's ``d W_dec`` and the encoder's ``d W_enc``/``d b_enc``).
+
+    ``order [N*m]`` int64: flat entry positions ``n * m + j`` by latent, then by position; ``keys [N*m]`` int32: the
+    latent of each (sorted); ``offsets [n_latents + 1]`` int64: latent ``i`` owns ``order[offsets[i]:offsets[i+1]]``.
+    """
+
+    order: Tensor
+    keys: Tensor
+    offsets: Tensor
+
+
+def latent_segments(indices: Tensor, n_latents: int) -> Segments:
+    """:class:`Segments` of ``indices [N, m]`` (values in ``[0, n_latents)``, ``n_latents < 2**31``). int32 keys
+    halve the sort's traffic; ``searchsorted`` finds the offsets on the device (``bincount`` would read its range
+    back to the host on CUDA)."""
+    keys, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
+    bounds = torch.arange(n_latents + 1, dtype=torch.int32, device=indices.device)
+    return Segments(order, keys, torch.searchsorted(keys, bounds))
+
+
+def scatter_rows(src: Tensor, indices: Tensor, weights: Tensor, n_out: int, segments: Segments | None = None) -> Tensor:
     """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * src[n]``: ``[n_out, d]``.
 
-    Deterministic: entries are grouped by ``i`` with a stable sort and each group is summed in token order by
-    ``embedding_bag`` (no float atomics).
+    Deterministic: entries are grouped by ``i`` with a stable sort (``segments``, computed here if not given) and
+    each group is summed in token order by ``embedding_bag`` (no float atomics).
     """
     m = indices.shape[1]
-    flat = indices.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
+    order, _, offsets = segments if segments is not None else latent_segments(indices, n_out)
     tokens = torch.div(order, m, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=n_out)
-    offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(
-        tokens, src, offsets, per_sample_weights=weights.reshape(-1)[order].to(src.dtype), mode="sum"
+        tokens, src, offsets[:-1], per_sample_weights=weights.reshape(-1)[order].to(src.dtype), mode="sum"
     )
 
 
-def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_decode` given ``grad_out [N, d_in]``: ``(d_values [N, m], dW_dec [d_sae, d_in])``.
+def sparse_decode_backward(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`sparse_decode` given ``grad_out [N, d_in]``: ``(d_values [N, m], dW_dec [d_sae, d_in])``;
+    ``order, keys, offsets`` as for :func:`sparse_encode_backward`.
 
     ``d_values`` is a gather-dot over the active rows only; ``dW_dec`` sums ``value * grad_out[token]`` per
     latent, deterministically. (``d b_dec = grad_out.sum(0)``.)
     """
     d_values = gather_dot(W_dec, indices, grad_out)
-    dW_dec = scatter_rows(grad_out, indices, values, W_dec.shape[0])
+    segments = None if order is None else Segments(order, keys, offsets)  # type: ignore[arg-type]
+    dW_dec = scatter_rows(grad_out, indices, values, W_dec.shape[0], segments)
     return d_values, dW_dec
 
 

@@ -14,7 +14,7 @@ buffer overflows, and larger k, take a two-pass path (the Triton GEMM writes the
 Triton kernel turns it into keys, ``torch.topk`` selects). An AuxK ``aux_k`` beyond the limit is selected from a
 second GEMM over only the masked (dead) columns.
 
-Determinism: ``d W_dec``, ``d W_enc`` and ``d b_enc`` sort the active entries by latent and sum each latent's
+Determinism: ``d W_dec``, ``d W_enc`` and ``d b_enc`` sort the active entries by latent and sum fixed chunks of the
 entries in token order, with no float atomics, so they are bitwise reproducible. :func:`set_deterministic`
 (``False``) or ``FUSEDSAE_DETERMINISTIC=0`` switches them to float32 atomics instead (no sort; results vary in
 the last bits). ``torch.use_deterministic_algorithms(True)`` always wins. Every other kernel is deterministic.
@@ -643,10 +643,13 @@ def _latent_sums(
     n_out: int,
     out_strides: tuple[int, int],
     sums: Tensor | None,
+    segments: tuple[Tensor, Tensor, Tensor] | None,
 ) -> None:
     """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * (src[n] - shift)`` for every latent
     ``i < n_out`` (zero rows for unused latents), stored through ``out_strides = (latent, column)``; with ``sums``,
-    also ``sums[i] = sum of those weights``. Deterministic (sorted) unless :func:`deterministic` is off."""
+    also ``sums[i] = sum of those weights``. Deterministic (sorted; ``segments`` are
+    :func:`fusedsae.reference.latent_segments` of ``indices`` if the caller has them) unless :func:`deterministic`
+    is off."""
     d = src.shape[1]
     m = indices.shape[1]
     flat = indices.reshape(-1)
@@ -677,24 +680,30 @@ def _latent_sums(
         if sums is not None:
             sums.copy_(acc_sums)
         return
-    # Group entries by latent: a stable sort of the N*m ids (0.5 M keys at 16384 x 32, tens of microseconds on a
-    # GPU) and integer counts; within a latent, entries stay in token order.
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_out)
-    offsets = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    # 16 latents x 128 columns per program: coalesced 16-wide stores when d W_enc is written transposed; about
-    # N*k/d_sae = 16 entries per latent at 16384 x 32 / 32768, so the in-step walk wastes little on uneven lists.
-    block_l, block_d, launch = (16, 128, {"num_warps": 4}) if gpu else (16, 16, {})
-    sparse._segment_sum_kernel[(triton.cdiv(n_out, block_l), triton.cdiv(d, block_d))](
+    # Group entries by latent (one stable int32 sort per step, shared with the other backward when the caller
+    # passes it), then sum fixed chunks of the sorted list and combine the pieces of latents that cross chunks.
+    order, keys, offsets = segments if segments is not None else reference.latent_segments(indices, n_out)
+    n_entries = flat.numel()
+    # 64 entries x 128 columns per program: a [64, 128] float32 tile gathered at once, then a segmented scan. About
+    # 16 entries per latent at 16384 x 32 / 32768, so a chunk holds a few latents; a latent firing on all 16384
+    # tokens is 256 chunks of parallel work plus a 256-step combine, instead of a 16384-step walk.
+    chunk, block_d, launch = (64, 128, {"num_warps": 4}) if gpu else (16, 16, {})
+    n_chunks = triton.cdiv(n_entries, chunk)
+    part = torch.empty(n_chunks, 2, d, dtype=torch.float32, device=out.device)
+    part_sums = None if sums is None else torch.empty(n_chunks, 2, dtype=torch.float32, device=out.device)
+    col_blocks = triton.cdiv(d, block_d)
+    sparse._segment_chunk_kernel[(n_chunks, col_blocks)](
         src,
         shift,
         order,
+        keys,
         weights.reshape(-1),
         offsets,
         out,
         sums,
-        n_out,
+        part,
+        part_sums,
+        n_entries,
         d,
         m,
         src.stride(0),
@@ -702,6 +711,23 @@ def _latent_sums(
         out_strides[1],
         HAS_SHIFT=shift is not None,
         WRITE_SUMS=sums is not None,
+        CHUNK=chunk,
+        BLOCK_D=block_d,
+        **launch,
+    )
+    block_l = 16
+    sparse._segment_combine_kernel[(triton.cdiv(n_out, block_l), col_blocks)](
+        offsets,
+        part,
+        part_sums,
+        out,
+        sums,
+        n_out,
+        d,
+        out_strides[0],
+        out_strides[1],
+        WRITE_SUMS=sums is not None,
+        CHUNK=chunk,
         BLOCK_L=block_l,
         BLOCK_D=block_d,
         **launch,
@@ -724,7 +750,15 @@ def _sparse_refusal(values: Tensor, indices: Tensor, *floats: Tensor | None) -> 
 
 @_on_device
 def sparse_encode_backward_fwd(
-    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from the gradient at
     the active entries (repeated indices add up). Only the ``N*m`` active entries are touched: ``dW_enc`` is a
@@ -739,7 +773,8 @@ def sparse_encode_backward_fwd(
         dW_enc.zero_()
         db_enc.zero_()
     else:
-        _latent_sums(x, b_dec, indices, grad, dW_enc, d_sae, (dW_enc.stride(1), dW_enc.stride(0)), db_enc)
+        segments = None if order is None else (order, keys, offsets)
+        _latent_sums(x, b_dec, indices, grad, dW_enc, d_sae, (dW_enc.stride(1), dW_enc.stride(0)), db_enc, segments)
     db_dec = _launch_matvec(W_enc, db_enc, -1.0) if b_dec is not None else grad.new_empty(0)
     if need_dx:
         table, stride_tr, stride_td = _latent_rows(W_enc, grad.numel())
@@ -762,7 +797,13 @@ def sparse_decode_fwd(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
 
 @_on_device
 def sparse_decode_backward_fwd(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(d_values [N, m], dW_dec [d_sae, d_in])``: a gather-dot at the active rows, and per-latent sums of
     ``value * grad_out[token]`` (deterministic unless :func:`set_deterministic` is off)."""
@@ -772,7 +813,8 @@ def sparse_decode_backward_fwd(
     if values.numel() == 0:
         dW_dec.zero_()
     else:
-        _latent_sums(grad_out, None, indices, values, dW_dec, W_dec.shape[0], (dW_dec.stride(0), 1), None)
+        segments = None if order is None else (order, keys, offsets)
+        _latent_sums(grad_out, None, indices, values, dW_dec, W_dec.shape[0], (dW_dec.stride(0), 1), None, segments)
     return d_values, dW_dec
 
 
@@ -976,11 +1018,11 @@ def _decode_supports(values, indices, W_dec, b_dec) -> str | None:
     return _sparse_refusal(values, indices, W_dec, b_dec)
 
 
-def _decode_backward_supports(grad_out, values, indices, W_dec) -> str | None:
+def _decode_backward_supports(grad_out, values, indices, W_dec, *_segments) -> str | None:
     return _sparse_refusal(values, indices, grad_out, W_dec)
 
 
-def _encode_backward_supports(grad, indices, x, W_enc, b_dec, need_dx) -> str | None:
+def _encode_backward_supports(grad, indices, x, W_enc, b_dec, need_dx, *_segments) -> str | None:
     return _sparse_refusal(grad, indices, x, W_enc, b_dec)
 
 
