@@ -312,7 +312,8 @@ def _candidate_capacity(kp: int, columns: int, block_n: int) -> int:
 
 
 def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor:
-    """Sorted keys ``[N, k]``: the k best of each row's candidates (``_topk_candidates_kernel``)."""
+    """Sorted keys ``[N, next_pow2(k)]``: the best of each row's candidates (``_topk_candidates_kernel``);
+    ``KEY_NONE`` where a row has fewer candidates."""
     n, n_splits, cap = cand.shape
     kp = triton.next_power_of_2(k)
     block_m, block_n, launch = (32, max(128, kp), {"num_warps": 8}) if _gpu(t) else (16, max(16, kp), {})
@@ -320,7 +321,17 @@ def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor
     topk._topk_candidates_kernel[(triton.cdiv(n, block_m),)](
         cand, count, keys, n, n_splits, cap, keys.stride(0), KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, **launch
     )
-    return keys[:, :k]
+    return keys
+
+
+# The key below every real key (kernels/topk.py _KEY_NONE): padding, and the sign that a row lacks candidates.
+KEY_NONE = -(2**63)
+
+
+def _needs_redo(keys: Tensor, count: Tensor, cap: int, k: int) -> Tensor:
+    """``[N]`` bool, on the device: rows whose candidates cannot be trusted (a buffer overflowed, so entries above
+    the bound were dropped) or that hold fewer than k candidates (fewer than k entries above -inf)."""
+    return (count > cap).any(dim=1) | (keys[:, k - 1] == KEY_NONE)
 
 
 def _fused_topk_keys(
@@ -352,9 +363,8 @@ def _fused_topk_keys(
     cap_aux = 1
     if aux_k:
         assert aux_mask is not None
-        # never more slots than dead latents: with few dead ones the buffer holds all of them
-        eligible = int(aux_mask.sum())
-        cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * triton.cdiv(eligible, block_n))
+        # sized like the main buffer, not by the dead count: reading that count would stall the host every step
+        cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * per_split)
         aux_cand = torch.empty(n, n_splits, cap_aux, dtype=torch.int64, device=x.device)
         aux_count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
     encoder._topk_encode_fwd_kernel[(row_blocks, n_splits)](
@@ -389,18 +399,45 @@ def _fused_topk_keys(
         **launch,
     )
     keys = _select_candidates(cand, count, k, x)
-    overflow = (count > cap).any(dim=1)
+    redo = _needs_redo(keys, count, cap, k)
     aux_keys = None
     if aux_cand is not None:
         aux_keys = _select_candidates(aux_cand, aux_count, aux_k, x)
-        overflow |= (aux_count > cap_aux).any(dim=1)
-    if bool(overflow.any()):
-        rows = overflow.nonzero().squeeze(1)
-        exact, exact_aux = _two_pass_topk_keys(x[rows], W_enc, b_enc, b_dec, k, aux_k, aux_mask)
-        keys[rows] = exact
-        if aux_keys is not None:
-            aux_keys[rows] = exact_aux
-    return keys, aux_keys
+        redo |= _needs_redo(aux_keys, aux_count, cap_aux, aux_k)
+    # Rows to redo are redone by a kernel that reads `redo` itself (blocks without one exit at once): no host read,
+    # so the step stays asynchronous and capturable in a CUDA graph.
+    if _gpu(x):
+        block_m, block_n, block_k = 32, 128, 32 if x.dtype == torch.float32 else 64
+        launch = {"num_warps": 8, "num_stages": 2}
+    encoder._topk_encode_redo_kernel[(triton.cdiv(n, block_m),)](
+        x,
+        W_enc,
+        b_enc,
+        b_dec,
+        None if aux_keys is None else aux_mask.view(torch.uint8),
+        redo,
+        keys,
+        aux_keys,
+        n,
+        d_in,
+        d_sae,
+        x.stride(0),
+        x.stride(1),
+        W_enc.stride(0),
+        W_enc.stride(1),
+        keys.stride(0),
+        0 if aux_keys is None else aux_keys.stride(0),
+        HAS_B_DEC=b_dec is not None,
+        HAS_AUX=aux_keys is not None,
+        KP=kp,
+        KP_AUX=kp_aux,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **_dot_args(x),
+        **launch,
+    )
+    return keys[:, :k], None if aux_keys is None else aux_keys[:, :aux_k]
 
 
 def _launch_row_keys(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -426,7 +463,8 @@ def _two_pass_topk_keys(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Same result as :func:`_fused_topk_keys` for any k: per row chunk, the Triton GEMM writes the
-    pre-activation, a Triton kernel turns it into keys (masked for AuxK), and ``torch.topk`` selects on them."""
+    pre-activation, a Triton kernel turns it into keys (latents outside ``aux_mask`` keyed as -inf for AuxK), and
+    ``torch.topk`` selects on them. ``k=0`` selects only the AuxK keys (``[N, 0]`` main keys)."""
     n = x.shape[0]
     d_sae = W_enc.shape[1]
     keys = torch.empty(n, k, dtype=torch.int64, device=x.device)
@@ -435,7 +473,8 @@ def _two_pass_topk_keys(
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         pre = _launch_encode_dense(x[rows], W_enc, b_enc, b_dec, None, "none")
-        keys[rows] = torch.topk(_launch_row_keys(pre, None), k, dim=1, sorted=True).values
+        if k:
+            keys[rows] = torch.topk(_launch_row_keys(pre, None), k, dim=1, sorted=True).values
         if aux_keys is not None:
             aux_keys[rows] = torch.topk(_launch_row_keys(pre, aux_mask), aux_k, dim=1, sorted=True).values
     return keys, aux_keys
@@ -455,14 +494,11 @@ def _topk_select(
     elif aux_k == 0 or _fits_fused(aux_k):
         keys, aux_keys = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
     else:
+        # A wide AuxK selection takes a second GEMM over all columns (the dead ones are not listed: that needs a
+        # host read). Training does not come here: SparseAutoencoder.training_forward selects AuxK over a
+        # static-size list of the possibly dead columns (fusedsae.sae.auxk_reconstruction).
         keys, _ = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, 0, None)
-        assert aux_mask is not None
-        # A wide AuxK selection runs over the dead columns only: its GEMM costs the dead fraction of the main one.
-        cols = aux_mask.nonzero().squeeze(1)
-        sub_keys, _ = _two_pass_topk_keys(x, W_enc[:, cols], b_enc[cols], b_dec, aux_k, 0, None)
-        aux_values, sub_indices = _decode_keys(sub_keys, x.dtype)
-        values, indices = _decode_keys(keys, x.dtype)
-        return values, indices, aux_values, cols[sub_indices]
+        _, aux_keys = _two_pass_topk_keys(x, W_enc, b_enc, b_dec, 0, aux_k, aux_mask)
     values, indices = _decode_keys(keys, x.dtype)
     if aux_keys is None:
         return values, indices, x.new_empty(n, 0), torch.empty(n, 0, dtype=torch.int64, device=x.device)
@@ -869,11 +905,22 @@ def row_topk_fwd(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         **launch,
     )
     keys = _select_candidates(cand, count, k, scores)
-    overflow = (count > cap).any(dim=1)
-    if bool(overflow.any()):
-        rows = overflow.nonzero().squeeze(1)
-        keys[rows] = _keys_by_torch_topk(scores[rows], k)
-    return _decode_keys(keys, scores.dtype)
+    redo = _needs_redo(keys, count, cap, k)
+    block_m, block_n, launch = (16, max(128, kp), {"num_warps": 8}) if _gpu(scores) else (16, max(16, kp), {})
+    topk._row_topk_redo_kernel[(triton.cdiv(n, block_m),)](
+        scores,
+        redo,
+        keys,
+        n,
+        width,
+        scores.stride(0),
+        keys.stride(0),
+        KP=kp,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **launch,
+    )
+    return _decode_keys(keys[:, :k], scores.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
