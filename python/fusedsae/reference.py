@@ -87,17 +87,27 @@ def _order_by_value_then_index(values: Tensor, indices: Tensor) -> tuple[Tensor,
     return values, indices.gather(1, perm)
 
 
+# Whether the reference may read a CPU tensor's values on the host (one check of the TopK tie condition). On the
+# CPU that read waits for nothing and saves two passes over the scores; on an accelerator it would stall the queue,
+# so there the tie fix-up runs on the device. tests/test_sync.py turns it off to count what a GPU would run.
+CPU_HOST_READS = True
+
+
 def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row, ties broken by the lower index, sorted by value then index.
 
     ``scores [N, M] -> (values [N, k], indices [N, k] int64)``. ``torch.topk`` promises no order among ties, so
-    this takes k+1 candidates: a row whose (k+1)-th value equals its k-th has a tie across the cut-off and is
-    redone with a stable sort (rare on real data: all-equal rows, quantised inputs).
+    entries equal to the k-th value may be the wrong ones. On the CPU this takes k+1 candidates and redoes rows
+    whose (k+1)-th value equals their k-th with a stable sort (rare on real data: all-equal rows, quantised
+    inputs); elsewhere (no host read) the slots holding the k-th value are refilled on the device with the
+    lowest-index entries equal to it.
     """
     width = scores.shape[1]
     if k >= width:
         values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
         return values[:, :k], indices[:, :k]
+    if not (CPU_HOST_READS and scores.device.type == "cpu"):
+        return _row_topk_on_device(scores, k)
     values, indices = torch.topk(scores, k + 1, dim=1, largest=True, sorted=True)
     tied = values[:, k] == values[:, k - 1]
     values, indices = values[:, :k], indices[:, :k]
@@ -108,6 +118,25 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         indices = indices.clone()
         values[rows] = v[:, :k]
         indices[rows] = i[:, :k]
+    return _order_by_value_then_index(values, indices)
+
+
+def _row_topk_on_device(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`row_topk` with static shapes and no host read. Every entry above the k-th value ``t`` is in any
+    top-k set (the first ``n_gt`` slots of the sorted result); the other slots hold ``t`` and go to the
+    lowest-index entries equal to ``t``, found by a second ``topk`` on ``where(s == t, M - column, 0)`` (distinct
+    keys among the ties). Three extra passes over the scores."""
+    width = scores.shape[1]
+    values, indices = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    t = values[:, k - 1 :]
+    n_gt = (values > t).sum(1, keepdim=True)
+    reversed_cols = torch.arange(width, 0, -1, device=scores.device)
+    first_tied = width - torch.topk(torch.where(scores == t, reversed_cols, 0), k, dim=1, sorted=True).values
+    slots = torch.arange(k, device=scores.device).expand_as(indices)
+    tied_slot = slots >= n_gt
+    refill = first_tied.gather(1, (slots - n_gt).clamp_min(0))
+    # t is NaN when a row holds NaNs among its top k: nothing equals it, so keep topk's choice in that row
+    indices = torch.where(tied_slot & ~torch.isnan(t), refill, indices)
     return _order_by_value_then_index(values, indices)
 
 
