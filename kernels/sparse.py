@@ -189,7 +189,9 @@ def _segment_chunk_kernel(
     part_ptrs = part_ptr + ((chunk.to(tl.int64) * 2 + slot) * D)[:, None] + cols64[None, :]
     tl.store(part_ptrs, run_sums, mask=piece[:, None] & col_mask[None, :])
     if WRITE_SUMS:
-        first_cols = tl.program_id(1) == 0
+        # a [CHUNK] bool tensor, not a scalar: newer interpreters (triton 3.9, numpy 2.4) reject a mask made of a
+        # tensor & a scalar bool ('mask has unsupported dtype')
+        first_cols = (tl.zeros([CHUNK], dtype=tl.int32) + tl.program_id(1)) == 0
         _, w_sums = tl.associative_scan((starts, tl.where(valid, w, 0.0)), 0, _segmented_add)
         tl.store(sums_ptr + lat64, w_sums.to(sums_ptr.dtype.element_ty), mask=complete & first_cols)
         tl.store(part_sums_ptr + chunk.to(tl.int64) * 2 + slot, w_sums, mask=piece & first_cols)
@@ -244,7 +246,8 @@ def _segment_combine_kernel(
     out_ptrs = out_ptr + lats.to(tl.int64)[:, None] * stride_ol + cols64[None, :] * stride_od
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=write[:, None] & col_mask[None, :])
     if WRITE_SUMS:
-        tl.store(sums_ptr + lats, total.to(sums_ptr.dtype.element_ty), mask=write & (tl.program_id(1) == 0))
+        first_cols = (tl.zeros([BLOCK_L], dtype=tl.int32) + tl.program_id(1)) == 0  # a bool tensor (see above)
+        tl.store(sums_ptr + lats, total.to(sums_ptr.dtype.element_ty), mask=write & first_cols)
 
 
 @triton.jit
@@ -283,7 +286,8 @@ def _scatter_add_kernel(
     out_ptrs = out_ptr + lat[:, None] * stride_ol + cols.to(tl.int64)[None, :] * stride_od
     tl.atomic_add(out_ptrs, w[:, None] * row, mask=mask)
     if WRITE_SUMS:
-        tl.atomic_add(sums_ptr + lat, w, mask=e_mask & (tl.program_id(1) == 0))
+        first_cols = (tl.zeros([BLOCK_E], dtype=tl.int32) + tl.program_id(1)) == 0  # a bool tensor (triton 3.9)
+        tl.atomic_add(sums_ptr + lat, w, mask=e_mask & first_cols)
 
 
 @triton.jit
