@@ -79,11 +79,11 @@ def test_counter_sees_what_syncs():
     )
 
 
-def _trainer(activation: str, aux_k: int) -> fusedsae.Trainer:
+def _trainer(activation: str, aux_k: int, k: int = 3) -> fusedsae.Trainer:
     """A Trainer whose every third latent has been idle for long (dead), with a dead window of 8 steps: its dead
     bound is refreshed every 2 steps (steps 0, 2, ...), so step 1 runs on the bound of step 0."""
     d_in, d_sae, batch = 16, 64, 24
-    sae = fusedsae.SparseAutoencoder(d_in=d_in, d_sae=d_sae, activation=activation, k=3, aux_k=aux_k)
+    sae = fusedsae.SparseAutoencoder(d_in=d_in, d_sae=d_sae, activation=activation, k=k, aux_k=aux_k)
     data = TensorSource(torch.randn(4 * batch, d_in), batch)
     cfg = fusedsae.TrainConfig(steps=4, batch_size=batch, log_every=4, dead_tokens=8 * batch, progress=False)
     trainer = fusedsae.Trainer(sae, data, cfg)
@@ -109,6 +109,23 @@ def test_topk_trainer_step_issues_no_host_sync(monkeypatch, backend):
             out = trainer.train_step(x)
     assert "auxiliary_reconstruction_loss" in out.losses and float(out.n_dead) > 0
     assert dict(counter.calls) == {}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_batchtopk_trainer_step_reads_the_host_once(monkeypatch, backend):
+    # BatchTopK's output width is the largest number of active latents in a row: one read (DESIGN §11). (The
+    # triton backend's per-row candidates, 2k wide, cover all 64 latents at k = 32: no row needs refining, which
+    # would cost two more reads per round.)
+    monkeypatch.setattr(reference, "CPU_HOST_READS", False)
+    if backend == "triton":
+        pytest.importorskip("triton")
+    trainer = _trainer("batchtopk", aux_k=8, k=32)
+    with backends.use(backend):
+        trainer.train_step(trainer.data.next_batch())
+        x = trainer.data.next_batch()
+        with SyncCounter() as counter:
+            trainer.train_step(x)
+    assert sum(counter.calls.values()) == 1, counter.calls  # int(tensor): aten.item
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -200,35 +200,31 @@ def batchtopk_select(pre: Tensor, k: int) -> Tensor:
 def batch_active(scores: Tensor, budget: int) -> Tensor:
     """The ``budget`` largest positive entries of ``scores [N, M]`` over the whole tensor, ties broken by the lower
     flat (row-major) index: ``bool [N, M]``. The triton backend runs it on its per-row candidates, which are in
-    flat-index order among equal values."""
+    flat-index order among equal values. No host read: the entries equal to the cut-off are ranked by a running
+    count in flat order, and a cut-off at or below 0 leaves just the positive entries."""
     flat = scores.reshape(-1)
     if budget >= flat.numel():
         return scores > 0
     cutoff = torch.topk(flat, budget, sorted=False).values.min()
-    if cutoff <= 0:
-        return scores > 0
-    active = scores > cutoff
-    missing = budget - int(active.sum())
-    if missing > 0:
-        tied = (flat == cutoff).nonzero().squeeze(1)[:missing]
-        active.view(-1)[tied] = True
-    return active
+    above = flat > cutoff
+    missing = budget - above.sum()
+    tied = flat == cutoff
+    active = (above | (tied & (torch.cumsum(tied, 0) <= missing))) & (flat > 0)
+    return active.view(scores.shape)
 
 
 def _pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """Padded sparse form of ``pre`` at ``active``: each row's active entries in latent order, then padding
-    (value 0, index 0). Width = the largest row count (at least 1)."""
-    n = pre.shape[0]
+    (value 0, index 0). Width = the largest row count (at least 1): the one host read of a BatchTopK encode."""
+    n, m = pre.shape
     counts = active.sum(1)
     width = max(1, int(counts.max())) if n else 1
-    rows, cols = active.nonzero(as_tuple=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(rows.numel(), device=pre.device) - starts[rows]
-    values = pre.new_zeros(n, width)
-    indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
-    values[rows, slots] = pre[rows, cols]
-    indices[rows, slots] = cols
-    return values, indices
+    # each active entry's slot is its rank in its row; inactive entries all go to a dropped column `width`
+    slots = torch.where(active, torch.cumsum(active, 1) - 1, width)
+    values = pre.new_zeros(n, width + 1).scatter_(1, slots, torch.where(active, pre, torch.zeros_like(pre)))
+    columns = torch.arange(m, device=pre.device).expand(n, m)
+    indices = torch.zeros(n, width + 1, dtype=torch.int64, device=pre.device).scatter_(1, slots, columns)
+    return values[:, :width], indices[:, :width]
 
 
 def batchtopk_encode(

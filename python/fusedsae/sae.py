@@ -332,15 +332,16 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
         """BatchTopK inference threshold: EMA (rate ``topk_threshold_lr``) of the smallest positive activation
-        of each training batch; the first batch sets it."""
-        positive = values[values > 0]
-        if positive.numel() == 0:
+        of each training batch; the first batch sets it, a batch without positive activations leaves it. On the
+        device, no host read."""
+        if values.numel() == 0:
             return
-        smallest = positive.min().to(self.threshold.dtype)
+        smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin()
+        smallest = smallest.to(self.threshold.dtype)
         current = self.threshold[0]
         lr = self.cfg.topk_threshold_lr
-        new = smallest if bool(current <= 0) else (1 - lr) * current + lr * smallest
-        self.threshold.fill_(float(new))
+        new = torch.where(current <= 0, smallest, (1 - lr) * current + lr * smallest)
+        self.threshold.copy_(torch.where(torch.isinf(smallest), current, new).expand_as(self.threshold))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:

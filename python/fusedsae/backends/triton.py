@@ -554,7 +554,8 @@ def batchtopk_encode_fwd(
     ``k * N``-th largest candidate is a lower bound of the batch cut-off. A row all of whose candidates end up
     active might have more, so only those rows are selected again with 4x the width (to d_sae at most) until
     no row is saturated; then the candidates hold the exact BatchTopK set (every entry left out of a row ranks
-    below that row's first inactive candidate, hence below the cut-off)."""
+    below that row's first inactive candidate, hence below the cut-off). One host read (the output width, and
+    whether to refine) per step; each refining round adds two (its rows, the next check)."""
     b_enc, b_dec, aux_mask = _contiguous_encoder_args(b_enc, b_dec, aux_mask)
     n = x.shape[0]
     d_sae = W_enc.shape[1]
@@ -569,7 +570,10 @@ def batchtopk_encode_fwd(
     while True:
         active = reference.batch_active(values, k * n)
         saturated = active[:, -1] if width < d_sae else torch.zeros_like(active[:, -1])
-        if not bool(saturated.any()):
+        counts = active.sum(1)
+        # the step's one host read: whether a row needs refining and the output width, packed in one integer
+        code = int(2 * counts.max() + saturated.any())
+        if not code & 1:
             break
         rows = saturated.nonzero().squeeze(1)
         new_width = min(d_sae, 4 * width)
@@ -580,8 +584,7 @@ def batchtopk_encode_fwd(
         values[rows] = more_values.float()
         indices[rows] = more_indices
         width = new_width
-    counts = active.sum(1)
-    m = max(1, int(counts.max()))
+    m = max(1, code >> 1)
     # each row's active entries are a prefix of its candidates: sort that prefix by latent
     order_key = torch.where(active, indices, torch.full_like(indices, d_sae))
     order_key, perm = torch.sort(order_key[:, :m], dim=1)
