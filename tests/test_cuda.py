@@ -715,3 +715,37 @@ def test_explicit_cuda_refuses_inputs_it_has_no_kernel_for(on_gpu):
         F.sparse_decode(values, indices, W_dec)
     with backends.use("cuda"), pytest.raises(backends.BackendError, match="CUDA tensors"):
         torch.ops.fusedsae.sparse_decode(values.float(), indices.cpu(), W_dec.float(), None)
+
+
+@gpu
+def test_chunked_segment_sums_with_hot_latents_repeat_bitwise(on_gpu):
+    """Latent 3 fires on every token (its 4099 entries span 65 chunks of 64: the combine pass), latent 0 takes
+    zero-weight padding slots (BatchTopK's), the rest is uniform: against the reference, and bitwise equal twice."""
+    n, d_in, d_sae, k = 4099, 200, 1000, 6
+    x = _rand(n, d_in, dtype=torch.float32, device=on_gpu)
+    W_enc = _rand(d_in, d_sae, dtype=torch.float32, device=on_gpu, scale=d_in**-0.5)
+    W_dec = _rand(d_sae, d_in, dtype=torch.float32, device=on_gpu, scale=d_in**-0.5)
+    values = _rand(n, k, dtype=torch.float32, device=on_gpu)
+    indices = _indices(n, k, d_sae, torch.int64, on_gpu)
+    indices[:, 0] = 3
+    values[::2, -1] = 0.0
+    indices[::2, -1] = 0
+    grad = _rand(n, d_in, dtype=torch.float32, device=on_gpu)
+    runs = [
+        (
+            _on("cuda", torch.ops.fusedsae.sparse_decode_backward, grad, values, indices, W_dec),
+            _on("cuda", torch.ops.fusedsae.sparse_encode_backward, values, indices, x, W_enc, None, False),
+        )
+        for _ in range(2)
+    ]
+    (dec, enc), (dec2, enc2) = runs
+    assert torch.equal(dec[1], dec2[1]) and torch.equal(enc[1], enc2[1]) and torch.equal(enc[2], enc2[2])
+    _check_against_reference(
+        "sparse_decode_backward", (grad, values, indices, W_dec), ["d_values", "dW_dec"], long_sums=True
+    )
+    _check_against_reference(
+        "sparse_encode_backward",
+        (values, indices, x, W_enc, None, False),
+        ["dx", "dW_enc", "db_enc", "db_dec"],
+        long_sums=True,
+    )
