@@ -240,3 +240,32 @@ def test_topk_step_replays_in_a_cuda_graph_like_eager():
     torch.testing.assert_close(graph_loss, eager_loss)
     for k, v in sae.state_dict().items():
         torch.testing.assert_close(v, eager[k], msg=k)
+
+
+class SortCounter(TorchDispatchMode):
+    """Counts sorts of a 1-D int32 tensor: the grouping of entries by latent (reference.latent_segments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fusedsae":
+            with self:
+                return backends.call(func.overloadpacket.__name__, *args, *kwargs.values())
+        if func.overloadpacket.__name__ == "sort" and args[0].dim() == 1 and args[0].dtype == torch.int32:
+            self.sizes.append(args[0].numel())
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decoder_and_encoder_backward_share_one_sort(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    trainer = _trainer("topk", aux_k=8)
+    with backends.use(backend):
+        trainer.train_step(trainer.data.next_batch())
+        with SortCounter() as counter:
+            trainer.train_step(trainer.data.next_batch())
+    assert counter.sizes == [24 * 3]  # batch x k entries, grouped once for dW_dec, dW_enc and db_enc

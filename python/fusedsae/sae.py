@@ -263,9 +263,9 @@ class SparseAutoencoder(nn.Module):
             x: ``[..., d_in]`` activations.
             dead_mask: ``[d_sae]`` bool, latents counted as dead; enables the AuxK loss (TopK/BatchTopK).
             coefficient_scale: multiplier of the sparsity coefficient (the trainer's warm-up, 0 → 1).
-            dead_capacity: an upper bound on ``dead_mask.sum()`` known without reading the mask (the Trainer
-                derives one at log steps); AuxK then works on that many columns instead of all ``d_sae``. A bound
-                that is too small silently leaves dead latents out of AuxK.
+            dead_capacity: an upper bound on ``dead_mask.sum()`` known without reading the mask
+                (:meth:`fusedsae.Trainer.dead_capacity` derives an exact one); AuxK then works on that many
+                columns instead of all ``d_sae``. A bound that is too small leaves dead latents out of AuxK.
             defer_checks: count NaN/Inf inputs on the device (``out.nonfinite``) instead of raising, so that the
                 step issues no host synchronisation; the caller reads the count when it syncs anyway.
 
@@ -276,7 +276,7 @@ class SparseAutoencoder(nn.Module):
         and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`auxk_reconstruction`.
 
         A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
-        static and the dead count stays on the device. BatchTopK reads its batch cut-off back (DESIGN §11).
+        static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
         """
         cfg = self.cfg
         x2 = self._flatten(x, check_finite=not defer_checks)

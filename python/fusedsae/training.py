@@ -489,6 +489,7 @@ class Trainer:
         ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
         counters = contents["counters.safetensors"]
         self.tokens_since_fired = counters["tokens_since_fired"].to(self.device)
+        self._dead_capacity = None  # bounded from the restored counters at the next step
         self.fire_counts = counters["fire_counts"].to(self.device)
         ckpt.set_rng_state({k.removeprefix("rng."): v for k, v in counters.items() if k.startswith("rng.")})
         self.step = int(state["step"])
