@@ -160,12 +160,16 @@ def test_nonfinite_inputs_are_counted_on_the_device_and_raised_at_the_log_step(m
     trainer.check_inputs_finite()  # counted once
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("capacity", [None, 64, 8, 3])
-def test_auxk_reconstruction_matches_the_reference_selection_with_gradients(capacity):
+def test_auxk_reconstruction_matches_the_reference_selection_with_gradients(backend, capacity):
     # dense with no selection (width 3 = dead count = aux_k), dense with selection (8, 64) and sparse (None: width
-    # 64 > 16 x aux_k): all equal relu(top aux_k among dead) @ W_dec, in value and in every gradient.
+    # 64 > 16 x aux_k): all equal relu(top aux_k among dead) @ W_dec, in value and in every gradient. float64 on
+    # the reference; float32 on triton (which takes no float64), against the same maths in float64.
+    if backend == "triton":
+        pytest.importorskip("triton")
     d_in, d_sae, n, aux_k = 10, 64, 14, 3
-    dt = torch.float64
+    dt = torch.float64 if backend == "reference" else torch.float32
     W_enc, b_enc, b_dec = torch.randn(d_in, d_sae, dtype=dt), torch.randn(d_sae, dtype=dt), torch.randn(d_in, dtype=dt)
     W_dec, x = torch.randn(d_sae, d_in, dtype=dt), torch.randn(n, d_in, dtype=dt)
     dead = torch.zeros(d_sae, dtype=torch.bool)
@@ -174,19 +178,21 @@ def test_auxk_reconstruction_matches_the_reference_selection_with_gradients(capa
         dead[torch.randperm(d_sae)[:2]] = True  # up to 5 dead: the selection matters
     params = [t.clone().requires_grad_() for t in (W_enc, b_enc, b_dec, W_dec)]
     cap = capacity if capacity is None or capacity >= int(dead.sum()) else int(dead.sum())
-    out = auxk_reconstruction(x, *params[:3], params[3], dead, aux_k, cap)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad((out * g).sum(), params)
-    ref = [t.clone().requires_grad_() for t in (W_enc, b_enc, b_dec, W_dec)]
+    with backends.use(backend):
+        out = auxk_reconstruction(x, *params[:3], params[3], dead, aux_k, cap)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad((out * g).sum(), params)
+    x, g = x.double(), g.double()
+    ref = [t.double().requires_grad_() for t in (W_enc, b_enc, b_dec, W_dec)]
     pre = (x - ref[2]) @ ref[0] + ref[1]
     masked = pre.masked_fill(~dead, float("-inf"))
     _, chosen = reference.row_topk(masked.detach(), min(aux_k, int(dead.sum())))
     acts = torch.zeros_like(pre).scatter(1, chosen, torch.relu(masked.gather(1, chosen)))
     expected = acts @ ref[3]
     expected_grads = torch.autograd.grad((expected * g).sum(), ref)
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, expected.to(dt))
     for name, a, e in zip(["W_enc", "b_enc", "b_dec", "W_dec"], grads, expected_grads):
-        torch.testing.assert_close(a, e, msg=name)
+        torch.testing.assert_close(a, e.to(dt), msg=name)
         if name in ("W_enc", "W_dec"):  # AuxK trains the dead latents only
             live = ~dead
             assert (a[:, live] if name == "W_enc" else a[live]).abs().sum() == 0
