@@ -170,10 +170,12 @@ def realistic(case: Case, alpha: float = ALPHA) -> Realistic:
         x += 0.05 * math.sqrt(case.k) * torch.randn(x.shape, generator=g, device=case.device) / math.sqrt(case.d_in)
         x = x.to(case.dtype)
         del W
-        rows = max(1, (1 << 28) // (4 * case.d_sae))  # 1 GiB of fp32 pre-activations per chunk, whatever the backend
-        code = [
-            F.topk_encode(x[i : i + rows], sae.W_enc, sae.b_enc, sae.b_dec, k=case.k) for i in range(0, case.n, rows)
-        ]
+        # the reference backend selects (the oracle: a broken kernel under test must not change the workload), in
+        # chunks of 1 GiB of fp32 pre-activations
+        rows = max(1, (1 << 28) // (4 * case.d_sae))
+        with backends.use("reference"):
+            W_enc, b_enc, b_dec = sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach()
+            code = [F.topk_encode(x[i : i + rows], W_enc, b_enc, b_dec, k=case.k) for i in range(0, case.n, rows)]
     values = torch.cat([c.values for c in code])
     indices = torch.cat([c.indices for c in code])
     return Realistic(x, indices, {"alpha": alpha, **firing_profile(indices, values, case.d_sae)})

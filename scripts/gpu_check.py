@@ -158,6 +158,7 @@ def measure(suite: str, case: Case, provider: str, build: Callable[[], Callable[
     """Builds and times one (suite, case, provider); a provider that cannot run here is recorded as skipped, one
     that fails as an error, and the check goes on."""
     profile = kw.pop("profile", False)
+    fn = None
     try:
         fn = build()
         if ARGS.dry and profile:  # one call, timed and counted at once (the interpreter is slow)
@@ -184,6 +185,7 @@ def measure(suite: str, case: Case, provider: str, build: Callable[[], Callable[
             tb=None if skipped else traceback.format_exc()[-1500:],
         )
     finally:
+        del fn
         gc.collect()  # the closures hold an SAE, its optimizer state and inputs (~9 GiB at 4096 -> 131072)
         if DEV == "cuda":
             torch.cuda.empty_cache()
