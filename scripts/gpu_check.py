@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -353,9 +354,16 @@ def graph_case(case: Case, provider: str) -> None:
     capturable = DEV == "cuda"
     opt = torch.optim.Adam(sae.parameters(), lr=4e-4, fused=True, capturable=capturable)
 
+    # A step that may be captured has static shapes and leaves its checks on the device: where training_forward
+    # takes them (the sync-free step), the dead list's static size is read here, before the capture, and the
+    # finite check is deferred as the Trainer defers it to its log steps.
+    accepted = inspect.signature(sae.training_forward).parameters
+    options = {"dead_capacity": int(dead.sum()), "defer_checks": True}
+    options = {k: v for k, v in options.items() if k in accepted}
+
     def step() -> torch.Tensor:
         with backends.use(provider):
-            out = sae.training_forward(x, dead_mask=dead)
+            out = sae.training_forward(x, dead_mask=dead, **options)
             out.loss.backward()
             sae.remove_parallel_decoder_grad()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
@@ -411,6 +419,7 @@ def graph_case(case: Case, provider: str) -> None:
         "graph",
         case=case.name,
         provider=provider,
+        options=sorted(options),
         captured=DEV == "cuda",
         loss_replay=float(loss_g),
         loss_eager=float(loss_e),
