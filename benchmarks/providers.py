@@ -13,17 +13,18 @@ tail, from a power law of firing rates (:func:`realistic`), whose measured profi
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from fusedsae import SparseAutoencoder, TrainConfig, Trainer, backends
+from fusedsae import SparseAutoencoder, TrainConfig, Trainer, backends, reference
 from fusedsae import functional as F
 from fusedsae.diagnostics import count_host_syncs
 
@@ -281,10 +282,27 @@ def train_step(provider: str, case: Case, dead_fraction: float = 0.0) -> Callabl
     raise ValueError(provider)
 
 
+@contextlib.contextmanager
+def as_on_a_gpu() -> Iterator[None]:
+    """The reference backend reads CPU tensors on the host where that saves work (``reference.CPU_HOST_READS``,
+    where it exists): free on the CPU, a stall on a GPU. Sync counts on the CPU are taken with it off, so they
+    report what the same step does on a GPU."""
+    saved = getattr(reference, "CPU_HOST_READS", None)
+    if saved is not None:
+        reference.CPU_HOST_READS = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            reference.CPU_HOST_READS = saved
+
+
 def step_profile(step: Callable[[], None], device: str) -> dict:
     """What one (already warmed-up) call of ``step`` costs besides time: the operations that synchronise the host
-    on CUDA (:class:`fusedsae.diagnostics.HostSyncCounter`) and, on CUDA, the peak memory allocated."""
-    syncs = count_host_syncs(step)
+    on CUDA (:class:`fusedsae.diagnostics.HostSyncCounter`, counted as on a GPU) and, on CUDA, the peak memory
+    allocated."""
+    with as_on_a_gpu():
+        syncs = count_host_syncs(step)
     out: dict = {"host_syncs": syncs.count, "sync_ops": dict(syncs.by_op)}
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -164,7 +164,8 @@ def measure(suite: str, case: Case, provider: str, build: Callable[[], Callable[
         fn = build()
         if ARGS.dry and profile:  # one call, timed and counted at once (the interpreter is slow)
             t = time.perf_counter()
-            syncs = count_host_syncs(fn)
+            with providers.as_on_a_gpu():
+                syncs = count_host_syncs(fn)
             median = low = time.perf_counter() - t
             rounds, extra = 1, {"host_syncs": syncs.count, "sync_ops": dict(syncs.by_op)}
         else:
