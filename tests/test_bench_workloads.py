@@ -58,3 +58,36 @@ def test_train_step_is_the_trainers_with_auxk_when_latents_are_dead(dead_fractio
     assert aux == (dead_fraction > 0), step.loss_terms
     assert providers.make_sae(case).cfg.aux_k == case.d_in // 2  # the default, not the benchmarks' own
     assert sae_before.cfg.normalize_decoder and sae_before.check_finite
+
+
+def test_ratios_against_the_targets():
+    import report
+
+    case = providers.Case("c", 100, 8, 32, 2, torch.float32, "cpu")
+
+    def row(suite, provider, seconds, **extra):
+        return report.make_row(suite, case, provider, seconds, seconds, 1, **extra)
+
+    rows = [
+        row(report.FLOOR, "gemm", 1.0),
+        row(report.FLOOR, "copy", 1.0, nbytes=100e9),  # 100 GB/s
+        row(report.STEP, "triton", 1.5, host_syncs=0, peak_mem_gib=1.0),
+        row(report.STEP, "torch-unfused", 6.0),
+        row(report.STEP, "sparsify", 2.0, peak_mem_gib=1.5),
+        row(report.STEP_DEAD, "triton", 2.0),
+        row(report.suite_name(report.DECODER, "uniform"), "triton", 1.0, nbytes=90e9),
+        row(report.suite_name(report.ENC_BWD, "uniform"), "triton", 1.0),
+        row(report.suite_name(report.ENC_BWD, "power-law"), "triton", 3.0),
+    ]
+    got = {t["ratio"]: (t["value"], t["met"]) for t in report.targets(rows)}
+    assert got == {
+        "step / GEMM": (1.5, True),
+        "speed-up vs torch-unfused": (4.0, False),
+        "speed-up vs sparsify": (1.333, False),
+        "host syncs per step": (0, True),
+        "peak memory / sparsify's": (0.667, False),
+        "step 20% dead / 0% dead": (1.333, False),
+        "decoder fwd+bwd % copy BW, uniform": (90.0, True),
+        "encoder backward power-law / uniform": (3.0, False),
+    }
+    assert "| c | triton | step / GEMM | 1.5 | <= 1.7 | yes |" in report.targets_table(report.targets(rows))
