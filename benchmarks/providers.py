@@ -259,7 +259,8 @@ def train_step(provider: str, case: Case, dead_fraction: float = 0.0) -> Callabl
             tr.tokens_since_fired = since.clone()
             with backends.use(provider):
                 out = tr.train_step(x)
-            step.loss_terms = sorted(out.losses)  # type: ignore[attr-defined]  # what ran (tests read it)
+            # what ran, for tests: the loss terms as device scalars (reading them here would be a host sync)
+            step.losses = {k: v.detach() for k, v in out.losses.items()}  # type: ignore[attr-defined]
             synchronize(case.device)
 
         return step
