@@ -162,7 +162,10 @@ def measure(suite: str, case: Case, provider: str, build: Callable[[], Callable[
     fn = None
     try:
         fn = build()
-        if ARGS.dry and profile:  # one call, timed and counted at once (the interpreter is slow)
+        if ARGS.dry and profile:
+            # one warm-up (a Trainer's first step reads its dead-latent bound on the host, as it does once per
+            # refresh interval), then one call timed and counted at once: the interpreter is slow
+            fn()
             t = time.perf_counter()
             with providers.as_on_a_gpu():
                 syncs = count_host_syncs(fn)
