@@ -27,6 +27,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 WORK=${WORK:-build/gpu-check}
 TOTAL=${GPU_CHECK_S:-540}
+[[ $DRY == 1 ]] && TOTAL=${GPU_CHECK_S:-900}
 export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH
 rm -rf "$WORK" && mkdir -p "$WORK"
 T0=$(date +%s)
@@ -112,7 +113,7 @@ step configs 50 "${DRIVER[@]}" "${DRYARG[@]}" --sections configs --dtype bfloat1
 # 5. the benchmark rows at both DESIGN shapes in bf16 (the dry run: one tiny shape), each shape an equal share of
 #    what is left (at least ~90 s when every step before ran to its limit, ~210 s typically)
 BENCH_S=$(($(left) - 45))
-((DRY == 1)) && BENCH_S=100
+((DRY == 1)) && BENCH_S=300 # every row must run in the dry run (~40 s of CPU), however busy the machine
 step bench-bf16 $((BENCH_S + 25)) "${DRIVER[@]}" "${DRYARG[@]}" --sections bench --dtype bfloat16 --budget "$BENCH_S"
 
 # 6. fp32 with whatever time is left (not in the dry run: the same code at another dtype)
