@@ -8,7 +8,8 @@
 # Steps run in the order of what each can falsify (nothing runs without the install; wrong results make every
 # timing moot; then the headline ratios), each under `timeout` so a kill still leaves a report. The report is
 # benchmarks/results/gpu-check-<device>-<commit>.{json,md} (dry: $WORK), rewritten after every step and copied
-# to $OUT when set. Settings: PYTHON, WORK (logs, default build/gpu-check), GPU_CHECK_S (total seconds, 540).
+# to $OUT when set. Settings: PYTHON, WORK (logs, default build/gpu-check), GPU_CHECK_S (total seconds, 540),
+# WHEELS (a folder of wheels for the peers sparsify and SAELens and their missing dependencies, installed offline).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,6 +82,10 @@ if [[ $DRY == 1 ]]; then
   step install 120 env FUSEDSAE_CUDA=0 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
 else
   step install 150 env FUSEDSAE_CUDA_ARCHS=90 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+fi
+# peers to compare with (sparsify, SAELens), when their wheels were carried along: WHEELS=dir, no network needed
+if [[ -n "${WHEELS:-}" ]]; then
+  step peers 60 "$PYTHON" -m pip install --no-index --find-links "$WHEELS" eai-sparsify sae-lens
 fi
 step backends 20 "$PYTHON" -c "import fusedsae.backends as b; [print(k, v['available'], v['reason'][:200]) for k, v in b.report().items()]"
 
