@@ -17,7 +17,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry) DRY=1 ;;
-    -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (use --dry, or nothing)" >&2; exit 2 ;;
   esac
 done
