@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib
 import inspect
@@ -254,12 +255,37 @@ def bench_case(case: Case) -> None:
         measure(suite, case, provider, build, **kw)
 
 
-def encoder_candidates() -> tuple[list[tuple[str, object]], Callable | None, str]:
-    """Finds the triton encoder's candidate configurations and a way to force one, wherever the kernels module
-    exposes them (the interface was being written when this script was): a ``CANDIDATE_CONFIGS`` table (dict
-    name -> config, or a list) in ``fusedsae.backends.triton`` (module or package) or ``fusedsae.kernels.encoder``,
-    and a context manager taking a config (or its name) among ``use_config``, ``use_encoder_config``,
-    ``force_config``, ``encoder_config``. Returns ([(name, config)], forcer, how it was found)."""
+@contextlib.contextmanager
+def _set_then_reset(setter: Callable[[str | None], None], name: str) -> Iterator[None]:
+    setter(name)
+    try:
+        yield
+    finally:
+        setter(None)
+
+
+@contextlib.contextmanager
+def _environment_variable(var: str, name: str) -> Iterator[None]:
+    saved = os.environ.get(var)
+    os.environ[var] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = saved
+
+
+def encoder_candidates() -> tuple[list[str], Callable[[str], contextlib.AbstractContextManager] | None, str]:
+    """Finds the triton encoder's candidate configurations and a way to force one, wherever the kernels expose
+    them (the interface was being written alongside this script, so it is discovered, not assumed): a
+    ``CANDIDATE_CONFIGS`` table (dict name -> config, or a list of named configs) in ``fusedsae.backends.triton``
+    (module or package), ``fusedsae.backends.triton.encoder`` or ``fusedsae.kernels.encoder``; forced by a context
+    manager taking the name (``use_encoder_config``, ``use_config``, ``force_config``), else a setter taking the
+    name and None to reset (``set_encoder_config``), else the ``FUSEDSAE_ENCODER_CONFIG`` environment variable read
+    at each launch (an ``encoder_config()`` getter without arguments says it is). Returns (names, force(name) ->
+    context manager, how they were found)."""
     for modname in ("fusedsae.backends.triton", "fusedsae.backends.triton.encoder", "fusedsae.kernels.encoder"):
         try:
             mod = importlib.import_module(modname)
@@ -269,28 +295,34 @@ def encoder_candidates() -> tuple[list[tuple[str, object]], Callable | None, str
         if not table:
             continue
         if isinstance(table, dict):
-            configs = [(str(name), cfg) for name, cfg in table.items()]
+            names = [str(name) for name in table]
         else:
-            configs = [
-                (str(getattr(c, "name", None) or (c.get("name") if isinstance(c, dict) else c)), c) for c in table
-            ]
-        for fname in ("use_config", "use_encoder_config", "force_config", "encoder_config"):
-            forcer = getattr(mod, fname, None)
-            if callable(forcer):
-                return configs, forcer, f"{modname}.CANDIDATE_CONFIGS + {modname}.{fname}"
-        return configs, None, f"{modname}.CANDIDATE_CONFIGS, but no function to force one"
+            names = [str(getattr(c, "name", None) or (c.get("name") if isinstance(c, dict) else c)) for c in table]
+        found = f"{modname}.CANDIDATE_CONFIGS"
+        for fname in ("use_encoder_config", "use_config", "force_config"):
+            if callable(getattr(mod, fname, None)):
+                return names, getattr(mod, fname), f"{found} + {modname}.{fname}"
+        setter = getattr(mod, "set_encoder_config", None)
+        if callable(setter):
+            force = functools.partial(_set_then_reset, setter)
+            return names, force, f"{found} + {modname}.set_encoder_config"
+        if callable(getattr(mod, "encoder_config", None)):
+            force = functools.partial(_environment_variable, "FUSEDSAE_ENCODER_CONFIG")
+            return names, force, f"{found} + FUSEDSAE_ENCODER_CONFIG"
+        return names, None, f"{found}, but no function to force one"
     return [], None, "no CANDIDATE_CONFIGS table in fusedsae.backends.triton or fusedsae.kernels.encoder"
 
 
 def configs_case(case: Case) -> None:
     """Times each candidate encoder configuration on the realistic batch (the same call as the encoder row) and
-    checks that it selects the same latents as the default configuration."""
+    checks that it selects the same latents as the default configuration. The dry run tries the first two (each
+    is several seconds in the interpreter): the plumbing, not the kernels."""
     from fusedsae import backends
     from fusedsae import functional as F
 
-    configs, forcer, how = encoder_candidates()
-    emit("configs", case=case.name, found=how, names=[name for name, _ in configs])
-    if not configs or forcer is None:
+    names, force, how = encoder_candidates()
+    emit("configs", case=case.name, found=how, names=names)
+    if not names or force is None:
         return
     x = providers.realistic(case).x
     sae = providers.make_sae(case)
@@ -298,37 +330,25 @@ def configs_case(case: Case) -> None:
     providers.require_backend("triton", "topk_encode", *args, case.k, 0, None)
     with backends.use("triton"):
         default = F.topk_encode(*args, k=case.k).indices.sort(1).values
-    gemm = providers.gemm(case)
-    gemm_s = timed(gemm)[0]
-    for name, cfg in configs:
+    gemm_s = timed(providers.gemm(case))[0]
+    for name in names[:2] if ARGS.dry else names:
         if left() < (2 if ARGS.dry else 10):
             emit("skip", suite="encoder config", case=case.name, provider=name, error="time budget")
             continue
 
-        def forced(cfg=cfg, name=name) -> contextlib.AbstractContextManager:
-            """A fresh context forcing this configuration (by value, else by name); a forcer that sets the
-            configuration and returns no context manager is taken as a global switch."""
-            try:
-                cm = forcer(cfg)
-            except (TypeError, KeyError, ValueError):
-                cm = forcer(name)
-            return cm if hasattr(cm, "__enter__") else contextlib.nullcontext()
-
-        def run(forced=forced) -> None:
-            with forced(), backends.use("triton"):
+        def run(name=name) -> None:
+            with force(name), backends.use("triton"):
                 F.topk_encode(*args, k=case.k)
             providers.synchronize(case.device)
 
         try:
-            with forced(), backends.use("triton"):
+            with force(name), backends.use("triton"):
                 got = F.topk_encode(*args, k=case.k).indices.sort(1).values
             same = float((got == default).all(1).double().mean())
             median, low, rounds = timed(run)
             emit(
                 "row",
-                **report.make_row(
-                    "encoder config", case, name, median, low, rounds, flops=case.gemm_flops, config=str(cfg)[:300]
-                ),
+                **report.make_row("encoder config", case, name, median, low, rounds, flops=case.gemm_flops),
                 over_gemm=round(median / gemm_s, 3),
                 same_selection_rows=same,
             )
