@@ -94,8 +94,9 @@ def environment(dev: str) -> dict:
         "triton": triton_version,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # a copy of the tree without .git (as the lent GPU machines get) names its commit in FUSEDSAE_COMMIT
+        "commit": os.environ.get("FUSEDSAE_COMMIT") or _git("rev-parse", "HEAD"),
+        "dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if dev.startswith("cuda"):

@@ -9,7 +9,8 @@
 # timing moot; then the headline ratios), each under `timeout` so a kill still leaves a report. The report is
 # benchmarks/results/gpu-check-<device>-<commit>.{json,md} (dry: $WORK), rewritten after every step and copied
 # to $OUT when set. Settings: PYTHON, WORK (logs, default build/gpu-check), GPU_CHECK_S (total seconds, 540),
-# WHEELS (a folder of wheels for the peers sparsify and SAELens and their missing dependencies, installed offline).
+# WHEELS (a folder of wheels for the peers sparsify and SAELens and their missing dependencies, installed offline),
+# FUSEDSAE_COMMIT (the commit, for a copy of the tree without .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry) DRY=1 ;;
-    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (use --dry, or nothing)" >&2; exit 2 ;;
   esac
 done
