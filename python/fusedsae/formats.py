@@ -10,11 +10,14 @@ round trip; SAELens keeps unknown metadata keys.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +67,50 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# JSON files fusedsae reads (cfg.json, manifests, trainer state) are small: a SAELens cfg.json is ~2 KB, a checkpoint
+# manifest under 1 KB, a cache manifest ~400 bytes per shard (64 MiB = 160k shards, 10T tokens at 65k rows per shard).
+# A larger file is not one of ours; refusing it before reading avoids loading a 2 GiB file whole (+4 GB of memory).
+MAX_JSON_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; once the block has written it, it is fsynced and renamed onto
+    ``path`` (and the folder entry fsynced), so a crash leaves the old file or the new one, never a mix. The one way
+    fusedsae writes a file; on an exception the temporary file is removed and ``path`` is untouched."""
+    final = Path(path)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Writes ``data`` (text as UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names :func:`atomic_path`, :func:`save_sae` and :func:`replace_dir` use while writing: what a
+    crash can leave behind, safe to delete when no writer holds the folder."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
 def write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -143,13 +178,26 @@ def save_sae(sae: Any, path: str | os.PathLike[str], sparsity: Tensor | None = N
     return final
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, error: type[Exception] = SAEFormatError, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """Reads a JSON object; raises ``error`` naming the file for a missing, oversized, truncated or non-object file
+    (the size is checked before anything is read)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc})") from exc
+    if size > max_bytes:
+        raise error(
+            f"{path} is {size:,} bytes, more than the {max_bytes:,} a fusedsae/SAELens config or manifest can be; "
+            "it is not one (or is damaged)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SAEFormatError(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc})") from exc
     if not isinstance(data, dict):
-        raise SAEFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
