@@ -77,13 +77,13 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _manifest_digest(manifest: dict[str, Any]) -> str:
+def manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -111,7 +111,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             f"{path} has cache format version {manifest.get('version')}; this fusedsae reads {CACHE_VERSION}"
         )
     # Caches written before the manifest carried its digest have none; every manifest written now has one.
-    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
         raise _bad_field(path, "manifest_sha256", "does not match the manifest's contents")
     d_in = manifest.get("d_in")
     if not _is_count(d_in) or d_in < 1:

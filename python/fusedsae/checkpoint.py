@@ -74,7 +74,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def _manifest_digest(manifest: dict[str, Any]) -> str:
+def manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return _sha256_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
@@ -112,7 +112,7 @@ def write_checkpoint(
             else:
                 raise ValueError(f"checkpoint file {name!r} must end in .safetensors or .json")
             manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json(tmp / MANIFEST, manifest)
         replace_dir(tmp, final)
     except BaseException:
@@ -192,7 +192,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}; it is not a fusedsae checkpoint or was written by another version"
         )
     digest = manifest.get("manifest_sha256")
-    if digest != _manifest_digest(manifest):
+    if digest != manifest_digest(manifest):
         raise _field_error(path, "manifest_sha256", "does not match the manifest's contents")
     step = manifest.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:

@@ -178,11 +178,14 @@ def _init_distributed() -> tuple[int, int, int]:
     import torch
     import torch.distributed as dist
 
+    from fusedsae.elastic import process_group_timeout, start_parent_watchdog
+
+    start_parent_watchdog()  # a worker whose torchrun agent dies stops instead of training on unsupervised
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=process_group_timeout())
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

@@ -210,6 +210,93 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise SAEFormatError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# validation of the config files we read: every field fusedsae uses, with the file and field named
+# ---------------------------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _field_error(path: Path, field: str, problem: str) -> SAEFormatError:
+    return SAEFormatError(f"{path}: field {field!r} {problem}")
+
+
+def _check_positive_int(raw: dict[str, Any], name: str, path: Path, prefix: str = "") -> None:
+    value = raw.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise _field_error(path, prefix + name, f"must be a positive integer, got {value!r}")
+
+
+def _check_dtype(raw: dict[str, Any], path: Path, prefix: str = "") -> None:
+    value = raw.get("dtype")
+    if value is not None and str(value).removeprefix("torch.") not in _FLOAT_DTYPES:
+        raise _field_error(path, prefix + "dtype", f"must be one of {', '.join(_FLOAT_DTYPES)}, got {value!r}")
+
+
+def check_sae_lens_cfg(raw: dict[str, Any], path: Path) -> None:
+    """Validates a SAELens (6.x or older) ``cfg.json`` field by field: types and ranges of every field fusedsae
+    reads, ``k`` for TopK, and, when fusedsae's own ``metadata.fusedsae`` is present, that it is a valid config
+    agreeing with the top-level fields (an edited ``d_sae`` must not be silently ignored). Raises
+    :class:`SAEFormatError` naming the file and field."""
+    meta = raw.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise _field_error(path, "metadata", f"must be an object, got {type(meta).__name__}")
+    for name in ("d_in", "d_sae", "k"):
+        _check_positive_int(raw, name, path)
+    _check_dtype(raw, path)
+    for name in ("architecture", "activation_fn", "activation_fn_str", "normalize_activations"):
+        if raw.get(name) is not None and not isinstance(raw[name], (str, bool)):
+            raise _field_error(path, name, f"must be a string, got {raw[name]!r}")
+    for name in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+        if name in raw and not isinstance(raw[name], bool):
+            raise _field_error(path, name, f"must be true or false, got {raw[name]!r}")
+    kwargs = raw.get("activation_fn_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _field_error(path, "activation_fn_kwargs", f"must be an object, got {kwargs!r}")
+    if kwargs:
+        _check_positive_int(kwargs, "k", path, "activation_fn_kwargs.")
+    fused = (meta or {}).get("fusedsae")
+    if fused is None:
+        legacy_topk = (raw.get("activation_fn") or raw.get("activation_fn_str")) == "topk"
+        if raw.get("architecture") == "topk" and raw.get("k") is None and not legacy_topk:
+            raise _field_error(path, "k", "is missing: a topk SAE needs k, the active latents per token")
+        if legacy_topk and raw.get("k") is None and (kwargs or {}).get("k") is None:
+            raise _field_error(path, "activation_fn_kwargs.k", "is missing: a topk SAE needs k")
+        return
+    if not isinstance(fused, dict):
+        raise _field_error(path, "metadata.fusedsae", f"must be an object, got {type(fused).__name__}")
+    for name in ("d_in", "d_sae", "k", "n_heads"):
+        _check_positive_int(fused, name, path, "metadata.fusedsae.")
+    _check_dtype(fused, path, "metadata.fusedsae.")
+    try:
+        cfg = SAEConfig.from_dict({**fused, "metadata": {}})
+    except (TypeError, ValueError) as exc:
+        raise _field_error(path, "metadata.fusedsae", f"is not a valid fusedsae config ({exc})") from exc
+    for name in ("d_in", "d_sae", "k", "dtype"):
+        if name in raw and raw[name] is not None:
+            top = raw[name] if name != "dtype" else str(raw[name]).removeprefix("torch.")
+            if top != getattr(cfg, name):
+                raise _field_error(
+                    path,
+                    name,
+                    f"is {raw[name]!r} but metadata.fusedsae.{name} is {getattr(cfg, name)!r}: the file was edited; "
+                    "make the two agree (or delete metadata.fusedsae to use the SAELens fields)",
+                )
+
+
+_SPARSIFY_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+
+
+def check_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    """Validates a sparsify folder: ``cfg.json``'s ``k`` and the weight names fusedsae reads."""
+    if "k" not in raw:
+        raise _field_error(path, "k", "is missing: a sparsify TopK SAE needs k, the active latents per token")
+    _check_positive_int(raw, "k", path)
+    missing = [name for name in _SPARSIFY_TENSORS if name not in tensors]
+    if missing:
+        raise SAEFormatError(f"{path.parent / SPARSIFY_WEIGHTS_FILE} lacks {', '.join(missing)}")
+
+
 def _version_tuple(version: Any) -> tuple[int, ...]:
     parts = []
     for piece in str(version).split("."):
@@ -222,6 +309,7 @@ def _version_tuple(version: Any) -> tuple[int, ...]:
 
 def _config_from_sae_lens(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> tuple[SAEConfig, bool]:
     """(config, rescale_by_decoder_norm) from a SAELens cfg.json, 6.x or older."""
+    check_sae_lens_cfg(raw, path)
     meta = raw.get("metadata") or {}
     fused = meta.get("fusedsae")
     if isinstance(fused, dict):
@@ -268,6 +356,7 @@ def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> SAEConfig:
+    check_sparsify(raw, tensors, path)
     W = tensors.get("encoder.weight")
     if W is None or W.dim() != 2:
         raise SAEFormatError(f"{path}: sae.safetensors has no 2-D encoder.weight")
@@ -308,11 +397,11 @@ def load_sae(
     rescale = False
     if (folder / WEIGHTS_FILE).exists():
         tensors = read_safetensors(folder / WEIGHTS_FILE)
-        cfg, rescale = _config_from_sae_lens(raw, tensors, cfg_path)
+        cfg, rescale = _named(cfg_path, lambda: _config_from_sae_lens(raw, tensors, cfg_path))
         weights = dict(tensors)
     elif (folder / SPARSIFY_WEIGHTS_FILE).exists():
         tensors = read_safetensors(folder / SPARSIFY_WEIGHTS_FILE)
-        cfg = _config_from_sparsify(raw, tensors, cfg_path)
+        cfg = _named(cfg_path, lambda: _config_from_sparsify(raw, tensors, cfg_path))
         weights = {
             "W_enc": tensors["encoder.weight"].t(),
             "b_enc": tensors["encoder.bias"],
@@ -333,6 +422,17 @@ def load_sae(
     if rescale:
         sae.fold_W_dec_norm()
     return sae
+
+
+def _named(path: Path, build: Any) -> Any:
+    """Runs ``build``; a config the SAE refuses (ValueError/TypeError from SAEConfig) becomes a SAEFormatError
+    naming the file."""
+    try:
+        return build()
+    except SAEFormatError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SAEFormatError(f"{path}: {exc}") from exc
 
 
 def _assign(sae: Any, weights: dict[str, Tensor], folder: Path) -> None:

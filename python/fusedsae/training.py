@@ -439,7 +439,7 @@ class Trainer:
         elif not bool(bad):  # other devices: the unfused Adam has no found_inf, so this one check syncs
             self.optimizer.step()
         if sae.cfg.normalize_decoder:
-            sae.normalize_decoder_rows()
+            sae.normalize_decoder_rows(skip=bad)
         if sae.cfg.activation == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
@@ -492,8 +492,8 @@ class Trainer:
         total = cfg.total_steps(self.world_size)
         if self.step == 0:  # a resumed run keeps the RNG state its checkpoint restored
             torch.manual_seed(cfg.seed + self.rank)
-        if self.step == 0 and self.run_dir is not None:
-            self.start_run()
+        if self.run_dir is not None:
+            self.start_run()  # before anything is written (a no-op after resume)
         bar = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
