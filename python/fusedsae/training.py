@@ -293,20 +293,23 @@ class Trainer:
         # flags of GUARD_TERMS at the latest skipped step, then its largest |input|
         self._bad_info = torch.zeros(len(GUARD_TERMS) + 1, dtype=torch.float32, device=dev)
         self._bad_reported = 0
+        self._slot_index: dict[tuple[str, ...], Tensor] = {}
 
     def _step_flags(self, x: Tensor, out: TrainingOutput) -> tuple[Tensor, Tensor]:
-        """``(flags [len(GUARD_TERMS) - 1] float32, absmax [] float32)``: 1 where the inputs or a loss term are
+        """``(flags [len(GUARD_TERMS) - 1] float32, absmax [] float32)``: > 0 where the inputs or a loss term are
         non-finite (the gradients' flag is added after the all-reduce); the batch's largest ``|x|`` (NaN/Inf when
-        an input is). A handful of tiny kernels, no host synchronisation."""
+        an input is). Four small kernels whatever the number of terms (stack, isfinite, scatter), no host sync."""
         absmax = x.detach().abs().amax().float()
-        slots = [self._zero] * (len(GUARD_TERMS) - 1)
-        slots[0] = (~torch.isfinite(absmax)).float()
-        other = GUARD_TERMS.index("loss")
-        for name, term in out.losses.items():
-            i = GUARD_TERMS.index(name) if name in GUARD_TERMS else other
-            slots[i] = torch.maximum(slots[i], (~torch.isfinite(term.detach())).float())
-        slots[other] = torch.maximum(slots[other], (~torch.isfinite(out.loss.detach())).float())
-        return torch.stack(slots), absmax
+        names = tuple(out.losses)
+        slots = self._slot_index.get(names)
+        if slots is None:  # which flag slot each watched value goes to; one small host->device copy per loss set
+            other = GUARD_TERMS.index("loss")
+            index = [0, *(GUARD_TERMS.index(n) if n in GUARD_TERMS else other for n in names), other]
+            slots = self._slot_index[names] = torch.tensor(index, device=self.device)
+        watched = torch.stack([absmax, *(t.detach().float() for t in out.losses.values()), out.loss.detach().float()])
+        bad = (~torch.isfinite(watched)).float()
+        flags = torch.zeros(len(GUARD_TERMS) - 1, dtype=torch.float32, device=self.device)
+        return flags.index_add_(0, slots, bad), absmax  # counts of 0/1 (exact in any order); > 0 means bad
 
     def _guard_update(self, flags: Tensor, absmax: Tensor) -> Tensor:
         """Sets ``_found_inf`` from the loss flags and the (reduced) gradients and updates the skip counters;
