@@ -212,6 +212,7 @@ class Trainer:
         self._claimed = False
         self._resumed_empty = False
         self._fvu_high_logs = 0
+        self.skipped_before = 0  # updates skipped before this session (restored by resume)
         self._reset_guard()
 
     # -------------------------------------------------------------------------------------------------------------
@@ -482,7 +483,7 @@ class Trainer:
         if ground_truth is not None:
             result["mmcs"] = float(M.mmcs(ground_truth.to(self.device), self.sae.W_dec))
         result.update(step=self.step, tokens=self.tokens, lr=self.lr_at(max(0, self.step - 1)))
-        result["skipped_steps"] = self._bad_reported
+        result["skipped_steps"] = self.skipped_before + self._bad_reported
         return result
 
     def train(self) -> dict[str, Any]:
@@ -673,6 +674,7 @@ class Trainer:
                 "train_config": asdict(self.cfg),
                 "optimizer": opt_meta,
                 "world_size": self.world_size,
+                "skipped_steps": self.skipped_before + self._bad_reported,
             },
         }
 
@@ -788,6 +790,8 @@ class Trainer:
         self.window_tokens = int(state["window_tokens"])
         self.act_scale = state["act_scale"]
         self.data.load_state_dict(state["data"])
+        skipped = state.get("skipped_steps", 0)
+        self.skipped_before = skipped if isinstance(skipped, int) else 0
         self._reset_guard()
         if self.run_dir is not None and self.rank == 0:
             self._truncate_log(self.step)
