@@ -98,6 +98,15 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     return Path(path)
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """``fig.savefig`` through :func:`atomic_path` (the format from ``path``'s suffix): a crash never leaves a
+    half-written PNG under the final name."""
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=final.suffix.lstrip(".") or "png")
+    return final
+
+
 def is_temporary(name: str) -> bool:
     """True for the names :func:`atomic_path`, :func:`save_sae` and :func:`replace_dir` use while writing: what a
     crash can leave behind, safe to delete when no writer holds the folder."""
