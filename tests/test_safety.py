@@ -282,6 +282,30 @@ def test_a_second_trainer_on_a_locked_folder_is_refused(tmp_path):
     second.close()
 
 
+HOLDER = """
+import sys, time, torch, fusedsae
+data = fusedsae.toy.SparseFeatureData(d_in=16, n_features=32, mean_active=3.0)
+sae = fusedsae.SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3)
+trainer = fusedsae.Trainer(sae, fusedsae.ToySource(data, 64), fusedsae.TrainConfig(run_dir=sys.argv[1], progress=False))
+trainer.start_run()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_another_process_holding_the_folder_is_named_and_a_killed_one_frees_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=rf"being written by another trainer \(pid {holder.pid} on "):
+            trainer(tmp_path).train()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, yet the OS drops the flock with the process
+        holder.wait()
+    assert trainer(tmp_path).resume() is False
+
+
 def test_cli_run_identity_and_files(tmp_path):
     out = tmp_path / "run"
     fast = ["--out", str(out), "--steps", "10", "--batch-size", "64", "--checkpoint-every", "5", "--no-plots"]

@@ -285,7 +285,6 @@ class Trainer:
         dev = self.device
         self._found_inf = torch.zeros((), dtype=torch.float32, device=dev)  # fused Adam's skip flag
         self._one = torch.ones((), dtype=torch.float32, device=dev)
-        self._zero = torch.zeros((), dtype=torch.float32, device=dev)
         self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
         self._bad_run = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps, now
         self._bad_max = torch.zeros((), dtype=torch.int64, device=dev)  # longest such streak
