@@ -258,18 +258,6 @@ def nonfinite_tensors(tensors: dict[str, Tensor]) -> list[str]:
     ]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run that verifies; broken newer ones are reported with a warning and skipped."""
-    for folder in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(folder)
-        except CheckpointError as exc:
-            warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
-            continue
-        return folder
-    return None
-
-
 def newest_usable(run_dir: str | Path, load: Callable[[Path], Any]) -> tuple[Path, Any] | None:
     """The newest checkpoint that ``load`` accepts, as ``(folder, load(folder))``; None when the run has none.
 
