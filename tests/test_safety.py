@@ -25,7 +25,7 @@ from fusedsae import checkpoint as ckpt
 from fusedsae import metrics as M
 from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderError
 from fusedsae.cli import main
-from fusedsae.formats import atomic_write, read_json
+from fusedsae.formats import atomic_write, manifest_digest, read_json
 from fusedsae.training import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def test_a_manifest_with_a_renamed_key_falls_back_to_the_older_checkpoint(tmp_pa
         assert t.resume() and t.step == 10
     t.close()
     # with the manifest's own checksum recomputed, the field check names the field
-    manifest["manifest_sha256"] = ckpt.manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"field 'files\.model\.safetensors\.bytes' must be a non-negative"):
         ckpt.read_manifest(paths[-1])
@@ -413,7 +413,7 @@ def test_cache_manifest_fields_and_shard_paths_are_checked(tmp_path):
         manifest = json.loads(json.dumps(original))
         edit(manifest)
         if digest:
-            manifest["manifest_sha256"] = K.manifest_digest(manifest)
+            manifest["manifest_sha256"] = manifest_digest(manifest)
         manifest_path.write_text(json.dumps(manifest))
 
     write(lambda m: m["shards"][0]["files"]["shard-000000.acts.npy"].update(size=1), digest=False)

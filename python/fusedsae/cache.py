@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fusedsae.formats import atomic_write, read_json, sha256_file
+from fusedsae.formats import atomic_write, manifest_digest, read_json, sha256_file
 from fusedsae.toy import generator
 
 CACHE_FORMAT = "fusedsae-activation-cache"
@@ -75,11 +75,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ manifest): :func:`claim_run_dir` refuses a folder holding another run unless ask
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from fusedsae.formats import (
     is_temporary,
+    manifest_digest,
     read_json,
     read_safetensors,
     replace_dir,
@@ -72,17 +72,6 @@ def new_run_id() -> str:
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return _sha256_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
-
-
-def _sha256_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def step_of(path: Path) -> int | None:
