@@ -12,8 +12,10 @@ $(STAMP): setup.py pyproject.toml scripts/bootstrap.sh $(wildcard csrc/*)
 	@touch $@
 
 # Train a TopK SAE on the built-in toy-superposition data; prints the results table, writes runs/toy/*.png.
+# --overwrite: the demo replaces its previous run in runs/toy (a plain `fusedsae train` refuses a folder holding
+# another run).
 train: $(STAMP)
-	$(BIN)/fusedsae train
+	$(BIN)/fusedsae train --overwrite
 
 # The whole test suite on the CPU (Triton kernels through TRITON_INTERPRET=1; GPU tests skip without CUDA).
 test: $(STAMP)

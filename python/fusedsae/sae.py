@@ -306,9 +306,12 @@ class SparseAutoencoder(nn.Module):
                     min(cfg.aux_k, cfg.d_sae),
                     dead_capacity,
                 )
-                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
                 scale = (n_dead / cfg.aux_k).clamp(max=1.0)
-                aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / variance
+                # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
+                # error over a 1e-12 clamp (loss 6e10 at batch size 1)
+                error = (aux_out - residual).pow(2).sum(-1).mean()
+                aux = scale * torch.where(variance > 0, error / variance.clamp_min(1e-12), torch.zeros_like(error))
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
@@ -353,9 +356,14 @@ class SparseAutoencoder(nn.Module):
         g -= (g * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
-    def normalize_decoder_rows(self) -> None:
-        """Rescales decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def normalize_decoder_rows(self, skip: Tensor | None = None) -> None:
+        """Rescales decoder rows to unit norm. ``skip``: a 0-dim bool tensor; where true the rows are left exactly
+        as they are (the trainer's skipped steps: renormalising unit rows would still change their last bits),
+        decided on the device without a host sync."""
+        norms = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if skip is not None:
+            norms = torch.where(skip, torch.ones_like(norms), norms)
+        self.W_dec /= norms
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
