@@ -7,12 +7,12 @@ ops live in :mod:`fusedsae.functional`; :class:`Trainer` trains on any data sour
 
 from fusedsae import analysis, backends, functional, metrics, ops, reference, toy
 from fusedsae._version import __version__
-from fusedsae.checkpoint import CheckpointError
+from fusedsae.checkpoint import CheckpointError, RunFolderError
 from fusedsae.config import SAEConfig
 from fusedsae.data import DataError, DataSource, IterableSource, TensorSource, ToySource
 from fusedsae.formats import SAEFormatError, load_sae
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
-from fusedsae.training import TrainConfig, Trainer
+from fusedsae.training import TrainConfig, Trainer, TrainingDiverged
 
 load = load_sae
 
@@ -21,6 +21,7 @@ __all__ = [
     "DataError",
     "DataSource",
     "IterableSource",
+    "RunFolderError",
     "SAEConfig",
     "SAEFormatError",
     "SparseAutoencoder",
@@ -28,6 +29,7 @@ __all__ = [
     "ToySource",
     "TrainConfig",
     "Trainer",
+    "TrainingDiverged",
     "TrainingOutput",
     "__version__",
     "analysis",

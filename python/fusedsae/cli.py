@@ -24,11 +24,11 @@ from fusedsae.tracking import TRACKERS
 RUN_CONFIG = "run_config.json"
 
 # Options that shape how a command runs, not what the run is: not saved in run_config.json, free on --resume.
-NOT_SETTINGS = ("command", "resume", "no_plots", "no_progress", "threads", "debug", "given")
+NOT_SETTINGS = ("command", "resume", "overwrite", "no_plots", "no_progress", "threads", "debug", "given")
 # Settings --resume applies when they differ from the saved run: they change the schedule's length, the step size
 # or what is logged, never the SAE, its data or the optimizer state the checkpoint holds (--out is where the run
 # was found, however it is spelled).
-SAFE_ON_RESUME = ("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out")
+SAFE_ON_RESUME = ("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out", "max_bad_steps")
 TOY_OPTIONS = ("d_in", "n_features", "mean_active", "toy_seed")
 
 
@@ -154,6 +154,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/toy", help="run folder")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace another run's files in --out (otherwise it is refused)"
+    )
+    run.add_argument(
+        "--max-bad-steps",
+        type=positive_int,
+        default=10,
+        help="stop when this many consecutive steps have a NaN/Inf loss (their updates are skipped)",
+    )
     run.add_argument("--checkpoint-every", type=non_negative_int, default=200, help="steps (0: only at the end)")
     run.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics lines")
     run.add_argument(
@@ -244,12 +253,13 @@ def _check_train_args(args: argparse.Namespace) -> None:
 def _resume_settings(args: argparse.Namespace, settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """The settings of the run in ``out`` with the typed options of this command: a safe difference
     (:data:`SAFE_ON_RESUME`) is applied and said; any other is refused with the difference."""
+    from fusedsae.checkpoint import RunFolderError
+    from fusedsae.training import read_run_config
+
     try:
-        saved = json.loads((out / RUN_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--resume: cannot read {out / RUN_CONFIG} ({exc}); it is not a fusedsae run folder") from exc
-    if not isinstance(saved, dict):
-        raise UsageError(f"--resume: {out / RUN_CONFIG} does not hold a run's settings")
+        saved = read_run_config(out / RUN_CONFIG)
+    except RunFolderError as exc:
+        raise UsageError(f"--resume: {exc}") from exc
     differing = [name for name in sorted(args.given) if name in settings and saved.get(name) != settings[name]]
     refused = [name for name in differing if name not in SAFE_ON_RESUME]
     if refused:
@@ -298,11 +308,14 @@ def _init_distributed() -> tuple[int, int, int]:
     import torch
     import torch.distributed as dist
 
+    from fusedsae.elastic import process_group_timeout, start_parent_watchdog
+
+    start_parent_watchdog()  # a worker whose torchrun agent dies stops instead of training on unsupervised
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=process_group_timeout())
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -340,8 +353,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_train_args(args)
     out = Path(args.out)
     settings = _run_settings(args)
+    from fusedsae.checkpoint import new_run_id
+
     if args.resume and (out / RUN_CONFIG).is_file():
         settings = _resume_settings(args, settings, out)
+    if not args.resume:
+        settings["run_id"] = new_run_id()
     rank, world, local_rank = _init_distributed()
     finished = False
     try:
@@ -389,25 +406,36 @@ def cmd_train(args: argparse.Namespace) -> int:
                 run_dir=str(out),
                 seed=settings["seed"],
                 progress=not args.no_progress,
+                max_bad_steps=settings["max_bad_steps"],
+                run_id=settings.get("run_id"),
+                overwrite=args.overwrite,
             )
         except ValueError as exc:  # the settings' own checks (SAEConfig, TrainConfig) name the value
             raise UsageError(str(exc)) from exc
         torch.manual_seed(settings["seed"])
         sae = SparseAutoencoder(cfg)
-        callbacks = _trackers(settings, out) if rank == 0 else []
-        trainer = Trainer(sae, source, train_cfg, callbacks=callbacks)
+        try:
+            trainer = Trainer(sae, source, train_cfg)
+        except ValueError as exc:  # a setting the trainer refuses (e.g. --batch-size too small for AuxK)
+            raise UsageError(str(exc)) from exc
+        resumed = args.resume and trainer.resume()
+        if not resumed:
+            trainer.start_run()  # locks --out; refuses a folder holding another run
+        settings["run_id"] = trainer.run_id
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
-        if args.resume:
-            if trainer.resume():
-                if rank == 0:
-                    print(f"resumed {out} at step {trainer.step}/{steps}", flush=True)
-            elif rank == 0:
+            from fusedsae.formats import atomic_write
+
+            # trackers start once the run folder is ours: a refused run leaves no W&B run behind
+            try:
+                trainer.callbacks.extend(_trackers(settings, out))
+            except UsageError:
+                trainer.close()  # the run folder's lock
+                raise
+            atomic_write(out / RUN_CONFIG, json.dumps(settings, indent=2) + "\n")
+            if resumed:
+                print(f"resumed {out} at step {trainer.step}/{steps}", flush=True)
+            elif args.resume:
                 print(f"no checkpoint in {out}; starting a new run", flush=True)
-        elif rank == 0:
-            # a fresh run must not append to an old run's log
-            (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = trainer.train()
         finished = True
         if rank != 0:
@@ -791,11 +819,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     a full disk); its message names the path. Imported here, not at the top, so that ``--help`` and ``--version``
     do not load torch."""
     from fusedsae.cache import CacheError
-    from fusedsae.checkpoint import CheckpointError
+    from fusedsae.checkpoint import CheckpointError, RunFolderError
     from fusedsae.data import DataError
     from fusedsae.formats import SAEFormatError
+    from fusedsae.training import TrainingDiverged
 
-    return (UsageError, DataError, CacheError, CheckpointError, SAEFormatError, OSError)
+    run = (CheckpointError, RunFolderError, TrainingDiverged)
+    return (UsageError, DataError, CacheError, SAEFormatError, *run, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from fusedsae import metrics as M
+from fusedsae.formats import save_figure
 
 
 def pyplot() -> Any:
@@ -75,9 +76,9 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, activatio
     """Writes :func:`training_figure` to ``path`` (PNG)."""
     plt = pyplot()
     fig = training_figure(rows, activation)
-    fig.savefig(path, dpi=100)
+    path = save_figure(fig, path, dpi=100)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def training_figure(rows: list[dict[str, Any]], activation: str | None = None) -> Any:
@@ -144,9 +145,9 @@ def plot_decoder_vs_truth(W_dec: Tensor, ground_truth: Tensor, path: str | Path,
     right.set_ylabel("true features")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def plot_experiment(result: Any, path: str | Path) -> Path:
@@ -171,9 +172,9 @@ def plot_experiment(result: Any, path: str | Path) -> Path:
     ax.set_title(f"{result.name}\n{result.question}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: never over a bar
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def results_table(metrics: dict[str, Any], keys: list[str] | None = None) -> str:
