@@ -156,7 +156,9 @@ def test_a_bit_flipped_cache_shard_stops_training_with_its_name(tmp_path):
     shard.write_bytes(bytes(data))
     source = K.CacheSource(cache.path, 64, seed=1)
     t = Trainer(
-        SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3), source, TrainConfig(steps=10, progress=False)
+        SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3),
+        source,
+        TrainConfig(steps=10, batch_size=64, progress=False),
     )
     with pytest.raises(
         K.CacheError, match=r"shard shard-000002 file shard-000002\.acts\.npy does not match its SHA-256"
@@ -289,7 +291,8 @@ HOLDER = """
 import sys, time, torch, fusedsae
 data = fusedsae.toy.SparseFeatureData(d_in=16, n_features=32, mean_active=3.0)
 sae = fusedsae.SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3)
-trainer = fusedsae.Trainer(sae, fusedsae.ToySource(data, 64), fusedsae.TrainConfig(run_dir=sys.argv[1], progress=False))
+cfg = fusedsae.TrainConfig(run_dir=sys.argv[1], batch_size=64, progress=False)
+trainer = fusedsae.Trainer(sae, fusedsae.ToySource(data, 64), cfg)
 trainer.start_run()
 print("locked", flush=True)
 time.sleep(120)
