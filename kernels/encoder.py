@@ -99,7 +99,7 @@ def _encode_dense_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``out [N, d_sae] = act((x - b_dec) @ W_enc + b_enc)``, act = none | relu | jumprelu (``pre * (pre > θ)``).
+    """``out [N, d_sae] = act((x - b_dec) @ W_enc + b_enc)``, act = none | relu | jumprelu (``relu(pre) * (pre > θ)``).
 
     Programs are grouped GROUP_M row blocks at a time along the columns, so a column block of W_enc is read from
     HBM once per group and from L2 by the others. The activation compares the pre-activation after rounding it to
@@ -141,7 +141,7 @@ def _encode_dense_fwd_kernel(
         pre = tl.maximum(pre, 0.0)
     elif ACTIVATION == ACT_JUMPRELU:
         theta = tl.load(threshold_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        pre = tl.where(pre > theta[None, :], pre, 0.0)
+        pre = tl.where((pre > theta[None, :]) & (pre > 0.0), pre, 0.0)
     mask = (rows < N)[:, None] & col_mask[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :]
     tl.store(out_ptrs, pre.to(out_ptr.dtype.element_ty), mask=mask)

@@ -66,7 +66,7 @@ def encode_dense(
     activation: str,
 ) -> Tensor:
     """Dense encoder ``[N, d_in] -> [N, d_sae]``: ``activation`` is "none" (the pre-activation), "relu" or
-    "jumprelu" (``pre * (pre > threshold)``, threshold ``[d_sae]``)."""
+    "jumprelu" (``relu(pre) * (pre > threshold)``, threshold ``[d_sae]``)."""
     pre = encode_pre(x, W_enc, b_enc, b_dec)
     if activation == "none":
         return pre
@@ -313,8 +313,11 @@ def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_
 
 
 def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
-    """``pre * (pre > threshold)``; ``threshold [d_sae]`` broadcasts over rows."""
-    return pre * (pre > threshold)
+    """``relu(pre) * (pre > threshold)`` (SAELens's maths); ``threshold [d_sae]`` broadcasts over rows.
+
+    The ReLU matters only where a threshold is negative: ``pre`` in ``(threshold, 0]`` gives 0, never a negative
+    activation (docs/architecture.md#jumprelu)."""
+    return torch.relu(pre) * (pre > threshold)
 
 
 def step(pre: Tensor, threshold: Tensor) -> Tensor:
@@ -322,23 +325,28 @@ def step(pre: Tensor, threshold: Tensor) -> Tensor:
     return (pre > threshold).to(pre.dtype)
 
 
-def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """The STE kernel ``K(u) = 1[-1/2 < u < 1/2]`` at ``u = (pre - threshold) / bandwidth``, as pre's dtype
+    (computed at the input precision, so every backend selects the same entries)."""
     u = (pre - threshold) / bandwidth
     return ((u > -0.5) & (u < 0.5)).to(pre.dtype)
 
 
 def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
-    """``(d_pre, d_threshold)`` of :func:`jumprelu`: ``d_pre = grad * (pre > threshold)``; the threshold gets the
-    STE pseudo-gradient ``-(threshold / bandwidth) * K((pre - threshold) / bandwidth) * grad`` summed over rows."""
-    d_pre = grad * (pre > threshold)
-    kernel = _rectangle(pre, threshold, bandwidth)
-    d_threshold = (-(threshold / bandwidth) * kernel * grad).sum(0)
+    """``(d_pre, d_threshold)`` of :func:`jumprelu`: ``d_pre = grad * (pre > threshold) * (pre > 0)``; the
+    threshold gets the STE pseudo-gradient ``-(relu(threshold) / bandwidth) * K((pre - threshold) / bandwidth) *
+    grad`` summed over rows. ``relu(threshold)`` is the height of the jump at ``pre = threshold``: SAELens's
+    ``threshold / bandwidth`` for the positive thresholds it trains (``exp(log_threshold)``), and 0 for a negative
+    one, where the ReLU already hides the jump and moving the threshold changes nothing."""
+    d_pre = grad * ((pre > threshold) & (pre > 0))
+    kernel = rectangle(pre, threshold, bandwidth)
+    d_threshold = (-(threshold.clamp_min(0) / bandwidth) * kernel * grad).sum(0)
     return d_pre, d_threshold
 
 
 def step_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """``d_threshold`` of :func:`step` (``d_pre`` is 0): ``-(1 / bandwidth) * K(...) * grad`` summed over rows."""
-    return (-(1.0 / bandwidth) * _rectangle(pre, threshold, bandwidth) * grad).sum(0)
+    return (-(1.0 / bandwidth) * rectangle(pre, threshold, bandwidth) * grad).sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

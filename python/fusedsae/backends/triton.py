@@ -902,7 +902,7 @@ def _launch_threshold_bwd(
 
 @_on_device
 def jumprelu_fwd(pre: Tensor, threshold: Tensor) -> Tensor:
-    """``pre * (pre > threshold)``, threshold ``[d_sae]`` broadcast over rows."""
+    """``relu(pre) * (pre > threshold)``, threshold ``[d_sae]`` broadcast over rows."""
     return _launch_threshold_fwd(pre, threshold, step=False)
 
 
