@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from fusedsae import functional as F
 from fusedsae import ops
-from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig, dtype_name
 
 
 def _check_finite_default() -> bool:
@@ -160,6 +160,14 @@ class SparseAutoencoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.W_enc.device
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseAutoencoder:
+        """Every ``.to()``/``.half()``/``.cuda()`` goes through here: ``cfg.dtype`` and ``cfg.device`` follow the
+        parameters, so ``save()`` writes a cfg.json that matches the weights."""
+        out = super()._apply(fn, recurse)
+        self.cfg.dtype = dtype_name(self.W_enc.dtype)
+        self.cfg.device = str(self.W_enc.device)
+        return out
 
     @property
     def _b_dec_in(self) -> Tensor | None:
