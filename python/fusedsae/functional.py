@@ -178,8 +178,10 @@ def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = 
 
 
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float = 0.001) -> Tensor:
-    """JumpReLU ``pre * (pre > threshold)`` on ``[..., d_sae]``; ``threshold [d_sae]`` is trained by the
-    straight-through estimator with a rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024)."""
+    """JumpReLU ``relu(pre) * (pre > threshold)`` on ``[..., d_sae]`` (SAELens's maths, so a negative threshold
+    never yields a negative activation); ``threshold [d_sae]`` is trained by the straight-through estimator with a
+    rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024; see
+    :func:`fusedsae.reference.jumprelu_backward`)."""
     _check_threshold(pre, threshold, bandwidth)
     p2, lead = _flat(pre)
     return ops.jumprelu(p2, threshold, float(bandwidth)).reshape(*lead, -1)
@@ -235,13 +237,15 @@ def topk_encode(
     k: int,
     aux_k: int = 0,
     aux_mask: Tensor | None = None,
+    aux_relu: bool = True,
 ) -> SparseCode:
     """TopK encoder (Gao et al. 2024): per token the k largest pre-activations, then ReLU.
 
     Returns :class:`SparseCode` with ``values [..., k]`` (activations, >= 0), ``indices [..., k]`` (int64, by
     value descending, ties by lower index) and, when ``aux_k > 0``, the AuxK selection: the ``aux_k`` largest
-    pre-activations among latents where ``aux_mask [d_sae]`` is true, ReLU'd. The ``[N, d_sae]`` pre-activation
-    is never returned; gradients reach ``W_enc`` only at the selected columns.
+    pre-activations among latents where ``aux_mask [d_sae]`` is true, ReLU'd (``aux_relu=False`` keeps them raw,
+    as SAELens's AuxK loss uses them). The ``[N, d_sae]`` pre-activation is never returned; gradients reach
+    ``W_enc`` only at the selected columns.
     """
     _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
     _check_k(k, d_sae)
@@ -251,7 +255,7 @@ def topk_encode(
     return SparseCode(
         torch.relu(values).reshape(*lead, -1),
         indices.reshape(*lead, -1),
-        torch.relu(aux_values).reshape(*lead, -1),
+        (torch.relu(aux_values) if aux_relu else aux_values).reshape(*lead, -1),
         aux_indices.reshape(*lead, -1),
     )
 
@@ -265,12 +269,14 @@ def batchtopk_encode(
     k: int,
     aux_k: int = 0,
     aux_mask: Tensor | None = None,
+    aux_relu: bool = True,
 ) -> SparseCode:
     """BatchTopK encoder (Bussmann et al. 2024): the ``k * N`` largest ReLU'd pre-activations over the whole
     batch of N tokens (ties by lower flat index). ``x`` must be ``[N, d_in]`` (the batch is the selection set).
 
     Returns :class:`SparseCode` in padded form ``[N, m]`` (m = the largest count in a row; each row's entries in
-    latent order, then padding with value 0 and index 0), plus the AuxK selection as in :func:`topk_encode`.
+    latent order, then padding with value 0 and index 0), plus the AuxK selection as in :func:`topk_encode`
+    (``aux_relu`` likewise).
     """
     _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
     if x.dim() != 2:
@@ -278,7 +284,7 @@ def batchtopk_encode(
     _check_k(k, d_sae)
     _check_aux(aux_k, aux_mask, d_sae, x)
     values, indices, aux_values, aux_indices = ops.batchtopk_encode(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
-    return SparseCode(values, indices, torch.relu(aux_values), aux_indices)
+    return SparseCode(values, indices, torch.relu(aux_values) if aux_relu else aux_values, aux_indices)
 
 
 def encode(
