@@ -1,4 +1,5 @@
-"""Stateless SAE ops (DESIGN §10): validated, any leading dims, dispatched to the fastest usable backend.
+"""Stateless SAE ops (docs/architecture.md#public-api): validated, any leading dims, dispatched to the fastest usable
+backend.
 
 Every function takes ``x [..., d_in]`` with any leading dims (flattened to ``[N, d_in]`` and restored) and the
 SAELens weight layout ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``.
@@ -116,7 +117,9 @@ def _check_aux(aux_k: int, aux_mask: Tensor | None, d_sae: int, x: Tensor) -> No
         )
 
 
-def _check_sparse(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> None:
+def _check_sparse(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, check_indices: bool = True
+) -> None:
     _check_tensor(values, "values")
     _check_tensor(indices, "indices")
     _check_tensor(W_dec, "W_dec")
@@ -135,7 +138,7 @@ def _check_sparse(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     _check_same(values, {"W_dec": W_dec, "b_dec": b_dec})
     if indices.device != values.device:
         raise ValueError(f"indices are on {indices.device} but values are on {values.device}")
-    if indices.numel() and not torch.compiler.is_compiling():
+    if check_indices and indices.numel() and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= W_dec.shape[0]:
             raise ValueError(f"indices must be in [0, d_sae={W_dec.shape[0]}), got values in [{lo}, {hi}]")
@@ -319,12 +322,15 @@ def encode(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+def sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None = None, *, check_indices: bool = True
+) -> Tensor:
     """``x_hat = sum_j values[..., j] * W_dec[indices[..., j]] + b_dec``: ``[..., m] -> [..., d_in]``.
 
     Only the active rows of ``W_dec`` are read, and the backward touches only them (``d values`` is a gather-dot,
-    ``d W_dec`` a per-latent sum)."""
-    _check_sparse(values, indices, W_dec, b_dec)
+    ``d W_dec`` a per-latent sum). ``check_indices=False`` skips the range check of ``indices`` (a device-to-host
+    synchronisation) for indices a fusedsae encoder produced, which are in range by construction."""
+    _check_sparse(values, indices, W_dec, b_dec, check_indices)
     v2, lead = _flat(values)
     out = ops.sparse_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec)
     return out.reshape(*lead, -1)
@@ -333,6 +339,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
 def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """Dense decoder ``acts @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
     _check_tensor(acts, "acts")
+    _check_tensor(W_dec, "W_dec")
     if acts.shape[-1] != W_dec.shape[0]:
         raise ValueError(f"acts has {acts.shape[-1]} latents but W_dec has d_sae={W_dec.shape[0]}")
     _check_same(acts, {"W_dec": W_dec, "b_dec": b_dec})
@@ -364,7 +371,7 @@ def to_sparse(acts: Tensor) -> tuple[Tensor, Tensor]:
     """Padded sparse form of dense ``acts [..., d_sae]``: each row's non-zeros in latent order, padded with value
     0 and index 0 to the largest count in a row (at least 1)."""
     a2, lead = _flat(acts)
-    values, indices = reference._pack_rows(a2, a2 != 0)
+    values, indices = reference.pack_rows(a2, a2 != 0)
     return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
 
@@ -375,7 +382,7 @@ def head_partial_sums(
     n_heads: int,
     b_dec: Tensor | None = None,
 ) -> Tensor:
-    """Per-head partial sums of the pre-activation at selected latents (DESIGN §4).
+    """Per-head partial sums of the pre-activation at selected latents (docs/architecture.md#attribution).
 
     ``out[..., j, h] = (x - b_dec)_h · W_enc[h-block, indices[..., j]]`` for x ``[..., d_in]`` (head-major,
     ``d_in = n_heads * d_head``), indices ``[..., m]``: ``[..., m, n_heads]``. Omit ``b_dec`` for the "raw"

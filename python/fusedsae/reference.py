@@ -1,7 +1,7 @@
 """The maths of every fusedsae op in plain PyTorch: the CPU backend, the test oracle and the benchmark baseline.
 
-Conventions (DESIGN §3): row-major ``x @ W``; ``x [N, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
-``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. ``b_dec=None`` means the input is not centred
+Conventions (docs/architecture.md#maths): row-major ``x @ W``; ``x [N, d_in]``, ``W_enc [d_in, d_sae]``,
+``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. ``b_dec=None`` means the input is not centred
 (``apply_b_dec_to_input=False``). Sparse activations are ``values [N, m]`` with ``indices [N, m]`` (int32 or
 int64); padded slots hold value 0 and index 0.
 
@@ -185,7 +185,7 @@ def batch_active(scores: Tensor, budget: int) -> Tensor:
     return active
 
 
-def _pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+def pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """Padded sparse form of ``pre`` at ``active``: each row's active entries in latent order, then padding
     (value 0, index 0). Width = the largest row count (at least 1)."""
     n = pre.shape[0]
@@ -217,7 +217,7 @@ def batchtopk_encode(
     latent order, padded with value 0 and index 0.
     """
     pre = encode_pre(x, W_enc, b_enc, b_dec)
-    values, indices = _pack_rows(pre, batchtopk_select(pre, k))
+    values, indices = pack_rows(pre, batchtopk_select(pre, k))
     if aux_k:
         assert aux_mask is not None
         aux_values, aux_indices = row_topk(pre.masked_fill_(~aux_mask, float("-inf")), aux_k)
@@ -350,7 +350,7 @@ def step_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-head attribution (DESIGN §4)
+# Per-head attribution (docs/architecture.md#attribution)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae import ops
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig, dtype_name
 
 
@@ -117,7 +116,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0 (DESIGN §3)."""
+        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0
+        (docs/architecture.md#maths)."""
         cfg = self.cfg
         w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -130,7 +130,7 @@ class SparseAutoencoder(nn.Module):
     def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
         """Sets ``b_dec`` from a data sample ``x [..., d_in]``: its ``"mean"`` or ``"geometric_median"``
         (Weiszfeld iterations; robust to outliers, as OpenAI's TopK training does), or ``"zeros"``."""
-        x2 = self._flatten(x).double()  # float64 statistics whatever the SAE's dtype
+        x2 = self.flatten_input(x).double()  # float64 statistics whatever the SAE's dtype
         if method == "zeros":
             center = torch.zeros(self.cfg.d_in)
         elif method == "mean":
@@ -173,7 +173,9 @@ class SparseAutoencoder(nn.Module):
     def _b_dec_in(self) -> Tensor | None:
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
-    def _flatten(self, x: Tensor) -> Tensor:
+    def flatten_input(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` validated (width, floating dtype, device, finite) and flattened to ``[N, d_in]`` in the
+        SAE's dtype: what every method feeds the ops."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_in:
@@ -192,33 +194,41 @@ class SparseAutoencoder(nn.Module):
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activation ``[..., d_in] -> [..., d_sae]``."""
         lead = x.shape[:-1]
-        return F.encode_pre(self._flatten(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
+        return F.encode_pre(self.flatten_input(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
 
-    def _uses_threshold(self) -> bool:
+    def uses_threshold(self) -> bool:
+        """True when activations come from ``threshold`` (JumpReLU; BatchTopK in eval mode) rather than a
+        selection (TopK; BatchTopK in training mode) or ReLU."""
         return self.cfg.activation == "jumprelu" or (self.cfg.activation == "batchtopk" and not self.training)
+
+    def _activate(self, x2: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        """The one activation dispatch of inference, on ``x2 [N, d_in]``: the sparse ``(values, indices)`` of a
+        TopK/BatchTopK selection, or dense ``[N, d_sae]`` activations (ReLU, JumpReLU, thresholded BatchTopK)."""
+        cfg = self.cfg
+        if cfg.activation in SPARSE_ACTIVATIONS and not self.uses_threshold():
+            assert cfg.k is not None
+            select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
+            code = select(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
+            return code.values, code.indices
+        activation = "relu" if cfg.activation == "relu" else "jumprelu"
+        threshold = None if activation == "relu" else self.threshold
+        return F.encode(
+            x2,
+            self.W_enc,
+            self.b_enc,
+            self._b_dec_in,
+            activation=activation,
+            threshold=threshold,
+            bandwidth=cfg.jumprelu_bandwidth,
+        )
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense activations ``[..., d_in] -> [..., d_sae]`` (SAELens ``encode``)."""
         lead = x.shape[:-1]
-        x2 = self._flatten(x)
-        cfg = self.cfg
-        if cfg.activation == "relu":
-            acts = F.relu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in)
-        elif self._uses_threshold():
-            acts = F.jumprelu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, self.threshold, cfg.jumprelu_bandwidth)
-        else:
-            values, indices = self._encode_sparse_flat(x2)
-            acts = F.to_dense(values, indices, cfg.d_sae)
+        acts = self._activate(self.flatten_input(x))
+        if isinstance(acts, tuple):
+            acts = F.to_dense(*acts, self.cfg.d_sae)
         return acts.reshape(*lead, -1)
-
-    def _encode_sparse_flat(self, x2: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = self.cfg
-        assert cfg.k is not None
-        if cfg.activation == "topk":
-            code = F.topk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
-        else:
-            code = F.batchtopk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
-        return code.values, code.indices
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse activations ``(values, indices)`` (sparsify-style ``top_acts, top_indices``).
@@ -226,11 +236,8 @@ class SparseAutoencoder(nn.Module):
         TopK: ``[..., k]`` sorted by value. Other activations: padded form ``[..., m]`` (value 0, index 0 pads).
         """
         lead = x.shape[:-1]
-        x2 = self._flatten(x)
-        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
-            values, indices = self._encode_sparse_flat(x2)
-        else:
-            values, indices = F.to_sparse(self.encode(x2))
+        acts = self._activate(self.flatten_input(x))
+        values, indices = acts if isinstance(acts, tuple) else F.to_sparse(acts)
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, acts: Tensor) -> Tensor:
@@ -242,12 +249,12 @@ class SparseAutoencoder(nn.Module):
         return F.sparse_decode(values.to(self.dtype), indices, self.W_dec, self.b_dec)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``)."""
+        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``); a selection decodes sparsely."""
         lead = x.shape[:-1]
-        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
-            values, indices = self.encode_sparse(x)
-            return self.decode_sparse(values, indices)
-        return self.decode(self.encode(x)).reshape(*lead, -1)
+        acts = self._activate(self.flatten_input(x))
+        if isinstance(acts, tuple):
+            return self.decode_sparse(*acts).reshape(*lead, -1)
+        return self.decode(acts).reshape(*lead, -1)
 
     # -------------------------------------------------------------------------------------------------------------
     # training
@@ -272,7 +279,7 @@ class SparseAutoencoder(nn.Module):
         residual, normalised by the residual's variance and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.).
         """
         cfg = self.cfg
-        x2 = self._flatten(x)
+        x2 = self.flatten_input(x)
         b_dec_in = self._b_dec_in
         losses: dict[str, Tensor] = {}
         extras: dict[str, Any] = {"d_sae": cfg.d_sae}
@@ -283,17 +290,18 @@ class SparseAutoencoder(nn.Module):
             if dead_mask is not None and cfg.aux_k:
                 n_dead = int(dead_mask.sum())
                 aux_k = min(cfg.aux_k, n_dead)
-            op = ops.topk_encode if cfg.activation == "topk" else ops.batchtopk_encode
+            select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
             assert cfg.k is not None
-            pre_v, indices, aux_pre, aux_idx = op(
-                x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, aux_k, dead_mask if aux_k else None
+            code = select(
+                x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k, aux_k=aux_k, aux_mask=dead_mask if aux_k else None
             )
-            values = torch.relu(pre_v)
-            sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            values, indices = code.values, code.indices
+            # our own encoder's indices: skip the range check, a device-to-host sync per call
+            sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if aux_k:
                 residual = (x2 - sae_out).detach()
-                aux_out = ops.sparse_decode(torch.relu(aux_pre), aux_idx, self.W_dec, None)
+                aux_out = F.sparse_decode(code.aux_values, code.aux_indices, self.W_dec, None, check_indices=False)
                 variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
                 scale = min(n_dead / cfg.aux_k, 1.0)
                 aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / variance
@@ -301,17 +309,17 @@ class SparseAutoencoder(nn.Module):
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
         elif cfg.activation == "relu":
-            dense = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "relu")
-            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            dense = F.relu_encode(x2, self.W_enc, self.b_enc, b_dec_in)
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             l1 = (dense * self.W_dec.norm(dim=1)).sum(-1).mean()
             losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
         else:  # jumprelu
-            pre = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "none")
-            dense = ops.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
-            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
+            dense = F.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l0 = ops.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+            l0 = F.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
             losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
