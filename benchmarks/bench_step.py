@@ -1,7 +1,7 @@
 """A full TopK training step (forward, MSE loss, backward, Adam) per provider, with the encoder GEMM as the floor.
 
-Targets (DESIGN §9): on the CPU (foundation issue), our step <= 1.5x our encoder GEMM and >= 3x faster than
-SAELens; on an H100, <= 1.7x the GEMM and >= 5x faster than torch-unfused."""
+Targets (docs/architecture.md#targets): on the CPU (foundation issue), our step <= 1.5x our encoder GEMM and >= 3x
+faster than SAELens; on an H100, <= 1.7x the GEMM and >= 5x faster than torch-unfused."""
 
 from __future__ import annotations
 
