@@ -402,6 +402,26 @@ def test_sae_lens_style_training_loop_matches_installed_sae_lens():
         torch.testing.assert_close(ours[name], value, msg=name)
 
 
+def test_sae_lens_own_trainer_drives_our_sae():
+    """SAELens's SAETrainer (LR schedule, coefficient schedulers, dead-latent window, grad clipping, Adam) trains
+    our TopKTrainingSAE to the same weights as its own."""
+    sae_lens = peer("sae_lens")
+    from sae_lens.config import SAETrainerConfig
+
+    def train(lib):
+        torch.manual_seed(0)
+        sae = lib.TopKTrainingSAE(lib.TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4))
+        data = torch.randn(12, 32, 16, generator=torch.Generator().manual_seed(1))
+        cfg = SAETrainerConfig(
+            total_training_samples=12 * 32, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3, dead_feature_window=3
+        )
+        return sae_lens.SAETrainer(cfg, sae, iter(list(data))).fit().state_dict()
+
+    theirs, ours = train(sae_lens), train(csl)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, msg=name)
+
+
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("options", [{}, {"multi_topk": True}, {"transcode": True}, {"skip_connection": True}])
 def test_sparse_coder_matches_installed_sparsify(tmp_path, options, exact):
