@@ -510,3 +510,8 @@ def test_compat_layers_run_on_the_triton_kernels():
         reference, triton = _step_results(step)
         for a, b in zip(reference, triton):
             torch.testing.assert_close(b, a)  # float32 defaults: both accumulate in fp32, only the order differs
+
+
+def test_the_plain_layer_points_peer_configs_to_the_compat_layers():
+    with pytest.raises(TypeError, match=r"cfg must be a fusedsae.SAEConfig, got .*TopKSAEConfig; .*compat.sae_lens"):
+        fusedsae.SparseAutoencoder(csl.TopKSAEConfig(d_in=4, d_sae=8, k=2))

@@ -93,6 +93,13 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
+        if cfg is not None and not isinstance(cfg, SAEConfig):
+            # a SAELens or sparsify config object (issue 10: it used to fail on a missing torch_dtype)
+            raise TypeError(
+                f"cfg must be a fusedsae.SAEConfig, got {type(cfg).__module__}.{type(cfg).__name__}; build SAELens "
+                "configs with fusedsae.compat.sae_lens.SAE(cfg) and sparsify configs with "
+                "fusedsae.compat.sparsify.SparseCoder(d_in, cfg)"
+            )
         if cfg is None:
             cfg = SAEConfig(**kwargs)
         elif kwargs:
