@@ -120,6 +120,29 @@ def test_compat_sparse_coder_reads_sparsify_folders_and_writes_them_back(tmp_pat
     torch.testing.assert_close(ours.decode_sparse(*ours.encode_sparse(want["x"])), want["decode"])
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["saelens_standard", "saelens_topk", "saelens_topk_rescaled", "saelens_jumprelu", "saelens_gated", "sparsify_topk"],
+)
+def test_written_files_are_the_peers_own(tmp_path, name):
+    """Without the peers installed: reading a peer's folder and writing it back reproduces the peer's own files
+    (the same cfg.json and the same tensors), so the peer reads what the compat layers write."""
+    import json
+
+    folder = FIXTURES / name
+    if name.startswith("sparsify"):
+        csp.SparseCoder.load_from_disk(folder).save_to_disk(tmp_path)
+        weights = "sae.safetensors"
+    else:
+        csl.SAE.load_from_disk(folder).save_model(tmp_path)
+        weights = "sae_weights.safetensors"
+    assert json.loads((tmp_path / "cfg.json").read_text()) == json.loads((folder / "cfg.json").read_text())
+    ours, theirs = load_file(str(tmp_path / weights)), load_file(str(folder / weights))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
 def test_sparse_coder_forward_losses_and_refusals():
     torch.manual_seed(0)
     coder = csp.SparseCoder(12, csp.SparseCoderConfig(num_latents=48, k=4, multi_topk=True), dtype=torch.float64)
