@@ -262,6 +262,8 @@ class SparseAutoencoder(nn.Module):
         weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
         ``aux_loss_coefficient`` × AuxK (TopK family): the top ``aux_k`` dead latents reconstruct the detached
         residual, normalised by the residual's variance and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.).
+        Matryoshka SAEs (``cfg.matryoshka_widths``) add ``inner_mse_loss_<w>``, the MSE of the reconstruction from
+        the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
         """
         cfg = self.cfg
         x2 = self._flatten(x)
@@ -281,7 +283,13 @@ class SparseAutoencoder(nn.Module):
                 x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, aux_k, dead_mask if aux_k else None
             )
             values = torch.relu(pre_v)
-            sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
+                levels = F.matryoshka_decode(values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths)
+                sae_out = levels[:, -1]
+                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
+                    losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+            else:
+                sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if aux_k:
                 residual = (x2 - sae_out).detach()
