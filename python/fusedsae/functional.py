@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fusedsae import ops, reference
+from fusedsae.config import check_matryoshka_widths
 
 __all__ = [
     "SparseCode",
@@ -30,6 +31,7 @@ __all__ = [
     "head_partial_sums",
     "jumprelu",
     "jumprelu_encode",
+    "matryoshka_decode",
     "relu_encode",
     "row_topk",
     "sparse_decode",
@@ -335,6 +337,28 @@ def sparse_decode(
     v2, lead = _flat(values)
     out = ops.sparse_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec)
     return out.reshape(*lead, -1)
+
+
+def matryoshka_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor | None,
+    widths: list[int],
+    check_indices: bool = True,
+) -> Tensor:
+    """Every Matryoshka prefix reconstruction from one pass over the active latents: ``[..., m] -> [..., L, d_in]``,
+    level l summing the active latents with index below ``widths[l]`` (increasing, the last = ``d_sae`` gives the
+    ordinary reconstruction). See :func:`fusedsae.reference.matryoshka_decode`.
+
+    Runs the PyTorch implementation on every device (one ``embedding_bag`` pass, differentiable); a fused
+    triton/cuda kernel is not written yet. ``check_indices=False`` skips the index range check (a host read), for
+    indices that come from our own encoder."""
+    _check_sparse(values, indices, W_dec, b_dec, check_indices)
+    widths = check_matryoshka_widths(widths, W_dec.shape[0])
+    v2, lead = _flat(values)
+    out = reference.matryoshka_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec, widths)
+    return out.reshape(*lead, len(widths), -1)
 
 
 def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

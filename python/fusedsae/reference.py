@@ -296,6 +296,40 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     return out if b_dec is None else out + b_dec
 
 
+def matryoshka_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, widths: list[int]
+) -> Tensor:
+    """Every Matryoshka prefix reconstruction in one pass over the active latents.
+
+    ``out[n, l] = sum over j with indices[n, j] < widths[l] of values[n, j] * W_dec[indices[n, j]] + b_dec``:
+    ``([N, m], [N, m], [d_sae, d_in], [d_in] or None, L increasing widths) -> [N, L, d_in]``.
+
+    Each row's entries are put in latent order, so the entries of level l (``widths[l-1] <= index < widths[l]``)
+    form one contiguous bag; a single ``embedding_bag`` gathers every active row of ``W_dec`` once into the
+    per-level partial sums ``[N·L, d_in]``, and a cumulative sum over levels gives the prefixes. No dense
+    ``[N, d_sae]`` tensor and no second decode: the cost is one sparse decode plus ``N·L·d_in`` additions.
+    Differentiable (autograd of ``embedding_bag`` and ``cumsum``); padding entries (value 0) add nothing.
+    """
+    n = indices.shape[0]
+    levels = len(widths)
+    order = indices.argsort(dim=1, stable=True)
+    sorted_idx = indices.gather(1, order)
+    sorted_val = values.gather(1, order)
+    # level = how many inner widths lie at or below the index (entries are < widths[-1] = d_sae); compared with
+    # Python ints, so no host-to-device copy of the widths (a hidden sync on CUDA)
+    level = torch.zeros_like(sorted_idx)
+    for width in widths[:-1]:
+        level += sorted_idx >= width
+    bag = (torch.arange(n, device=indices.device)[:, None] * levels + level).reshape(-1)
+    # bag ids are non-decreasing along the flattened rows; empty bags get an offset equal to the next one's
+    offsets = torch.searchsorted(bag, torch.arange(n * levels, device=indices.device))
+    partial = F.embedding_bag(
+        sorted_idx.reshape(-1), W_dec, offsets, per_sample_weights=sorted_val.reshape(-1), mode="sum"
+    )
+    out = partial.view(n, levels, -1).cumsum(1)
+    return out if b_dec is None else out + b_dec
+
+
 def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
     """``out[n, j] = table[indices[n, j]] · vectors[n]``: ``([M, d], [N, m], [N, d]) -> [N, m]``.
 

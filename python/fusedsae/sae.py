@@ -296,6 +296,8 @@ class SparseAutoencoder(nn.Module):
         ``aux_loss_coefficient`` × AuxK (TopK family, whenever ``dead_mask`` is given, 0 when nothing is dead):
         the top ``aux_k`` dead latents reconstruct the detached residual, normalised by the residual's variance
         and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`fusedsae.functional.auxk_reconstruction`.
+        Matryoshka SAEs (``cfg.matryoshka_widths``) add ``inner_mse_loss_<w>``, the MSE of the reconstruction from
+        the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
 
         A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
         static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
@@ -313,8 +315,16 @@ class SparseAutoencoder(nn.Module):
             assert cfg.k is not None
             code = select(x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k)
             values, indices = code.values, code.indices
-            # our own encoder's indices: skip the range check, a device-to-host sync per call
-            sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
+            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
+                levels = F.matryoshka_decode(
+                    values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths, check_indices=False
+                )
+                sae_out = levels[:, -1]
+                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
+                    losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+            else:
+                # our own encoder's indices: skip the range check, a device-to-host sync per call
+                sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if dead_mask is not None and cfg.aux_k:
                 n_dead = dead_mask.sum()
