@@ -60,6 +60,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (default)")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    train.add_argument(
+        "--shard-latents",
+        type=int,
+        default=1,
+        help="under torchrun: this many ranks share the latents (world = shards x data-parallel replicas; default 1)",
+    )
 
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
@@ -192,11 +198,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = json.loads((out / RUN_CONFIG).read_text())
         if args.steps is not None:
             saved["steps"] = args.steps
+        saved["shard_latents"] = args.shard_latents  # a layout choice: checkpoints hold the whole dictionary
         settings = saved
     rank, world, local_rank = _init_distributed()
+    shards = settings.get("shard_latents", 1)
+    if shards < 1 or world % shards:
+        raise SystemExit(f"--shard-latents {shards} must divide the number of processes ({world})")
+    # the ranks of a shard group share every batch: the data is split over the replicas only
+    data_rank, data_world = rank // shards, world // shards
     finished = False
     try:
-        source = _build_data(settings, rank, world)
+        source = _build_data(settings, data_rank, data_world)
         steps = settings["steps"] or 1000
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(steps=steps, d_sae=d_sae)
@@ -228,12 +240,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr_warm_up_steps=settings["lr_warm_up_steps"],
             lr_decay_steps=steps // 5 if decay is None else decay,
             sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
-            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * data_world,
             checkpoint_every=settings["checkpoint_every"],
             log_every=settings["log_every"],
             run_dir=str(out),
             seed=settings["seed"],
             progress=not args.no_progress,
+            shard_latents=shards,
         )
         trainer = Trainer(sae, source, train_cfg)
         if rank == 0:
@@ -250,6 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = trainer.train()
         finished = True
+        W_dec = trainer.full_sae().W_dec  # a latent-sharded run gathers it on every rank
         if rank != 0:
             return 0
         print()
@@ -257,6 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}"
             + (f", k={cfg.k}" if cfg.k else "")
             + f", data={settings['data']}, device={device}, world={world}"
+            + (f" ({trainer.grid.describe()})" if trainer.grid else "")
         )
         print(plots.results_table(metrics))
         if not args.no_plots:
@@ -264,7 +279,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             written = [curves]
             truth = getattr(source, "ground_truth", None)
             if truth is not None:
-                written.append(plots.plot_decoder_vs_truth(trainer.sae.W_dec, truth, out / "decoder_vs_truth.png"))
+                written.append(plots.plot_decoder_vs_truth(W_dec, truth, out / "decoder_vs_truth.png"))
             print("plots: " + ", ".join(str(p) for p in written))
         print(f"SAE (SAELens folder): {out / 'sae'}")
         return 0
