@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,32 @@ RESUME_SCRIPT = textwrap.dedent(
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+    """
+)
+
+
+# Two user mistakes and a failure: each must end every rank with a non-zero exit, quickly and with the reason.
+FAULT_SCRIPT = textwrap.dedent(
+    f"""
+    import sys, time, datetime, torch, torch.distributed as dist, fusedsae
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    mode, rank = sys.argv[1], dist.get_rank()
+    data = fusedsae.toy.SparseFeatureData(d_in={D_IN}, n_features=30, mean_active=3.0)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation="topk", k=3 + (mode == "config") * rank)
+    # "data": the data split over all ranks although the two ranks share the latents (and so must share batches)
+    split = mode == "data"
+    source = fusedsae.ToySource(data, {BATCH}, rank=rank if split else 0, world_size=2 if split else 1)
+    cfg = fusedsae.TrainConfig(steps=50, batch_size={BATCH}, progress=False, shard_latents=2)
+    trainer = fusedsae.Trainer(sae, source, cfg)
+    if mode == "raise" and rank == 1:  # rank 0 is then left waiting in the next step's all-gather
+        step = trainer.train_step
+        def failing_step(x):
+            if trainer.step == 3:
+                raise RuntimeError("rank 1 fails on purpose")
+            return step(x)
+        trainer.train_step = failing_step
+    trainer.train()
     """
 )
 
@@ -254,3 +281,21 @@ def test_checkpoints_resume_under_another_layout(tmp_path):
             torch.testing.assert_close(
                 tensors[key], tensor, rtol=1e-9, atol=1e-12, msg=lambda m, n=key, r=run_name: f"{r}, {n}: {m}"
             )
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("config", "the SAE or training config differs across all ranks"),
+        ("data", "the first batch differs across the ranks of a latent-shard group"),
+        ("raise", "rank 1 fails on purpose"),
+    ],
+)
+def test_mismatches_and_failures_end_every_rank(tmp_path, mode, message):
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    start = time.monotonic()
+    result = torchrun(2, str(script), mode)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 60

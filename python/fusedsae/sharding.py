@@ -2,7 +2,7 @@
 the latents (its ``W_enc`` columns, ``b_enc``, ``W_dec`` rows, ``threshold`` and their optimizer state), with an
 exact distributed TopK; composable with data parallelism as a 2-D grid ``world = S × replicas``.
 
-The maths (docs/architecture.md, "Latent sharding"):
+The maths (docs/scaling.md):
 
 * **Exact TopK.** Each rank selects its local top-k per row (the fused kernel; ties by the lower index), the
   ``S·k`` candidates per row are all-gathered with their *global* indices, and the global top-k is kept, ordered
@@ -24,6 +24,7 @@ Ranks ``[r·S, (r+1)·S)`` form replica r's shard group; ranks ``s, s+S, s+2S, �
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,9 @@ class ProcessGrid:
         self.shard_rank, self.replica_rank = rank % shards, rank // shards
         self.shard_group: Any = None
         self.replica_group: Any = None
+        # Logical payload the collectives brought in from other ranks, (S − 1) × size each (benchmarks read it; a
+        # ring all-reduce moves 2(S − 1)/S × size on the wire).
+        self.bytes_received = 0
         if distributed and world > 1:
             shard_groups = [dist.new_group(list(range(r * shards, (r + 1) * shards))) for r in range(self.replicas)]
             replica_groups = [dist.new_group(list(range(s, world, shards))) for s in range(shards)]
@@ -91,18 +95,38 @@ class ProcessGrid:
     def describe(self) -> str:
         return f"{self.shards} latent shard(s) × {self.replicas} data-parallel replica(s)"
 
+    def assert_same(self, what: str, payload: bytes, over_shards: bool = False) -> None:
+        """Raises ``ValueError`` on every rank unless ``payload`` (a config, a batch…) is the same on all ranks (or
+        on the ranks of this shard group): a mismatch found at the start instead of a wrong or hung run."""
+        group, size = (self.shard_group, self.shards) if over_shards else (None, self.world)
+        if size == 1:
+            return
+        digest = hashlib.sha256(payload).digest()[:8]
+        mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(every, mine, group=group)
+        differing = [i for i, h in enumerate(every) if int(h) != int(every[0])]
+        if differing:
+            scope = "the ranks of a latent-shard group" if over_shards else "all ranks"
+            raise ValueError(
+                f"{what} differs across {scope} (rank {self.rank} sees a different one from "
+                f"{len(differing)} of {size}); start every rank with the same settings and data"
+            )
+
     # collectives that are no-ops on a group of one -------------------------------------------------------------
 
     def sum_over_shards(self, t: Tensor) -> Tensor:
         """In-place sum over the shard group (the ranks that hold the other slices)."""
         if self.shards > 1:
             dist.all_reduce(t, group=self.shard_group)
+            self.bytes_received += (self.shards - 1) * t.numel() * t.element_size()
         return t
 
     def sum_over_replicas(self, t: Tensor) -> Tensor:
         """In-place sum over the replica group (the ranks that hold the same slice, other data)."""
         if self.replicas > 1:
             dist.all_reduce(t, group=self.replica_group)
+            self.bytes_received += (self.replicas - 1) * t.numel() * t.element_size()
         return t
 
     def min_over_world(self, t: Tensor) -> Tensor:
@@ -116,6 +140,7 @@ class ProcessGrid:
             return [t]
         out = [torch.empty_like(t) for _ in range(self.shards)]
         dist.all_gather(out, t.contiguous(), group=self.shard_group)
+        self.bytes_received += (self.shards - 1) * t.numel() * t.element_size()
         return out
 
     def gather_slices(self, t: Tensor, dim: int, d_sae: int) -> Tensor:
@@ -129,6 +154,14 @@ class ProcessGrid:
         parts = self.gather_shards(padded)
         sizes = [stop - start for start, stop in (shard_bounds(d_sae, self.shards, s) for s in range(self.shards))]
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+
+
+def _reduce_from_shards(partial: Tensor, grid: ProcessGrid) -> Tensor:
+    return partial if grid.shards == 1 else _ReduceFromShards.apply(partial, grid)
+
+
+def _copy_to_shards(t: Tensor, grid: ProcessGrid) -> Tensor:
+    return t if grid.shards == 1 else _CopyToShards.apply(t, grid)
 
 
 class _ReduceFromShards(torch.autograd.Function):
@@ -177,6 +210,8 @@ def _select_local(grid: ProcessGrid, values: Tensor, global_indices: Tensor, k: 
     selection the position of each winner in the gathered ``[N, S·c]`` candidate list.
     """
     n, c = values.shape
+    if grid.shards == 1:  # the local selection is the global one
+        return torch.ones_like(values, dtype=torch.bool), torch.arange(c, device=values.device).expand(n, c)
     all_values = torch.cat(grid.gather_shards(values.detach()), dim=1)
     all_indices = torch.cat(grid.gather_shards(global_indices), dim=1)
     winners = merge_candidates(all_values, all_indices, k)
@@ -292,7 +327,7 @@ class ShardedAutoencoder(SparseAutoencoder):
         """
         cfg, grid = self.full_cfg, self.grid
         x2 = self._flatten(x)
-        b_dec_in = _CopyToShards.apply(self.b_dec, grid) if cfg.apply_b_dec_to_input else None
+        b_dec_in = _copy_to_shards(self.b_dec, grid) if cfg.apply_b_dec_to_input else None
         losses: dict[str, Tensor] = {}
         values = indices = dense = None
         n_dead = 0
@@ -305,7 +340,7 @@ class ShardedAutoencoder(SparseAutoencoder):
             keep, _ = _select_local(grid, pre_v, local_idx + self.start, cfg.k)
             values = torch.relu(pre_v) * keep
             indices = local_idx
-            sae_out = _ReduceFromShards.apply(ops.sparse_decode(values, indices, self.W_dec, None), grid) + self.b_dec
+            sae_out = _reduce_from_shards(ops.sparse_decode(values, indices, self.W_dec, None), grid) + self.b_dec
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if aux_k:
                 assert dead_mask is not None and cfg.aux_k
@@ -314,7 +349,7 @@ class ShardedAutoencoder(SparseAutoencoder):
                 # Latents that are not dead were masked to -inf by the selection: relu makes them 0 and inert.
                 aux_keep, _ = _select_local(grid, aux_pre, aux_idx + self.start, min(cfg.aux_k, cfg.d_sae))
                 aux_values = torch.relu(aux_pre) * aux_keep
-                aux_out = _ReduceFromShards.apply(ops.sparse_decode(aux_values, aux_idx, self.W_dec, None), grid)
+                aux_out = _reduce_from_shards(ops.sparse_decode(aux_values, aux_idx, self.W_dec, None), grid)
                 residual = (x2 - sae_out).detach()
                 scale = (dead.to(residual.dtype) / cfg.aux_k).clamp(max=1.0)
                 aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / self._global_variance(residual)
@@ -324,22 +359,22 @@ class ShardedAutoencoder(SparseAutoencoder):
                 raise ValueError("AuxK is not supported with latent-sharded BatchTopK yet; set aux_k=0")
             pre = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "none")
             dense = torch.relu(pre) * self._batch_active(pre.detach(), cfg.k or 0)
-            sae_out = _ReduceFromShards.apply(dense @ self.W_dec, grid) + self.b_dec
+            sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if self.training:
                 self._update_global_threshold(dense.detach())
         elif cfg.activation == "relu":
             dense = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "relu")
-            sae_out = _ReduceFromShards.apply(dense @ self.W_dec, grid) + self.b_dec
+            sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l1 = _ReduceFromShards.apply((dense * self.W_dec.norm(dim=1)).sum(-1).mean(), grid)
+            l1 = _reduce_from_shards((dense * self.W_dec.norm(dim=1)).sum(-1).mean(), grid)
             losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
         else:  # jumprelu
             pre = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "none")
             dense = ops.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
-            sae_out = _ReduceFromShards.apply(dense @ self.W_dec, grid) + self.b_dec
+            sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l0 = _ReduceFromShards.apply(ops.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean(), grid)
+            l0 = _reduce_from_shards(ops.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean(), grid)
             losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()

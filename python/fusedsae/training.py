@@ -136,6 +136,9 @@ class Trainer:
             if not isinstance(sae, ShardedAutoencoder):
                 sae = ShardedAutoencoder.from_full(sae, self.grid)
             self.sae = sae
+        if self.grid is not None:  # a rank started with other settings would train another model, or hang
+            settings = {"sae": sae.full_cfg.to_dict(), "train": asdict(self.cfg)}
+            self.grid.assert_same("the SAE or training config", json.dumps(settings, sort_keys=True).encode())
         # Ranks that see different data: all of them, or the data-parallel replicas of a latent-sharded run.
         self.world_size = self.grid.replicas if self.grid else (dist.get_world_size() if self.distributed else 1)
         self.data_rank = self.grid.replica_rank if self.grid else self.rank
@@ -231,6 +234,9 @@ class Trainer:
         """One optimizer step on batch ``x [batch, d_in]`` (already on the device)."""
         sae, cfg = self.sae, self.cfg
         if self.step == 0 and self.tokens == 0:
+            if self.grid is not None:  # the ranks sharing the latents must share every batch
+                batch = x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                self.grid.assert_same("the first batch", batch, over_shards=True)
             self._first_batch(x)
         x = self._scale(x)
         sae.train()
