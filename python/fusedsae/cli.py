@@ -231,7 +231,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             **sae_kwargs,
         )
         torch.manual_seed(settings["seed"])
-        sae = SparseAutoencoder(cfg)
+        if shards > 1:  # each rank initialises only its slice (the whole SAE may not fit one device)
+            from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
+
+            sae = ShardedAutoencoder(cfg, ProcessGrid(shards))
+        else:
+            sae = SparseAutoencoder(cfg)
         decay = settings["lr_decay_steps"]
         train_cfg = TrainConfig(
             steps=steps,

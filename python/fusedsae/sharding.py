@@ -37,6 +37,7 @@ from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 
 __all__ = [
+    "INIT_BLOCK",
     "LATENT_DIM",
     "ProcessGrid",
     "ShardedAutoencoder",
@@ -44,6 +45,10 @@ __all__ = [
     "merge_candidates",
     "shard_bounds",
 ]
+
+# Latents are initialised in blocks of this many, each from its own seed, so that the initialisation is the same
+# whatever the number of shards.
+INIT_BLOCK = 4096
 
 # Which dimension of each parameter/buffer runs over the latents (absent: replicated).
 LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
@@ -249,10 +254,31 @@ class ShardedAutoencoder(SparseAutoencoder):
         # The slice's config: k may exceed the slice's width (each rank contributes min(k, width) candidates).
         local_k = None if full_cfg.k is None else min(full_cfg.k, stop - start)
         local_aux = min(full_cfg.aux_k, stop - start) if full_cfg.aux_k else full_cfg.aux_k
-        super().__init__(full_cfg.replace(d_sae=stop - start, k=local_k, aux_k=local_aux))
+        # set before the base class's __init__, which calls reset_parameters
         self.full_cfg = full_cfg
         self.grid = grid
         self.start, self.stop = start, stop
+        super().__init__(full_cfg.replace(d_sae=stop - start, k=local_k, aux_k=local_aux))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """This slice of a whole-dictionary initialisation that does not depend on the layout: latents are drawn
+        in blocks of :data:`INIT_BLOCK`, block b from a generator seeded by (a draw from ``generator`` or torch's
+        global RNG) + b, so S shards initialise the SAE that one process would, without ever holding all of it.
+        Rows on the unit sphere, ``W_enc = W_dec^T``, biases 0 (as :meth:`SparseAutoencoder.reset_parameters`)."""
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        rows = []
+        for block in range(self.start // INIT_BLOCK, -(-self.stop // INIT_BLOCK)):
+            g = torch.Generator().manual_seed(base + block)
+            first = block * INIT_BLOCK
+            w = torch.randn(min(INIT_BLOCK, self.full_cfg.d_sae - first), self.cfg.d_in, generator=g)
+            rows.append(w[max(0, self.start - first) : self.stop - first])
+        w = torch.cat(rows)
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
 
     @classmethod
     def from_full(cls, sae: SparseAutoencoder, grid: ProcessGrid) -> ShardedAutoencoder:
