@@ -72,3 +72,136 @@ def test_errors_name_the_problem():
         run_experiment("sparsity", steps=0)
     with pytest.raises(SystemExit):
         main(["toy", "nope"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The composed-features lab (issue 12)
+# ------------------------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+from fusedsae import toy  # noqa: E402
+from fusedsae.experiments import (  # noqa: E402
+    BatchedSAE,
+    LabConfig,
+    SAEOptions,
+    best_encoder_losses,
+    fold_angle,
+    plus_directions,
+    plus_fit,
+    train_batched,
+)
+
+
+def quadrature_points(correlated: bool, one_hot: bool, n: int = 120) -> torch.Tensor:
+    """Samples of the idealised "+" data on a midpoint grid of the amplitudes, every sign: ``[N, 2]``. Means over
+    them are expectations up to the midpoint rule's O(1/n²)."""
+    a = (torch.arange(n) + 0.5) / n
+    if correlated or one_hot:
+        a = b = (torch.arange(n * n) + 0.5) / (n * n)
+    else:
+        a, b = (v.flatten() for v in torch.meshgrid(a, a, indexing="ij"))
+    if one_hot:
+        return torch.cat(
+            [torch.stack([s * a, 0 * a], 1) for s in (1, -1)] + [torch.stack([0 * a, s * a], 1) for s in (1, -1)]
+        )
+    return torch.cat([torch.stack([s1 * a, s2 * b], 1) for s1 in (1, -1) for s2 in (1, -1)])
+
+
+def hand_built(angle: float, options: SAEOptions) -> BatchedSAE:
+    """An SAE whose decoder is the "+" at ``angle`` with the tied encoder and zero biases."""
+    sae = BatchedSAE(2, [0], options)
+    D = plus_directions(torch.tensor([angle]))[0]
+    with torch.no_grad():
+        sae.W_dec.copy_(D[None])
+        sae.W_enc.copy_(D.t()[None])
+    return sae
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("angle", [0.0, 45.0, 20.0])
+def test_expected_l1_is_the_mean_l1_of_hand_built_dictionaries(correlated, one_hot, angle):
+    x = quadrature_points(correlated, one_hot)
+    with torch.no_grad():
+        out = hand_built(angle, SAEOptions(objective="l1")).losses(x[None])
+    assert float(out["mse"][0]) < 1e-10  # two orthonormal antipodal pairs code every sample exactly
+    assert float(out["l1"][0]) == pytest.approx(toy.expected_l1(angle, correlated, float(one_hot)), abs=2e-5)
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_topk1_crossover_from_the_squared_errors_of_hand_built_dictionaries(correlated):
+    mse = {}
+    for angle in (0.0, 45.0):
+        for one_hot in (False, True):
+            with torch.no_grad():
+                out = hand_built(angle, SAEOptions(objective="topk", k=1)).losses(
+                    quadrature_points(correlated, one_hot)[None]
+                )
+            mse[angle, one_hot] = float(out["mse"][0])
+    expected = {(0.0, False): 1 / 3 if correlated else 1 / 6, (45.0, False): 0.0 if correlated else 1 / 12}
+    expected.update({(0.0, True): 0.0, (45.0, True): 1 / 6})
+    for key, value in expected.items():
+        assert mse[key] == pytest.approx(value, abs=1e-4), key
+    q = toy.topk1_crossover(correlated)
+    at = {a: (1 - q) * mse[a, False] + q * mse[a, True] for a in (0.0, 45.0)}
+    assert at[0.0] == pytest.approx(at[45.0], abs=1e-4)
+
+
+def test_plus_fit_is_basis_free_and_reads_the_angle():
+    for angle in (0.0, 17.0, 45.0, 89.0):
+        score, fitted = plus_fit(plus_directions(torch.tensor([angle]))[0])
+        assert score == pytest.approx(1.0, abs=1e-5) and fold_angle(fitted - angle) < 0.02
+    true, composed = toy.composed_basis(toy.plus_geometry())
+    assert fold_angle(plus_fit(composed)[1] - plus_fit(true)[1]) == pytest.approx(45.0, abs=0.02)
+    # one antipodal pair: the best "+" sits at 45° to it, every arm at cosine 1/√2; three arms: still short of 1
+    assert plus_fit(true[[0, 1]])[0] == pytest.approx(0.5**0.5, abs=1e-5)
+    assert 0.75 < plus_fit(true[[0, 2, 1]])[0] < 0.8
+    assert fold_angle(100.0) == pytest.approx(10.0) and fold_angle(-30.0) == pytest.approx(30.0)
+
+
+def test_batched_models_train_as_if_alone():
+    """The loss is a sum over models, so model m's parameters after training depend on model m alone."""
+    options = SAEOptions(objective="topk", k=1, steps=30, batch_size=64, resample_dead=False)
+    corr, q = torch.tensor([False, True, False]), torch.tensor([0.0, 0.5, 1.0])
+    W = toy.plus_geometry().expand(3, 2, 4)
+
+    def batches(step):
+        return toy.sample_composed(64, corr, q, toy.generator(0, step)) @ W.transpose(1, 2)
+
+    together = BatchedSAE(2, [5, 6, 7], options)
+    train_batched(together, batches)
+    alone = BatchedSAE(2, [6], options)
+    train_batched(alone, lambda step: batches(step)[1:2])
+    for name, p in alone.named_parameters():
+        torch.testing.assert_close(p, getattr(together, name)[1:2], rtol=1e-4, atol=1e-6)
+
+
+def test_best_encoder_losses_find_soft_thresholding():
+    """With the features' dictionary and one-hot data the best ReLU + L1 code is soft-thresholding at λ/2:
+    the probe must reach that loss, computed here on the same samples."""
+    lam = 0.2
+    x = toy.ComposedToyData(one_hot_fraction=1.0).sample(0, 4096)
+    sae = BatchedSAE(2, [0], SAEOptions(objective="l1", l1_coefficient=lam))
+    true = toy.composed_basis(toy.plus_geometry())[0]
+    found = best_encoder_losses(sae, true[None, None], x[None], steps=300)["loss"]
+    a = x.abs().sum(-1)  # the one active amplitude
+    optimum = torch.where(a > lam / 2, (lam / 2) ** 2 + lam * (a - lam / 2), a**2).mean()
+    assert float(found[0, 0]) == pytest.approx(float(optimum), rel=0.01)
+    zero_bias = lam * float(a.mean())  # the tied encoder without a bias: exact, but pays the full L1
+    assert float(found[0, 0]) < 0.95 * zero_bias
+
+
+def test_lab_config_and_options_errors():
+    with pytest.raises(ValueError, match="objective"):
+        SAEOptions(objective="jumprelu")
+    with pytest.raises(ValueError, match="k must be"):
+        SAEOptions(objective="topk", k=5, d_sae=4)
+    with pytest.raises(ValueError, match="embedding"):
+        LabConfig(embedding="cross")
+    with pytest.raises(ValueError, match="width"):
+        BatchedSAE(2, [0], SAEOptions(), width=torch.tensor([9]))
+    assert experiments.crossover([0.0, 0.5, 1.0], [0.0, 0.25, 0.75]) == pytest.approx(0.75)
+    assert math.isnan(experiments.crossover([0.0, 1.0], [0.0, 0.1]))
