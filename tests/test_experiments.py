@@ -78,6 +78,7 @@ def test_errors_name_the_problem():
 # The composed-features lab (issue 12)
 # ------------------------------------------------------------------------------------------------------------------
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import torch  # noqa: E402
@@ -205,3 +206,67 @@ def test_lab_config_and_options_errors():
         BatchedSAE(2, [0], SAEOptions(), width=torch.tensor([9]))
     assert experiments.crossover([0.0, 0.5, 1.0], [0.0, 0.25, 0.75]) == pytest.approx(0.75)
     assert math.isnan(experiments.crossover([0.0, 1.0], [0.0, 0.1]))
+
+
+SMALL = LabConfig(seeds=3, steps=1000, batch_size=256, eval_size=1024, probe_steps=100, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The lab's SAEs are tiny: a second thread only adds synchronisation (9x slower on a loaded 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def by_cell(result, **match):
+    """The summary row of the cell whose settings match."""
+    (row,) = [r for r in result.summary if all(r[k] == v for k, v in match.items())]
+    return row
+
+
+def test_onehot_l1_learns_the_compositions_at_q0_and_the_features_at_q075():
+    result = experiments.lab_onehot(SMALL, fractions=(0.0, 0.75), objectives=("l1",), amplitudes=("independent",))
+    q0, q75 = by_cell(result, one_hot_fraction=0.0), by_cell(result, one_hot_fraction=0.75)
+    assert q0["basis=composed"] >= 2 / 3 and q75["basis=true"] >= 2 / 3, (q0, q75)
+    # and the objective agrees: the compositions' dictionary has the lower loss at q = 0, the features' at 0.75
+    assert q0["loss_composed"] < q0["loss_true"] and q75["loss_true"] < q75["loss_composed"]
+    (note,) = result.notes["crossovers"]
+    assert note["analytic"] == pytest.approx(toy.l1_crossover(False))
+
+
+def test_rotation_the_dictionary_turns_with_the_hidden_space():
+    result = experiments.lab_rotation(SMALL, rotations=(0.0, 30.0), groups=(("l1", (0.75,)),))
+    for rotation in (0.0, 30.0):
+        rows = [r for r in result.rows if r["rotation"] == rotation]
+        # at q = 0.75 the features win: the dictionary's "+" sits on the (rotated) features, at absolute angle
+        # `rotation`, for most seeds whatever the rotation
+        on_features = [r for r in rows if fold_angle(r["abs_angle"] - rotation) < 5.0]
+        assert len(on_features) >= 2, rows
+
+
+def test_l0_too_low_mixes_correlated_features():
+    result = experiments.lab_l0(dataclasses.replace(SMALL, steps=400), ks=(1, 4), objectives=("topk",))
+    low, matched = by_cell(result, k=1), by_cell(result, k=4)
+    assert matched["mmcs_true"] > low["mmcs_true"] + 0.1, (low, matched)
+    assert low["mix_positive"] > matched["mix_positive"] + 0.05  # k = 1 latents carry their correlated partners
+
+
+def test_hierarchy_children_absorb_their_parent_under_sparsity_pressure():
+    result = experiments.lab_hierarchy(dataclasses.replace(SMALL, steps=400), ks=(1, 6), l1_coefficients=())
+    tight, loose = by_cell(result, k=1), by_cell(result, k=6)
+    assert tight["absorption"] > loose["absorption"] + 0.2, (tight, loose)
+    assert tight["parent_recall_with_child"] < loose["parent_recall_with_child"] - 0.3
+
+
+def test_toy_lab_command_writes_tables_and_figures(tmp_path, capsys):
+    assert main(["toy", "hierarchy", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "absorption" in out and "parent_recall_with_child" in out
+    record = json.loads((tmp_path / "hierarchy.json").read_text())
+    assert record["experiment"] == "hierarchy" and {r["k"] for r in record["summary"]} >= {1, 6}
+    assert (tmp_path / "hierarchy_summary.csv").read_text().startswith("objective,k,l1_coefficient,n,")
+    assert (tmp_path / "hierarchy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="seeds"):
+        main(["toy", "onehot", "--seeds", "0", "--out", str(tmp_path)])

@@ -604,8 +604,12 @@ def _lab_names() -> list[str]:
 
 def _cmd_toy_lab(args: argparse.Namespace, out: Path) -> int:
     """``fusedsae toy onehot|rotation|authors|width|l0|hierarchy``: the composed-features lab (CPU)."""
+    import torch
+
     from fusedsae import experiments
 
+    if not args.threads:
+        torch.set_num_threads(1)  # tiny batched SAEs: more threads only synchronise (9x slower on a busy 2-core box)
     try:
         cfg = experiments.LabConfig(
             seeds=2 if args.quick else args.seeds,

@@ -310,6 +310,8 @@ class BatchedSAE(torch.nn.Module):
         width: Tensor | None = None,
     ) -> None:
         super().__init__()
+        if not seeds:
+            raise ValueError("a BatchedSAE needs at least one model (one seed)")
         self.options = options
         m, s = len(seeds), options.d_sae
         W = torch.stack([torch.randn(s, d_in, generator=toy.generator(seed, -7)) for seed in seeds])
@@ -439,8 +441,9 @@ def train_batched(
 @torch.no_grad()
 def resample_dead(sae: BatchedSAE, x: Tensor, dead: Tensor, step: int) -> None:
     """Bricken et al. (2023)'s resampling: each dead latent (``dead [M, d_sae]``) gets the direction of a sample of
-    ``x [M, B, d_in]`` drawn with probability proportional to its squared reconstruction error, as its unit decoder
-    row and, scaled by 0.2 times the mean live encoder norm, its encoder column; its encoder bias is reset to 0."""
+    ``x [M, B, d_in]`` drawn with probability proportional to its squared reconstruction error, as its decoder row
+    (keeping the row's norm) and, scaled by 0.2 (TopK: 1) times the mean live encoder norm, its encoder column; its
+    encoder bias is reset to 0."""
     dead = dead & sae.mask
     if not dead.any():
         return
@@ -450,20 +453,25 @@ def resample_dead(sae: BatchedSAE, x: Tensor, dead: Tensor, step: int) -> None:
     new = new / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     norms = sae.W_enc.norm(dim=1)  # [M, d_sae]
     live = (~dead & sae.mask).float()
-    scale = 0.2 * ((norms * live).sum(1) / live.sum(1).clamp_min(1)).where(live.sum(1) > 0, torch.ones(()))
+    # L1: Bricken et al.'s 0.2 (the new latent grows in on its own); TopK: the live norm itself, or the new latent
+    # loses every top-k contest to the incumbents and dies again (measured: k = 1 SAEs kept 2-3 of 4 latents)
+    gain = 0.2 if sae.options.objective == "l1" else 1.0
+    scale = gain * ((norms * live).sum(1) / live.sum(1).clamp_min(1)).where(live.sum(1) > 0, torch.ones(()))
     sae.W_dec.copy_(torch.where(dead[..., None], new * sae.W_dec.norm(dim=-1, keepdim=True), sae.W_dec))
     sae.W_enc.copy_(torch.where(dead[:, None], new.transpose(1, 2) * scale[:, None, None], sae.W_enc))
     sae.b_enc.copy_(torch.where(dead, 0.0, sae.b_enc))
 
 
 def best_encoder_losses(
-    sae: BatchedSAE, dictionaries: Tensor, x: Tensor, steps: int = 300, lr: float = 1e-2
+    sae: BatchedSAE, dictionaries: Tensor, x: Tensor, steps: int = 300, lr: float = 1e-2, own: int | None = None
 ) -> dict[str, Tensor]:
     """The SAE's own loss at fixed dictionaries: for each model ``m`` and each dictionary ``dictionaries[j, m]``
     (``[J, M, d_sae, d_in]``), the encoder (``W_enc``, ``b_enc``, ``b_dec``) that minimises the loss on
     ``x [M, N, d_in]`` with the decoder held there, found by full-batch Adam from ``W_enc = Dᵀ``, zero biases.
-    Returns ``loss``, ``mse``, ``l1``, each ``[J, M]``. Whether a trained SAE reached the optimum of its objective
-    is then a comparison of its loss with these."""
+    ``own``: the index ``j`` of ``sae``'s own decoder, whose search starts from ``sae``'s encoder and biases
+    instead (TopK's selection makes the search non-convex: from the tied start it can end above the trained
+    loss). Returns ``loss``, ``mse``, ``l1``, each ``[J, M]``. Whether a trained SAE reached the optimum of its
+    objective is then a comparison of its loss with these."""
     j, m = dictionaries.shape[:2]
     probe = BatchedSAE(
         x.shape[-1],
@@ -476,6 +484,11 @@ def best_encoder_losses(
     with torch.no_grad():
         probe.W_dec.copy_(dictionaries.flatten(0, 1))
         probe.W_enc.copy_(probe.W_dec.transpose(1, 2) / probe.W_dec.pow(2).sum(-1)[:, None].clamp_min(1e-12))
+        if own is not None:
+            mine = slice(own * m, (own + 1) * m)
+            probe.W_enc[mine] = sae.W_enc
+            probe.b_enc[mine] = sae.b_enc
+            probe.b_dec[mine] = sae.b_dec
     probe.W_dec.requires_grad_(False)
     xs = x.repeat(j, 1, 1)
     train_batched(probe, lambda step: xs, steps=steps, lr=lr, params=[probe.W_enc, probe.b_enc, probe.b_dec])
@@ -716,7 +729,7 @@ def run_composed(
         dictionaries = torch.stack(
             [sae.W_dec.detach(), torch.stack([b[0] for b in bases]), torch.stack([b[1] for b in bases])]
         )
-        probe = best_encoder_losses(sae, dictionaries, x, steps=cfg.probe_steps)["loss"]
+        probe = best_encoder_losses(sae, dictionaries, x, steps=cfg.probe_steps, own=0)["loss"]
     rows = []
     for i, cell in enumerate(cells):
         _, feature_angle = plus_fit(bases[i * n][0])
@@ -810,22 +823,7 @@ def lab_onehot(
         rows += measured
         artifacts[objective] = (cells, sae, x)
     summary = summarise(rows, ("objective", "amplitudes", "one_hot_fraction"), spread=("angle",))
-    notes: dict[str, Any] = {"crossovers": []}
-    for objective in objectives:
-        for a in amplitudes:
-            cell = [r for r in summary if r["objective"] == objective and r["amplitudes"] == a]
-            qs = [r["one_hot_fraction"] for r in cell]
-            analytic = {"l1": toy.l1_crossover, "topk1": toy.topk1_crossover}.get(objective)
-            prefers_true = [float(r.get("loss_composed", 0.0) - r.get("loss_true", 0.0) > 0) for r in cell]
-            notes["crossovers"].append(
-                {
-                    "objective": objective,
-                    "amplitudes": a,
-                    "analytic": analytic(a == "correlated") if analytic else float("nan"),
-                    "learned": crossover(qs, [r.get("basis=true", 0.0) for r in cell]),
-                    "objective_optimum": crossover(qs, prefers_true),
-                }
-            )
+    notes = {"crossovers": onehot_crossovers(summary)}
     return LabResult(
         "onehot",
         "which basis does an SAE learn as the fraction q of one-hot samples grows, and does its objective predict it?",
@@ -837,15 +835,43 @@ def lab_onehot(
     )
 
 
+def onehot_crossovers(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per objective and amplitude regime of a one-hot sweep's summary: the ``analytic`` crossover (zero bias),
+    the ``objective_optimum`` one (where ``loss_composed - loss_true``, each at its best encoder, changes sign,
+    linearly interpolated; NaN when the two never differ by 1e-4: a tie) and the ``learned`` one (where half the
+    seeds learn the features)."""
+    out = []
+    for objective, amplitudes in dict.fromkeys((r["objective"], r["amplitudes"]) for r in summary):
+        cell = [r for r in summary if r["objective"] == objective and r["amplitudes"] == amplitudes]
+        qs = [r["one_hot_fraction"] for r in cell]
+        analytic = {"l1": toy.l1_crossover, "topk1": toy.topk1_crossover}.get(objective)
+        gap = [r.get("loss_composed", 0.0) - r.get("loss_true", 0.0) for r in cell]
+        out.append(
+            {
+                "objective": objective,
+                "amplitudes": amplitudes,
+                "analytic": analytic(amplitudes == "correlated") if analytic else float("nan"),
+                "objective_optimum": crossover(qs, gap, 0.0) if max(map(abs, gap)) > 1e-4 else float("nan"),
+                "learned": crossover(qs, [r.get("basis=true", 0.0) for r in cell]),
+            }
+        )
+    return out
+
+
 ROTATIONS = (0.0, 10.0, 20.0, 30.0, 37.0, 45.0, 60.0, 75.0)
 
 
-def lab_rotation(cfg: LabConfig, rotations: Sequence[float] = ROTATIONS) -> LabResult:
+def lab_rotation(
+    cfg: LabConfig,
+    rotations: Sequence[float] = ROTATIONS,
+    groups: Sequence[tuple[str, Sequence[float]]] = (("l1", (0.0, 0.75)), ("topk2", (0.0,))),
+) -> LabResult:
     """(b) The hidden space rotated by each angle before the SAE sees it (independent amplitudes): does the
-    dictionary rotate with it? ReLU + L1 at q = 0 (compositions preferred) and q = 0.75 (features preferred), and
-    TopK k = 2 at q = 0 (every "+" reconstructs exactly: nothing prefers an angle)."""
+    dictionary rotate with it? ``groups``: (objective, one-hot fractions); by default ReLU + L1 at q = 0
+    (compositions preferred) and q = 0.75 (features preferred), and TopK k = 2 at q = 0 (every "+" reconstructs
+    exactly: nothing prefers an angle)."""
     rows, artifacts = [], {}
-    for objective, fractions in (("l1", (0.0, 0.75)), ("topk2", (0.0,))):
+    for objective, fractions in groups:
         cells = [
             {"objective": objective, "amplitudes": "independent", "one_hot_fraction": q, "rotation": r}
             for q in fractions
@@ -1074,22 +1100,15 @@ def lab_hierarchy(
     firing when a child is active and the child's latent absorb the parent's direction? 12 latents."""
     data = toy.HierarchicalFeatureData(seed=cfg.seed)
     measure = lambda W, a, x: absorption(data, W, a, x)  # noqa: E731
-    rows = run_features(
-        data,
-        [{"objective": "topk", "k": k} for k in ks],
-        cfg.options(objective="topk", d_sae=12),
-        cfg,
-        measure,
-        "hierarchy topk",
+    rows: list[dict[str, Any]] = []
+    runs = (
+        ("topk", [{"objective": "topk", "k": k} for k in ks]),
+        ("l1", [{"objective": "l1", "l1_coefficient": c} for c in l1_coefficients]),
     )
-    rows += run_features(
-        data,
-        [{"objective": "l1", "l1_coefficient": c} for c in l1_coefficients],
-        cfg.options(objective="l1", d_sae=12),
-        cfg,
-        measure,
-        "hierarchy l1",
-    )
+    for objective, cells in runs:
+        if cells:
+            options = cfg.options(objective=objective, d_sae=data.n_features, k=1)
+            rows += run_features(data, cells, options, cfg, measure, f"hierarchy {objective}")
     for row in rows:
         row.setdefault("k", 0)
         row.setdefault("l1_coefficient", 0.0)
@@ -1123,7 +1142,7 @@ LAB: dict[str, Callable[..., LabResult]] = {
 def _decoder_panel(ax: Any, x: Tensor, W_dec: Tensor, live: Tensor, truth: Tensor, title: str) -> None:
     """One panel: a scatter of the data ``x [N, 2]``, the features' directions (grey dashes) and the decoder rows
     of several SAEs ``W_dec [S, d_sae, 2]`` (live ones ``live [S, d_sae]``, unit length, one colour per SAE)."""
-    pts = x[:1500]
+    pts = x[:600]
     ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.25, color="0.5", linewidths=0)
     for t in truth:
         ax.plot([0, 1.25 * float(t[0])], [0, 1.25 * float(t[1])], ls="--", color="0.3", lw=0.8)
@@ -1168,7 +1187,7 @@ def lab_figures(result: LabResult, out: Any, seeds: int) -> list[Any]:
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        fig.savefig(out / name, dpi=80 if name == "width_decoders.png" else 100)
         plt.close(fig)
         paths.append(out / name)
 
@@ -1197,7 +1216,7 @@ def lab_figures(result: LabResult, out: Any, seeds: int) -> list[Any]:
                     qs,
                     0,
                     1,
-                    where=[p > 0 for p in prefers],
+                    where=[p > 1e-4 for p in prefers],
                     color="C0",
                     alpha=0.08,
                     step="mid",
@@ -1205,13 +1224,17 @@ def lab_figures(result: LabResult, out: Any, seeds: int) -> list[Any]:
                 )
                 note = next(n for n in result.notes["crossovers"] if n["objective"] == obj and n["amplitudes"] == a)
                 if note["analytic"] == note["analytic"]:
-                    ax.axvline(note["analytic"], color="k", ls="--", lw=0.9, label="analytic crossover")
+                    ax.axvline(note["analytic"], color="k", ls="--", lw=0.9, label="analytic crossover (zero bias)")
+                if note["objective_optimum"] == note["objective_optimum"]:
+                    ax.axvline(note["objective_optimum"], color="C2", ls="-.", lw=0.9, label="measured (best encoders)")
                 ax.set_ylim(-0.03, 1.03)
                 ax.set_title(f"{obj}, {a} amplitudes", fontsize=9)
                 ax.set_xlabel("one-hot fraction q", fontsize=8)
                 ax.set_ylabel("fraction of seeds", fontsize=8)
         axes[0][0].legend(fontsize=6, loc="center left")
         save(fig, "onehot.png")
+        if not A:  # a result read back from JSON: no SAEs to draw
+            return paths
         panels = [(o, a, q) for o in objectives if o in ("l1", "topk1") for a in amps for q in (0.0, 0.75)]
         qs_run = sorted({r["one_hot_fraction"] for r in S})
         panels = [(o, a, min(qs_run, key=lambda v: abs(v - q))) for o, a, q in panels]
@@ -1272,6 +1295,7 @@ def lab_figures(result: LabResult, out: Any, seeds: int) -> list[Any]:
         save(fig, "authors.png")
     elif result.name == "width":
         groups = list(dict.fromkeys((r["objective"], r["one_hot_fraction"]) for r in result.rows))
+        groups = [g for g in groups if g[0] != "topk1"] or groups  # k = 1 SAEs lose latents: see the table
         widths = sorted({r["width"] for r in result.rows})
         fig, axes = plt.subplots(
             len(groups), len(widths), figsize=(2.1 * len(widths), 2.2 * len(groups)), squeeze=False
