@@ -525,14 +525,14 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _add_toy_args(p: argparse.ArgumentParser) -> None:
-    from fusedsae.experiments import EXPERIMENTS, LAB
+    from fusedsae.experiments import EXPERIMENTS, LAB, LAB_HELP
 
     p.add_argument(
         "experiment",
         choices=[*EXPERIMENTS, "all", *LAB],
         help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items())
         + "; all: those three; "
-        + "; ".join(f"{name}: {(f.__doc__ or '').split(':')[0].strip()}" for name, f in LAB.items()),
+        + "; ".join(f"{name}: {LAB_HELP[name]}" for name in LAB),
     )
     p.add_argument(
         "--steps", type=int, default=None, help="optimizer steps per SAE (default 600; the composed lab: 2000)"

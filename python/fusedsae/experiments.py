@@ -1123,6 +1123,16 @@ def lab_hierarchy(
     )
 
 
+#: one line per lab experiment, for ``fusedsae toy --help``
+LAB_HELP: dict[str, str] = {
+    "onehot": "(a) one-hot fraction sweep, both amplitude regimes, ReLU+L1 and TopK k=1,2, analytic crossovers",
+    "rotation": "(b) the hidden space rotated: does the dictionary turn with it",
+    "authors": "(c) the authors' options: normalised MSE, no b_dec subtraction, Adam beta1=0",
+    "width": "(d) 2 to 8 latents for the four features",
+    "l0": "(d) k against the true L0 of correlated features (Sparse but Wrong)",
+    "hierarchy": "(d) parents and children: feature absorption under sparsity pressure",
+}
+
 #: the lab's experiments, by CLI name
 LAB: dict[str, Callable[..., LabResult]] = {
     "onehot": lab_onehot,
