@@ -682,7 +682,7 @@ def _toy_embeddings(cells: list[dict[str, Any]], cfg: LabConfig) -> list[Tensor]
 
 def run_composed(
     cells: list[dict[str, Any]], options: SAEOptions, cfg: LabConfig, desc: str = ""
-) -> tuple[list[dict[str, Any]], BatchedSAE, Tensor]:
+) -> tuple[list[dict[str, Any]], BatchedSAE, Tensor, Tensor]:
     """Trains ``cfg.seeds`` SAEs with ``options`` on the composed toy data of each cell — a dict with
     ``amplitudes`` (``"independent"``/``"correlated"``), ``one_hot_fraction``, optional ``rotation`` (degrees) and
     ``width`` (latents, at most ``options.d_sae``) and any other columns to carry — all as one batched model, and
@@ -698,8 +698,8 @@ def run_composed(
       is lower (``"tie"`` within 1%); ``at_optimum``: the trained loss is within 1% (+1e-4) of the lower;
     * ``l1_true_analytic`` / ``l1_composed_analytic``: :func:`fusedsae.toy.expected_l1` of the idealised "+".
 
-    Also returns the trained SAEs (model ``i * seeds + s`` is seed ``s`` of cell ``i``) and their evaluation data
-    ``[M, eval_size, 2]``, for figures."""
+    Also returns the trained SAEs (model ``i * seeds + s`` is seed ``s`` of cell ``i``), their evaluation data
+    ``[M, eval_size, 2]`` and each model's hidden-space embedding ``W [M, 2, 4]`` (rotated), for figures."""
     import math
 
     n = cfg.seeds
@@ -773,7 +773,7 @@ def run_composed(
                 toy.expected_l1(45.0, corr_i, float(cell["one_hot_fraction"])) if plus else float("nan")
             )
             rows.append(row)
-    return rows, sae, x
+    return rows, sae, x, W
 
 
 def crossover(qs: Sequence[float], fractions: Sequence[float], level: float = 0.5) -> float:
@@ -819,9 +819,9 @@ def lab_onehot(
             {"objective": objective, "amplitudes": a, "one_hot_fraction": q} for a in amplitudes for q in fractions
         ]
         options = cfg.options(**OBJECTIVE_OPTIONS[objective])
-        measured, sae, x = run_composed(cells, options, cfg, desc=f"onehot {objective}")
+        measured, sae, x, W = run_composed(cells, options, cfg, desc=f"onehot {objective}")
         rows += measured
-        artifacts[objective] = (cells, sae, x)
+        artifacts[objective] = (cells, sae, x, W)
     summary = summarise(rows, ("objective", "amplitudes", "one_hot_fraction"), spread=("angle",))
     notes = {"crossovers": onehot_crossovers(summary)}
     return LabResult(
@@ -877,11 +877,11 @@ def lab_rotation(
             for q in fractions
             for r in rotations
         ]
-        measured, sae, x = run_composed(
+        measured, sae, x, W = run_composed(
             cells, cfg.options(**OBJECTIVE_OPTIONS[objective]), cfg, desc=f"rotation {objective}"
         )
         rows += measured
-        artifacts[objective] = (cells, sae, x)
+        artifacts[objective] = (cells, sae, x, W)
     keys = ("objective", "one_hot_fraction", "rotation")
     return LabResult(
         "rotation",
@@ -917,9 +917,9 @@ def lab_authors(
     for variant in variants:
         cells = [{"options": variant, "amplitudes": a, "one_hot_fraction": q} for a in amplitudes for q in fractions]
         options = cfg.options(objective="l1", **AUTHOR_OPTIONS[variant])
-        measured, sae, x = run_composed(cells, options, cfg, desc=f"authors {variant}")
+        measured, sae, x, W = run_composed(cells, options, cfg, desc=f"authors {variant}")
         rows += measured
-        artifacts[variant] = (cells, sae, x)
+        artifacts[variant] = (cells, sae, x, W)
     keys = ("options", "amplitudes", "one_hot_fraction")
     return LabResult(
         "authors",
@@ -949,9 +949,9 @@ def lab_width(
             for w in widths
             if w >= options.k or objective == "l1"
         ]
-        measured, sae, x = run_composed(cells, options, cfg, desc=f"width {objective}")
+        measured, sae, x, W = run_composed(cells, options, cfg, desc=f"width {objective}")
         rows += measured
-        artifacts[objective] = (cells, sae, x)
+        artifacts[objective] = (cells, sae, x, W)
     keys = ("objective", "one_hot_fraction", "width")
     return LabResult(
         "width",
@@ -1175,12 +1175,12 @@ def _decoder_panel(ax: Any, x: Tensor, W_dec: Tensor, live: Tensor, truth: Tenso
 
 
 def _cell_panel(ax: Any, artifact: tuple, cfg_seeds: int, match: dict[str, Any], title: str) -> None:
-    cells, sae, x = artifact
+    cells, sae, x, W = artifact
     i = next(j for j, c in enumerate(cells) if all(c.get(k) == v for k, v in match.items()))
     sl = slice(i * cfg_seeds, i * cfg_seeds + min(cfg_seeds, 4))  # four SAEs per panel stay readable
     with torch.no_grad():
         live = live_latents(sae.encode(x))[sl]
-    truth = toy.composed_basis(toy.rotation(float(cells[i].get("rotation", 0.0))).t() @ toy.plus_geometry())[0]
+    truth = toy.composed_basis(W[i * cfg_seeds])[0]  # the cell's own (rotated, possibly trained) features
     _decoder_panel(ax, x[i * cfg_seeds], sae.W_dec.detach()[sl], live, truth, title)
 
 
