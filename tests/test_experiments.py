@@ -11,6 +11,8 @@ from fusedsae import experiments
 from fusedsae.cli import main
 from fusedsae.experiments import learned_basis, run_experiment
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models throughout (conftest.one_thread)
+
 
 def by_label(name: str, labels: list[str]) -> dict[str, dict]:
     """The rows of the named cases (run_experiment keeps the experiment's case order)."""
@@ -209,15 +211,6 @@ def test_lab_config_and_options_errors():
 
 
 SMALL = LabConfig(seeds=3, steps=1000, batch_size=256, eval_size=1024, probe_steps=100, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The lab's SAEs are tiny: a second thread only adds synchronisation (9x slower on a loaded 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def by_cell(result, **match):

@@ -23,6 +23,7 @@ def test_sparse_feature_data_statistics_and_ground_truth():
     assert decaying.probabilities.sum() == pytest.approx(2.0) and decaying.probabilities[0] > decaying.probabilities[-1]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_superposition_toy_model_represents_features_in_superposition():
     data = toy.SuperpositionData(n_features=8, d_hidden=3, sparsity=0.9, toy_steps=1500)
     norms = data.feature_norms
@@ -119,6 +120,7 @@ def test_plus_geometry_bases_and_rotation():
         toy.ComposedToyData(embedding="cross")
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_relu_output_toy_model_learns_the_plus():
     W, _ = toy.train_composed_toy_models(torch.tensor([False, True]), torch.zeros(2), steps=150, batch=128)
     for w in W:
