@@ -280,3 +280,19 @@ def test_toy_lab_command_writes_tables_and_figures(tmp_path, capsys):
     assert (tmp_path / "hierarchy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="seeds"):
         main(["toy", "onehot", "--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_batched_activations_and_the_unit_decoder_option():
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 3)
+    batch = BatchedSAE(3, [1, 2], SAEOptions(objective="batchtopk", d_sae=6, k=2), k=torch.tensor([1, 3]))
+    pre = batch.pre_activations(x)
+    acts = batch.encode(x)
+    for m, k in enumerate((1, 3)):  # BatchTopK: the k * N largest ReLU activations over the whole batch
+        kept = torch.relu(pre[m]).flatten().topk(k * 50).values
+        torch.testing.assert_close(acts[m].flatten().sort(descending=True).values[: k * 50], kept)
+        assert int((acts[m] > 0).sum()) == int((kept > 0).sum())
+    options = SAEOptions(objective="l1", unit_decoder=True, steps=20, batch_size=32)
+    sae = BatchedSAE(3, [0, 1], options)
+    train_batched(sae, lambda step: x[:, :32] * (1 + step % 3))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, 4))
