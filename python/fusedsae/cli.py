@@ -594,14 +594,27 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _add_toy_args(p: argparse.ArgumentParser) -> None:
-    from fusedsae.experiments import EXPERIMENTS
+    from fusedsae.experiments import EXPERIMENTS, LAB, LAB_HELP
 
     p.add_argument(
         "experiment",
-        choices=[*EXPERIMENTS, "all"],
-        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items()),
+        choices=[*EXPERIMENTS, "all", *LAB],
+        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items())
+        + "; all: those three; "
+        + "; ".join(f"{name}: {LAB_HELP[name]}" for name in LAB),
     )
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per SAE (default 600)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per SAE (default 600; the composed lab: 2000)"
+    )
+    p.add_argument("--seeds", type=int, default=8, help="composed lab: SAEs per cell, batched (default 8)")
+    p.add_argument(
+        "--toy",
+        choices=["plus", "trained", "retrained"],
+        default="plus",
+        help="composed lab: the idealised + (default), a toy model trained at q = 0, or one retrained per cell",
+    )
+    p.add_argument("--l1-coefficient", type=float, default=0.1, help="composed lab: ReLU + L1 (default 0.1)")
+    p.add_argument("--quick", action="store_true", help="composed lab: 2 seeds, 300 steps (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, … or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -624,10 +637,13 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.experiment in _lab_names():
+        return _cmd_toy_lab(args, out)
+    args.steps = 600 if args.steps is None else args.steps
     device = _resolve_device(args.device, 0)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
@@ -646,6 +662,45 @@ def cmd_toy(args: argparse.Namespace) -> int:
         if not args.no_plots:
             written.append(plots.plot_experiment(result, out / f"{name}.png"))
         print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
+    return 0
+
+
+def _lab_names() -> list[str]:
+    from fusedsae.experiments import LAB
+
+    return list(LAB)
+
+
+def _cmd_toy_lab(args: argparse.Namespace, out: Path) -> int:
+    """``fusedsae toy onehot|rotation|authors|width|l0|hierarchy``: the composed-features lab (CPU)."""
+    import torch
+
+    from fusedsae import experiments
+
+    if not args.threads:
+        torch.set_num_threads(1)  # tiny batched SAEs: more threads only synchronise (9x slower on a busy 2-core box)
+    try:
+        cfg = experiments.LabConfig(
+            seeds=2 if args.quick else args.seeds,
+            steps=args.steps or (300 if args.quick else 2000),
+            embedding=args.toy,
+            l1_coefficient=args.l1_coefficient,
+            seed=args.seed,
+            probe_steps=100 if args.quick else 200,
+        )
+    except ValueError as e:
+        raise SystemExit(f"fusedsae toy {args.experiment}: {e}") from None
+    result = experiments.LAB[args.experiment](cfg)
+    print(f"{result.name}: {result.question}")
+    print(result.table(experiments.headline_columns(result)))
+    if result.notes.get("crossovers"):
+        print("\ncrossovers (one-hot fraction q):")
+        for note in result.notes["crossovers"]:
+            print("  " + ", ".join(f"{k}={experiments.format_value(v)}" for k, v in note.items()))
+    written = result.write(out)
+    if not args.no_plots:
+        written += experiments.lab_figures(result, out, cfg.seeds)
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
     return 0
 
 
