@@ -354,7 +354,7 @@ LIVE_TRAINING = [
 
 
 @pytest.mark.parametrize("cls_name, cfg_name, kwargs, coefficients", LIVE_TRAINING)
-def test_training_forward_pass_matches_installed_sae_lens(cls_name, cfg_name, kwargs, coefficients):
+def test_training_forward_pass_matches_installed_sae_lens(tmp_path, cls_name, cfg_name, kwargs, coefficients):
     sae_lens = peer("sae_lens")
     from sae_lens.saes.sae import TrainStepInput
 
@@ -383,6 +383,14 @@ def test_training_forward_pass_matches_installed_sae_lens(cls_name, cfg_name, kw
         torch.testing.assert_close(mine[name].grad.to(p.grad.dtype), p.grad, msg=name)
     if cls_name == "BatchTopKTrainingSAE":
         torch.testing.assert_close(ours.topk_threshold, theirs.topk_threshold)
+    # the inference form each writes (folded decoder norms, BatchTopK as JumpReLU) serves identically in SAELens
+    theirs.save_inference_model(str(tmp_path / "theirs"))
+    ours.save_inference_model(tmp_path / "ours")
+    a, b = (sae_lens.SAE.load_from_disk(str(tmp_path / name)) for name in ("theirs", "ours"))
+    assert type(a) is type(b)
+    with torch.no_grad():
+        torch.testing.assert_close(b.encode(x.float()), a.encode(x.float()))
+        torch.testing.assert_close(b(x.float()), a(x.float()))
 
 
 @pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
