@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 
 from fusedsae import ops, reference
+from fusedsae.config import check_matryoshka_widths
 
 __all__ = [
     "SparseCode",
+    "auxk_reconstruction",
     "batchtopk_encode",
     "check_finite",
     "decode",
@@ -29,6 +31,7 @@ __all__ = [
     "head_partial_sums",
     "jumprelu",
     "jumprelu_encode",
+    "matryoshka_decode",
     "relu_encode",
     "row_topk",
     "sparse_decode",
@@ -336,6 +339,28 @@ def sparse_decode(
     return out.reshape(*lead, -1)
 
 
+def matryoshka_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor | None,
+    widths: list[int],
+    check_indices: bool = True,
+) -> Tensor:
+    """Every Matryoshka prefix reconstruction from one pass over the active latents: ``[..., m] -> [..., L, d_in]``,
+    level l summing the active latents with index below ``widths[l]`` (increasing, the last = ``d_sae`` gives the
+    ordinary reconstruction). See :func:`fusedsae.reference.matryoshka_decode`.
+
+    Runs the PyTorch implementation on every device (one ``embedding_bag`` pass, differentiable); a fused
+    triton/cuda kernel is not written yet. ``check_indices=False`` skips the index range check (a host read), for
+    indices that come from our own encoder."""
+    _check_sparse(values, indices, W_dec, b_dec, check_indices)
+    widths = check_matryoshka_widths(widths, W_dec.shape[0])
+    v2, lead = _flat(values)
+    out = reference.matryoshka_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec, widths)
+    return out.reshape(*lead, len(widths), -1)
+
+
 def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """Dense decoder ``acts @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
     _check_tensor(acts, "acts")
@@ -345,6 +370,68 @@ def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     _check_same(acts, {"W_dec": W_dec, "b_dec": b_dec})
     out = acts @ W_dec
     return out if b_dec is None else out + b_dec
+
+
+# AuxK decodes densely over its columns (a GEMM over the possibly dead latents, zeros where not selected) while
+# there are at most this many columns per selected slot, else sparsely (aux_k gathers per token). Tensor cores do
+# about 200x more multiply-adds per second than a gather moves bf16 elements (~600 TFLOP/s vs ~3 TB/s from L2), so
+# dense wins up to far wider; 16 keeps the dense path's [N, width] activations within 16x the sparse form's
+# [N, aux_k] values and indices, and also suits fp32 without TF32 (~60 TFLOP/s on FMA units).
+AUX_DENSE_RATIO = 16
+
+
+def auxk_reconstruction(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    W_dec: Tensor,
+    dead_mask: Tensor,
+    aux_k: int,
+    capacity: int | None = None,
+) -> Tensor:
+    """AuxK's reconstruction ``[N, d_in]`` (no ``b_dec``): the ``aux_k`` largest pre-activations among the latents
+    where ``dead_mask [d_sae]`` is true, ReLU'd and decoded; differentiable in every weight.
+
+    Static shapes, no host read, whatever the dead count. ``capacity`` (an upper bound on the dead count, or None
+    for ``d_sae``) sets the work: a stable sort of the mask lists the dead latents first, and AuxK runs over the
+    first ``width = capacity`` columns, the live ones among them given a bias of -inf (never selected, ReLU 0, no
+    gradient). When ``width <= aux_k`` every dead latent is selected and no selection runs. The decode is dense over
+    those columns while ``width <= AUX_DENSE_RATIO * aux_k`` (its cost follows the dead count), sparse beyond.
+    Slots beyond the dead count select live latents at -inf: they add 0, so the result equals the reference's
+    top-``min(aux_k, n_dead)``.
+    """
+    _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
+    if dead_mask.shape != (d_sae,) or dead_mask.dtype != torch.bool or dead_mask.device != x.device:
+        raise ValueError(
+            f"aux_mask must be a bool tensor of shape [d_sae={d_sae}] on {x.device}, got {dead_mask.dtype} "
+            f"{tuple(dead_mask.shape)} on {dead_mask.device}"
+        )
+    _check_k(aux_k, d_sae, "aux_k")
+    width = d_sae if capacity is None else max(1, min(d_sae, capacity))
+    if width < d_sae:
+        cols = torch.sort((~dead_mask).to(torch.uint8), stable=True).indices[:width]
+        W_enc, b_enc, dead_mask = (
+            W_enc.index_select(1, cols),
+            b_enc.index_select(0, cols),
+            dead_mask.index_select(0, cols),
+        )
+        W_dec_cols = W_dec.index_select(0, cols)
+    else:
+        cols, W_dec_cols = None, W_dec
+    bias = torch.where(dead_mask, b_enc, torch.full_like(b_enc, float("-inf")))
+    aux_k = min(aux_k, width)
+    if width <= AUX_DENSE_RATIO * aux_k:
+        pre = torch.addmm(bias, x if b_dec is None else x - b_dec, W_enc)
+        acts = torch.relu(pre)
+        if aux_k < width:
+            _, chosen = row_topk(pre.detach(), aux_k)
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, chosen, True)
+            acts = torch.where(keep, acts, torch.zeros_like(acts))
+        return acts @ W_dec_cols
+    code = topk_encode(x, W_enc, bias, b_dec, k=aux_k)
+    chosen = code.indices if cols is None else cols[code.indices]
+    return sparse_decode(code.values, chosen, W_dec, None, check_indices=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

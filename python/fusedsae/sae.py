@@ -31,7 +31,9 @@ class TrainingOutput:
         sae_out: reconstruction ``[N, d_in]``.
         values, indices: sparse activations ``[N, m]`` (TopK: m = k; BatchTopK: padded) or None for dense SAEs.
         dense_acts: ``[N, d_sae]`` activations of dense SAEs (ReLU, JumpReLU), else None.
-        n_dead: dead latents the AuxK loss could use (TopK family; 0 otherwise).
+        n_dead: dead latents the AuxK loss could use (TopK family with a dead mask: a device tensor, so that the
+            step never waits for the host; 0 otherwise).
+        nonfinite: with ``defer_checks``, the number of NaN/Inf input values (int64 device tensor), else None.
     """
 
     loss: Tensor
@@ -41,8 +43,9 @@ class TrainingOutput:
     values: Tensor | None = None
     indices: Tensor | None = None
     dense_acts: Tensor | None = None
-    n_dead: int = 0
+    n_dead: int | Tensor = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    nonfinite: Tensor | None = None
 
     @property
     def feature_acts(self) -> Tensor:
@@ -180,9 +183,9 @@ class SparseAutoencoder(nn.Module):
     def _b_dec_in(self) -> Tensor | None:
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
-    def flatten_input(self, x: Tensor) -> Tensor:
-        """``x [..., d_in]`` validated (width, floating dtype, device, finite) and flattened to ``[N, d_in]`` in the
-        SAE's dtype: what every method feeds the ops."""
+    def flatten_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
+        """``x [..., d_in]`` validated (width, floating dtype, device, finite unless ``check_finite=False``) and
+        flattened to ``[N, d_in]`` in the SAE's dtype: what every method feeds the ops."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_in:
@@ -194,7 +197,7 @@ class SparseAutoencoder(nn.Module):
             raise TypeError(f"x must be floating point, got {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.device}; use sae.to(x.device)")
-        if self.check_finite:
+        if self.check_finite and check_finite:
             F.check_finite(x, "x")
         return x.reshape(-1, self.cfg.d_in).to(self.dtype)
 
@@ -272,6 +275,9 @@ class SparseAutoencoder(nn.Module):
         x: Tensor,
         dead_mask: Tensor | None = None,
         coefficient_scale: float = 1.0,
+        *,
+        dead_capacity: int | None = None,
+        defer_checks: bool = False,
     ) -> TrainingOutput:
         """Forward pass with the training loss.
 
@@ -279,39 +285,66 @@ class SparseAutoencoder(nn.Module):
             x: ``[..., d_in]`` activations.
             dead_mask: ``[d_sae]`` bool, latents counted as dead; enables the AuxK loss (TopK/BatchTopK).
             coefficient_scale: multiplier of the sparsity coefficient (the trainer's warm-up, 0 → 1).
+            dead_capacity: an upper bound on ``dead_mask.sum()`` known without reading the mask
+                (:meth:`fusedsae.Trainer.dead_capacity` derives an exact one); AuxK then works on that many
+                columns instead of all ``d_sae``. A bound that is too small leaves dead latents out of AuxK.
+            defer_checks: count NaN/Inf inputs on the device (``out.nonfinite``) instead of raising, so that the
+                step issues no host synchronisation; the caller reads the count when it syncs anyway.
 
         Loss = MSE (summed over d_in, mean over tokens) + one of: ``l1_coefficient`` × L1 of the activations
         weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
-        ``aux_loss_coefficient`` × AuxK (TopK family): the top ``aux_k`` dead latents reconstruct the detached
-        residual, normalised by the residual's variance and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.).
+        ``aux_loss_coefficient`` × AuxK (TopK family, whenever ``dead_mask`` is given, 0 when nothing is dead):
+        the top ``aux_k`` dead latents reconstruct the detached residual, normalised by the residual's variance
+        and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`fusedsae.functional.auxk_reconstruction`.
+        Matryoshka SAEs (``cfg.matryoshka_widths``) add ``inner_mse_loss_<w>``, the MSE of the reconstruction from
+        the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
+
+        A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
+        static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
         """
         cfg = self.cfg
-        x2 = self.flatten_input(x)
+        x2 = self.flatten_input(x, check_finite=not defer_checks)
+        nonfinite = (~torch.isfinite(x2)).sum() if (defer_checks and self.check_finite) else None
         b_dec_in = self._b_dec_in
         losses: dict[str, Tensor] = {}
         extras: dict[str, Any] = {"d_sae": cfg.d_sae}
         values = indices = dense = None
-        n_dead = 0
+        n_dead: int | Tensor = 0
         if cfg.activation in SPARSE_ACTIVATIONS:
-            aux_k = 0
-            if dead_mask is not None and cfg.aux_k:
-                n_dead = int(dead_mask.sum())
-                aux_k = min(cfg.aux_k, n_dead)
             select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
             assert cfg.k is not None
-            code = select(
-                x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k, aux_k=aux_k, aux_mask=dead_mask if aux_k else None
-            )
+            code = select(x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k)
             values, indices = code.values, code.indices
-            # our own encoder's indices: skip the range check, a device-to-host sync per call
-            sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
+            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
+                levels = F.matryoshka_decode(
+                    values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths, check_indices=False
+                )
+                sae_out = levels[:, -1]
+                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
+                    losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+            else:
+                # our own encoder's indices: skip the range check, a device-to-host sync per call
+                sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            if aux_k:
+            if dead_mask is not None and cfg.aux_k:
+                n_dead = dead_mask.sum()
                 residual = (x2 - sae_out).detach()
-                aux_out = F.sparse_decode(code.aux_values, code.aux_indices, self.W_dec, None, check_indices=False)
-                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-                scale = min(n_dead / cfg.aux_k, 1.0)
-                aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / variance
+                aux_out = F.auxk_reconstruction(
+                    x2,
+                    self.W_enc,
+                    self.b_enc,
+                    b_dec_in,
+                    self.W_dec,
+                    dead_mask,
+                    min(cfg.aux_k, cfg.d_sae),
+                    dead_capacity,
+                )
+                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+                scale = (n_dead / cfg.aux_k).clamp(max=1.0)
+                # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
+                # error over a 1e-12 clamp (loss 6e10 at batch size 1)
+                error = (aux_out - residual).pow(2).sum(-1).mean()
+                aux = scale * torch.where(variance > 0, error / variance.clamp_min(1e-12), torch.zeros_like(error))
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
@@ -330,20 +363,21 @@ class SparseAutoencoder(nn.Module):
             losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
-        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras)
+        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras, nonfinite)
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
         """BatchTopK inference threshold: EMA (rate ``topk_threshold_lr``) of the smallest positive activation
-        of each training batch; the first batch sets it."""
-        positive = values[values > 0]
-        if positive.numel() == 0:
+        of each training batch; the first batch sets it, a batch without positive activations leaves it. On the
+        device, no host read."""
+        if values.numel() == 0:
             return
-        smallest = positive.min().to(self.threshold.dtype)
+        smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin()
+        smallest = smallest.to(self.threshold.dtype)
         current = self.threshold[0]
         lr = self.cfg.topk_threshold_lr
-        new = smallest if bool(current <= 0) else (1 - lr) * current + lr * smallest
-        self.threshold.fill_(float(new))
+        new = torch.where(current <= 0, smallest, (1 - lr) * current + lr * smallest)
+        self.threshold.copy_(torch.where(torch.isinf(smallest), current, new).expand_as(self.threshold))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -355,9 +389,14 @@ class SparseAutoencoder(nn.Module):
         g -= (g * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
-    def normalize_decoder_rows(self) -> None:
-        """Rescales decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def normalize_decoder_rows(self, skip: Tensor | None = None) -> None:
+        """Rescales decoder rows to unit norm. ``skip``: a 0-dim bool tensor; where true the rows are left exactly
+        as they are (the trainer's skipped steps: renormalising unit rows would still change their last bits),
+        decided on the device without a host sync."""
+        norms = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if skip is not None:
+            norms = torch.where(skip, torch.ones_like(norms), norms)
+        self.W_dec /= norms
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
