@@ -28,7 +28,10 @@ NOT_SETTINGS = ("command", "resume", "overwrite", "no_plots", "no_progress", "th
 # Settings --resume applies when they differ from the saved run: they change the schedule's length, the step size
 # or what is logged, never the SAE, its data or the optimizer state the checkpoint holds (--out is where the run
 # was found, however it is spelled).
-SAFE_ON_RESUME = ("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out", "max_bad_steps")
+SAFE_ON_RESUME = (
+    *("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out", "max_bad_steps"),
+    "shard_latents",  # a layout choice: checkpoints hold the whole dictionary
+)
 TOY_OPTIONS = ("d_in", "n_features", "mean_active", "toy_seed")
 
 
@@ -156,6 +159,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (a GPU when torch sees one)")
     train.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    train.add_argument(
+        "--shard-latents",
+        type=positive_int,
+        default=1,
+        help="under torchrun: this many ranks share the latents (world = shards x data-parallel replicas)",
+    )
 
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/toy", help="run folder")
@@ -377,10 +386,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume:
         settings["run_id"] = new_run_id()
     rank, world, local_rank = _init_distributed()
+    shards = settings.get("shard_latents", 1)
+    if shards < 1 or world % shards:
+        raise UsageError(f"--shard-latents {shards} must divide the number of processes ({world})")
+    # the ranks of a shard group share every batch: the data is split over the replicas only
+    data_rank, data_world = rank // shards, world // shards
     finished = False
     try:
         device = _resolve_device(settings["device"], local_rank)
-        source = _build_data(settings, rank, world)
+        source = _build_data(settings, data_rank, data_world)
         steps = settings["steps"] or 1000
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(steps=steps, d_sae=d_sae)
@@ -418,7 +432,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 lr_warm_up_steps=settings["lr_warm_up_steps"],
                 lr_decay_steps=steps // 5 if decay is None else decay,
                 sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
-                dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+                dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * data_world,
                 checkpoint_every=settings["checkpoint_every"],
                 log_every=settings["log_every"],
                 run_dir=str(out),
@@ -427,11 +441,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                 max_bad_steps=settings["max_bad_steps"],
                 run_id=settings.get("run_id"),
                 overwrite=args.overwrite,
+                shard_latents=shards,
             )
         except ValueError as exc:  # the settings' own checks (SAEConfig, TrainConfig) name the value
             raise UsageError(str(exc)) from exc
         torch.manual_seed(settings["seed"])
-        sae = SparseAutoencoder(cfg)
+        if shards > 1:  # each rank initialises only its slice (the whole SAE may not fit one device)
+            from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
+
+            sae = ShardedAutoencoder(cfg, ProcessGrid(shards))
+        else:
+            sae = SparseAutoencoder(cfg)
         try:
             trainer = Trainer(sae, source, train_cfg)
         except ValueError as exc:  # a setting the trainer refuses (e.g. --batch-size too small for AuxK)
@@ -456,6 +476,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"no checkpoint in {out}; starting a new run", flush=True)
         metrics = trainer.train()
         finished = True
+        W_dec = trainer.full_sae().W_dec  # a latent-sharded run gathers it on every rank
         if rank != 0:
             return 0
         print()
@@ -463,6 +484,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}"
             + (f", k={cfg.k}" if cfg.k else "")
             + f", data={settings['data']}, device={device}, world={world}"
+            + (f" ({trainer.grid.describe()})" if trainer.grid else "")
         )
         print(plots.results_table(metrics))
         if not args.no_plots:
@@ -472,7 +494,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             written = [curves]
             truth = getattr(source, "ground_truth", None)
             if truth is not None:
-                written.append(plots.plot_decoder_vs_truth(trainer.sae.W_dec, truth, out / "decoder_vs_truth.png"))
+                written.append(plots.plot_decoder_vs_truth(W_dec, truth, out / "decoder_vs_truth.png"))
             print("plots: " + ", ".join(str(p) for p in written))
         print(f"SAE (SAELens folder): {out / 'sae'}")
         return 0
@@ -729,16 +751,29 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _add_toy_args(p: argparse.ArgumentParser) -> None:
-    from fusedsae.experiments import EXPERIMENTS
+    from fusedsae.experiments import EXPERIMENTS, LAB, LAB_HELP
 
     p.add_argument(
         "experiment",
-        choices=[*EXPERIMENTS, "all"],
-        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items()),
+        choices=[*EXPERIMENTS, "all", *LAB],
+        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items())
+        + "; all: those three; "
+        + "; ".join(f"{name}: {LAB_HELP[name]}" for name in LAB),
     )
-    p.add_argument("--steps", type=positive_int, default=600, help="optimizer steps per SAE")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the SAEs")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, … or auto")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="optimizer steps per SAE (default 600; the composed lab: 2000)"
+    )
+    p.add_argument("--seeds", type=positive_int, default=8, help="composed lab: SAEs per cell, batched (default 8)")
+    p.add_argument(
+        "--toy",
+        choices=["plus", "trained", "retrained"],
+        default="plus",
+        help="composed lab: the idealised + (default), a toy model trained at q = 0, or one retrained per cell",
+    )
+    p.add_argument("--l1-coefficient", type=float, default=0.1, help="composed lab: ReLU + L1 (default 0.1)")
+    p.add_argument("--quick", action="store_true", help="composed lab: 2 seeds, 300 steps (a smoke test)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, … or auto")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default="runs/toy-experiments", help="writes <experiment>.json and .png here")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -762,6 +797,9 @@ def cmd_toy(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.experiment in _lab_names():
+        return _cmd_toy_lab(args, out)
+    args.steps = 600 if args.steps is None else args.steps
     device = _resolve_device(args.device, 0)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
@@ -780,6 +818,45 @@ def cmd_toy(args: argparse.Namespace) -> int:
         if not args.no_plots:
             written.append(plots.plot_experiment(result, out / f"{name}.png"))
         print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
+    return 0
+
+
+def _lab_names() -> list[str]:
+    from fusedsae.experiments import LAB
+
+    return list(LAB)
+
+
+def _cmd_toy_lab(args: argparse.Namespace, out: Path) -> int:
+    """``fusedsae toy onehot|rotation|authors|width|l0|hierarchy``: the composed-features lab (CPU)."""
+    import torch
+
+    from fusedsae import experiments
+
+    if not args.threads:
+        torch.set_num_threads(1)  # tiny batched SAEs: more threads only synchronise (9x slower on a busy 2-core box)
+    try:
+        cfg = experiments.LabConfig(
+            seeds=2 if args.quick else args.seeds,
+            steps=args.steps or (300 if args.quick else 2000),
+            embedding=args.toy,
+            l1_coefficient=args.l1_coefficient,
+            seed=args.seed,
+            probe_steps=100 if args.quick else 200,
+        )
+    except ValueError as e:
+        raise SystemExit(f"fusedsae toy {args.experiment}: {e}") from None
+    result = experiments.LAB[args.experiment](cfg)
+    print(f"{result.name}: {result.question}")
+    print(result.table(experiments.headline_columns(result)))
+    if result.notes.get("crossovers"):
+        print("\ncrossovers (one-hot fraction q):")
+        for note in result.notes["crossovers"]:
+            print("  " + ", ".join(f"{k}={experiments.format_value(v)}" for k, v in note.items()))
+    written = result.write(out)
+    if not args.no_plots:
+        written += experiments.lab_figures(result, out, cfg.seeds)
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
     return 0
 
 
