@@ -201,6 +201,9 @@ class Trainer:
         self.tokens = 0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
+        # NaN/Inf input values counted on the device by training_forward (defer_checks), read at log steps
+        self.nonfinite_inputs = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._dead_capacity: tuple[int, int, int, int] | None = None  # (first step, end step, tokens/step, bound)
         self.window_steps = 0
         self.window_tokens = 0
         self.act_scale: float | None = None
@@ -237,6 +240,40 @@ class Trainer:
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def dead_capacity(self, step_tokens: int) -> int:
+        """An upper bound on the number of dead latents at this step and every step up to the next refresh, for
+        AuxK's static shapes (``training_forward(dead_capacity=...)``), with one host read per refresh.
+
+        Refreshed every ``min(log_every, dead window / 4)`` steps (dead window: ``dead_tokens / step_tokens``
+        steps): at the defaults (10M tokens, 4096-token batches, log every 50) that is once per log interval, at
+        the step after a log step, whose metrics were read back anyway; a short dead window refreshes more often so
+        that the bound stays tight (it admits latents idle for three quarters of the window). Exact:
+        ``tokens_since_fired`` grows by ``step_tokens`` per step or drops to 0, so a latent that can be dead within
+        the next ``j`` steps already has ``tokens_since_fired >= dead_tokens - j * step_tokens``. Rounded up to a
+        multiple of 128 so that the shapes rarely change."""
+        cached = self._dead_capacity
+        if cached is not None and cached[0] <= self.step < cached[1] and cached[2] == step_tokens:
+            return cached[3]
+        window = max(1, self.cfg.dead_tokens // max(1, step_tokens))
+        interval = min(max(1, self.cfg.log_every), max(1, window // 4))
+        steps = interval - self.step % interval  # this step and those before the next refresh
+        threshold = self.cfg.dead_tokens - (steps - 1) * step_tokens
+        bound = int((self.tokens_since_fired >= threshold).sum())
+        bound = min(self.sae.cfg.d_sae, 128 * math.ceil(bound / 128))
+        self._dead_capacity = (self.step, self.step + steps, step_tokens, bound)
+        return bound
+
+    def check_inputs_finite(self) -> None:
+        """Raises ValueError if the inputs of the steps since the last call held NaN or Inf: counted on the device
+        by ``training_forward``, read here at log steps, so that a step never waits for the host."""
+        count = int(self.nonfinite_inputs)
+        if count:
+            self.nonfinite_inputs.zero_()
+            raise ValueError(
+                f"the training inputs held {count} non-finite value(s) (NaN or Inf) in the steps up to step "
+                f"{self.step}; check the activations you feed the SAE"
+            )
 
     # -------------------------------------------------------------------------------------------------------------
     # the loop
@@ -421,8 +458,19 @@ class Trainer:
             self._first_batch(x)
         x = self._scale(x)
         sae.train()
-        dead = self.dead_mask() if sae.cfg.aux_k else None
-        out = sae.training_forward(x, dead_mask=dead, coefficient_scale=self.coefficient_scale(self.step))
+        dead = capacity = None
+        if sae.cfg.aux_k:
+            dead = self.dead_mask()
+            capacity = self.dead_capacity(x.shape[0] * self.world_size)
+        out = sae.training_forward(
+            x,
+            dead_mask=dead,
+            coefficient_scale=self.coefficient_scale(self.step),
+            dead_capacity=capacity,
+            defer_checks=True,
+        )
+        if out.nonfinite is not None:
+            self.nonfinite_inputs += out.nonfinite
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         flags, absmax = self._step_flags(x, out)
@@ -517,6 +565,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last or checkpoint:
                     self.check_divergence()
                 if self.step % cfg.log_every == 0 or last:
+                    self.check_inputs_finite()
                     metrics = self.batch_metrics(out)
                     metrics["tokens_per_s"] = session_tokens / max(1e-9, time.perf_counter() - session_start)
                     self._log(metrics)
@@ -781,6 +830,7 @@ class Trainer:
         ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
         counters = contents["counters.safetensors"]
         self.tokens_since_fired = counters["tokens_since_fired"].to(self.device)
+        self._dead_capacity = None  # bounded from the restored counters at the next step
         self.fire_counts = counters["fire_counts"].to(self.device)
         ckpt.set_rng_state({k.removeprefix("rng."): v for k, v in counters.items() if k.startswith("rng.")})
         self.step = int(state["step"])
