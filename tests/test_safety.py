@@ -84,6 +84,9 @@ def test_one_huge_input_value_skips_that_update_and_nothing_else(tmp_path):
     assert metrics["skipped_steps"] == 1 and metrics["fvu"] < 1
     sae = fusedsae.load(tmp_path / "sae")
     assert all(torch.isfinite(p).all() for p in sae.state_dict().values())
+    resumed = trainer(tmp_path)
+    assert resumed.resume() and resumed.skipped_before == 1  # the log's count spans resumes
+    resumed.close()
 
 
 def test_a_loss_that_stays_non_finite_stops_training_with_one_line(tmp_path):
