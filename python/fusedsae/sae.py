@@ -344,7 +344,10 @@ class SparseAutoencoder(nn.Module):
                 # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
                 # error over a 1e-12 clamp (loss 6e10 at batch size 1)
                 error = (aux_out - residual).pow(2).sum(-1).mean()
-                aux = scale * torch.where(variance > 0, error / variance.clamp_min(1e-12), torch.zeros_like(error))
+                # exactly 0 (not 0 x a NaN from a bad batch) when no latent is dead or the residual has no variance
+                aux = torch.where(
+                    (variance > 0) & (n_dead > 0), scale * error / variance.clamp_min(1e-12), torch.zeros_like(error)
+                )
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
