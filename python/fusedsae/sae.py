@@ -300,7 +300,8 @@ class SparseAutoencoder(nn.Module):
         the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
 
         A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
-        static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
+        static and the dead count stays on the device. BatchTopK reads its output width back
+        (docs/architecture.md#sync).
         """
         cfg = self.cfg
         x2 = self.flatten_input(x, check_finite=not defer_checks)
