@@ -78,17 +78,20 @@ def test_one_huge_input_value_skips_that_update_and_nothing_else(tmp_path):
     assert all(torch.equal(s["exp_avg_sq"], m) for s, m in zip(t.optimizer.state.values(), moments))
     assert torch.equal(t.tokens_since_fired, since_fired)
     with pytest.warns(
-        RuntimeWarning, match=r"skipped 1 update\(s\) whose mse_loss was non-finite, the latest at step 7"
+        RuntimeWarning, match=r"skipped 1 update\(s\): mse_loss( and \w+)? went non-finite, the latest at step 7"
     ):
         metrics = t.train()  # the run goes on and ends well: one bad value costs one update, not the run
     assert metrics["skipped_steps"] == 1 and metrics["fvu"] < 1
     sae = fusedsae.load(tmp_path / "sae")
     assert all(torch.isfinite(p).all() for p in sae.state_dict().values())
+    resumed = trainer(tmp_path)
+    assert resumed.resume() and resumed.skipped_before == 1  # the log's count spans resumes
+    resumed.close()
 
 
 def test_a_loss_that_stays_non_finite_stops_training_with_one_line(tmp_path):
     t = trainer(tmp_path, data=Poisoned(7, lambda b: b * 1e20, every=True), max_bad_steps=3, checkpoint_every=5)
-    match = r"mse_loss( and \w+)? was non-finite \(NaN/Inf\) in 3 consecutive steps.*largest \|x\| \d\.\d+e\+20"
+    match = r"mse_loss( and \w+)? went non-finite \(NaN/Inf\) in 3 consecutive steps.*largest \|x\| \d\.\d+e\+20"
     with pytest.raises(TrainingDiverged, match=match) as info:
         t.train()
     message = str(info.value)
@@ -97,6 +100,17 @@ def test_a_loss_that_stays_non_finite_stops_training_with_one_line(tmp_path):
     assert info.value.checkpoint == tmp_path / "checkpoints" / "step-000000005"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000000005"]  # none written after it
     assert not (tmp_path / "sae").exists()
+
+
+def test_nan_inputs_stop_training_at_the_next_log_step_with_the_state_intact(tmp_path):
+    nan = lambda b: b.masked_fill(torch.arange(b.numel()).view_as(b) % 97 == 0, float("nan"))  # noqa: E731
+    t = trainer(tmp_path, data=Poisoned(7, nan), checkpoint_every=5)
+    match = r"step 10: the training inputs held 11 non-finite value\(s\) .*step-000000005.*the data holds NaN/Inf"
+    warned = pytest.warns(RuntimeWarning, match="skipped 1 update.*: the input batch went non-finite")
+    with warned, pytest.raises(TrainingDiverged, match=match) as info:
+        t.train()
+    assert isinstance(info.value, ValueError)
+    assert all(torch.isfinite(p).all() for p in t.sae.parameters())  # the step that saw them was skipped
 
 
 def test_float16_overflow_stops_training(tmp_path):
@@ -135,7 +149,7 @@ def test_cli_exits_non_zero_with_one_line_on_divergence(tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped 2 update"), pytest.raises(SystemExit) as info:
         main(args)
     assert isinstance(info.value.code, str) and "\n" not in info.value.code
-    assert info.value.code.startswith("fusedsae train: error: training diverged at step 4: mse_loss was non-finite")
+    assert info.value.code.startswith("fusedsae train: error: training diverged at step 4: mse_loss")
     assert not (tmp_path / "run" / "sae").exists()
 
 

@@ -82,6 +82,10 @@ class TrainingDiverged(RuntimeError):
         self.checkpoint = checkpoint
 
 
+class NonFiniteInputs(TrainingDiverged, ValueError):
+    """The training inputs held NaN or Inf (a ValueError too: the data, not the optimisation, is at fault)."""
+
+
 @dataclass
 class TrainConfig:
     """How to train.
@@ -303,14 +307,18 @@ class Trainer:
         return bound
 
     def check_inputs_finite(self) -> None:
-        """Raises ValueError if the inputs of the steps since the last call held NaN or Inf: counted on the device
-        by ``training_forward``, read here at log steps, so that a step never waits for the host."""
+        """Raises :class:`NonFiniteInputs` if the inputs of the steps since the last call held NaN or Inf: counted
+        on the device by ``training_forward``, read here at log steps, so that a step never waits for the host.
+        (Those steps' updates were skipped by the divergence guard: the state to resume from is intact.)"""
         count = int(self.nonfinite_inputs)
         if count:
             self.nonfinite_inputs.zero_()
-            raise ValueError(
+            raise self._diverged(
                 f"the training inputs held {count} non-finite value(s) (NaN or Inf) in the steps up to step "
-                f"{self.step}; check the activations you feed the SAE"
+                f"{self.step} (their updates were skipped)",
+                "the input batch",
+                [0.0] * (len(GUARD_TERMS) + 1),
+                NonFiniteInputs,
             )
 
     # -------------------------------------------------------------------------------------------------------------
@@ -445,14 +453,14 @@ class Trainer:
         if bad_max >= self.cfg.max_bad_steps:
             term = self._bad_term(info)
             raise self._diverged(
-                f"{term} was non-finite (NaN/Inf) in {bad_max} consecutive steps, the last at step {bad_step} "
+                f"{term} went non-finite (NaN/Inf) in {bad_max} consecutive steps, the last at step {bad_step} "
                 "(their updates were skipped)",
                 term,
                 info,
             )
         if bad_total > self._bad_reported and self.rank == 0:
             warnings.warn(
-                f"skipped {bad_total - self._bad_reported} update(s) whose {self._bad_term(info)} was non-finite, "
+                f"skipped {bad_total - self._bad_reported} update(s): {self._bad_term(info)} went non-finite, "
                 f"the latest at step {bad_step} (largest |input| {info[-1]:.3g}); training continues, and stops "
                 f"after {self.cfg.max_bad_steps} such steps in a row",
                 RuntimeWarning,
@@ -470,7 +478,9 @@ class Trainer:
             return " and ".join(t for t in terms if t != "loss" or len(terms) == 1)
         return "the gradient" if names else "the loss"
 
-    def _diverged(self, what: str, term: str, info: list[float]) -> TrainingDiverged:
+    def _diverged(
+        self, what: str, term: str, info: list[float], kind: type[TrainingDiverged] | None = None
+    ) -> TrainingDiverged:
         absmax = info[-1]
         if term == "the input batch":
             advice = "the data holds NaN/Inf values: check or re-create it"
@@ -485,7 +495,7 @@ class Trainer:
             if self.last_checkpoint is not None
             else "no checkpoint was written"
         )
-        return TrainingDiverged(
+        return (kind or TrainingDiverged)(
             f"training diverged at step {self.step}: {what}; {where}; try: {advice}",
             self.step,
             term,

@@ -53,6 +53,7 @@ from fusedsae.formats import (
     SAE_LENS_SCHEMA_VERSION,
     WEIGHTS_FILE,
     SAEFormatError,
+    atomic_write,
     read_json,
     read_safetensors,
     upgrade_sae_lens_config,
@@ -672,8 +673,7 @@ class SAE(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         write_safetensors(folder / WEIGHTS_FILE, tensors)
-        with open(folder / CFG_FILE, "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
+        atomic_write(folder / CFG_FILE, json.dumps(cfg))
         return folder / WEIGHTS_FILE, folder / CFG_FILE
 
     def save_model(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:

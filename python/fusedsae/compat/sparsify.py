@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae.formats import SAEFormatError, read_json, read_safetensors, write_safetensors
+from fusedsae.formats import SAEFormatError, atomic_write, read_json, read_safetensors, write_safetensors
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -217,8 +217,7 @@ class SparseCoder(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         write_safetensors(folder / WEIGHTS_FILE, dict(self.state_dict()))
-        with open(folder / CFG_FILE, "w", encoding="utf-8") as f:
-            json.dump({**self.cfg.to_dict(), "d_in": self.d_in}, f)
+        atomic_write(folder / CFG_FILE, json.dumps({**self.cfg.to_dict(), "d_in": self.d_in}))
 
     # -------------------------------------------------------------------------------------------------------------
     # maths
