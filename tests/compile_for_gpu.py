@@ -124,7 +124,7 @@ class _Recorder:
             except Exception as exc:
                 self.failures.append(f"{self.case}: {name}: {type(exc).__name__}: {exc}")
                 raise
-            constants = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+            constants = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")}
             constants = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in constants.items()}
             key = (name, kernel.hash)
             row = self._seen.get(key)
@@ -169,9 +169,24 @@ def _wide(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(1, cols, dtype=dtype).expand(rows, cols)
 
 
-def _launch_all(run: Callable[..., None], dtypes: list[torch.dtype], shapes: list[int]) -> None:
-    """Every launch the training and analysis paths make at the real shapes, each as ``run(case, fn, *args)``."""
+def _launch_all(
+    run: Callable[..., None], dtypes: list[torch.dtype], shapes: list[int], configs: list[str] | None, only_encoder
+) -> None:
+    """Every launch the training and analysis paths make at the real shapes, each as ``run(case, fn, *args)``;
+    with ``configs`` the fused encoder's launches once per named candidate configuration."""
     import fusedsae.backends.triton as tt
+
+    def encoders(tag: str, *args: Any) -> None:
+        x, W_enc, b_enc, b_dec, k, aux_k, dead = args
+        for name in configs or [None]:
+            tt.set_encoder_config(name)
+            suffix = f" [{name}]" if name else ""
+            try:
+                run(f"{tag} topk{suffix}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, 0, None)
+                run(f"{tag} topk+auxk={aux_k}{suffix}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, aux_k, dead)
+                run(f"{tag} topk+auxk=128{suffix}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, 128, dead)
+            finally:
+                tt.set_encoder_config(None)
 
     def atomics(*args: Any) -> None:
         tt.set_deterministic(False)
@@ -191,9 +206,9 @@ def _launch_all(run: Callable[..., None], dtypes: list[torch.dtype], shapes: lis
             b_enc, b_dec = torch.zeros(d_sae, dtype=dtype), torch.zeros(d_in, dtype=dtype)
             dead = torch.rand(d_sae) < DEAD_FRACTION
             aux_k = d_in // 2
-            run(f"{tag} topk", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, 0, None)
-            run(f"{tag} topk+auxk={aux_k}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, aux_k, dead)
-            run(f"{tag} topk+auxk=128", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, 128, dead)
+            encoders(tag, x, W_enc, b_enc, b_dec, k, aux_k, dead)
+            if only_encoder:
+                continue
             run(f"{tag} batchtopk", tt.batchtopk_encode_fwd, x, W_enc, b_enc, b_dec, k, 0, None)
             indices = torch.randint(0, d_sae, (N_ROWS, k))
             for m, what in ((k, ""), (k + aux_k, "+auxk")):
@@ -215,7 +230,9 @@ def _launch_all(run: Callable[..., None], dtypes: list[torch.dtype], shapes: lis
             run(f"{tag} head_partial_sums", tt.head_partial_sums_fwd, x, W_enc, b_dec, indices, d_in // 64)
 
 
-def compile_all(arch: int, dtypes: list[torch.dtype], shapes: list[int]) -> _Recorder:
+def compile_all(
+    arch: int, dtypes: list[torch.dtype], shapes: list[int], configs: list[str] | None = None, only_encoder=False
+) -> _Recorder:
     """Compiles every case; returns the recorder with its rows and failures."""
     import fusedsae.backends.triton as tt
     from fusedsae import backends
@@ -247,7 +264,7 @@ def compile_all(arch: int, dtypes: list[torch.dtype], shapes: list[int]) -> _Rec
             with contextlib.suppress(Exception):
                 fn(*args)
 
-        _launch_all(run, dtypes, shapes)
+        _launch_all(run, dtypes, shapes, configs, only_encoder)
     JITFunction.run = original_run
     return recorder
 
@@ -301,6 +318,10 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true", help="one line per specialisation")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes")
     parser.add_argument("--shapes", default="768,4096", help=f"comma-separated d_in among {sorted(SHAPES)}")
+    parser.add_argument(
+        "--configs", default="", help="'all' or comma-separated CANDIDATE_CONFIGS names: compile the encoder with each"
+    )
+    parser.add_argument("--only-encoder", action="store_true", help="compile only the fused encoder cases")
     parser.add_argument("--report", type=Path, help="write <report>.json and <report>.md (merging other labels)")
     parser.add_argument("--label", default="current", help="name of this run in the report")
     parser.add_argument("--note", default="", help="one line describing this run in the report")
@@ -310,7 +331,12 @@ def main() -> int:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"--shapes: {unknown} not among {sorted(SHAPES)}")
-    recorder = compile_all(args.arch, dtypes, shapes)
+    configs = None
+    if args.configs:
+        import fusedsae.backends.triton as tt
+
+        configs = list(tt.CANDIDATE_CONFIGS) if args.configs == "all" else args.configs.split(",")
+    recorder = compile_all(args.arch, dtypes, shapes, configs, args.only_encoder)
     by_kernel: dict[str, list[dict[str, Any]]] = {name: [] for name in recorder.kernels}
     for row in recorder.rows:
         by_kernel.setdefault(row["kernel"], []).append(row)
@@ -331,7 +357,7 @@ def main() -> int:
         }
         path.write_text(json.dumps(report, indent=1) + "\n")
         write_markdown(report, args.report.with_suffix(".md"))
-    missing = sorted(name for name, rows in by_kernel.items() if not rows)
+    missing = [] if args.only_encoder else sorted(name for name, rows in by_kernel.items() if not rows)
     for failure in recorder.failures:
         print(f"FAILED {failure}")
     if missing:
