@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import naive
+from conftest import assert_close_lowp
 from fusedsae import backends, reference
 from test_triton import (  # noqa: F401  (_fast_interpreted_sort: the module-wide interpreter speed-up fixture)
     DEVICE,
@@ -100,6 +101,7 @@ def test_split_epilogue_ties_and_all_negative_rows(gpu_tiles):
 
 def test_encoder_config_is_chosen_by_name(monkeypatch):
     assert tt.encoder_config() == (tt.DEFAULT_ENCODER_CONFIG, tt.CANDIDATE_CONFIGS[tt.DEFAULT_ENCODER_CONFIG])
+    assert tt.encoder_config(torch.bfloat16, 64)[0] == tt.encoder_config(torch.float32, 32)[0] == "m64n128"
     monkeypatch.setenv("FUSEDSAE_ENCODER_CONFIG", "m64n256")
     assert tt.encoder_config()[0] == "m64n256"
     tt.set_encoder_config("m128n128")
@@ -150,3 +152,51 @@ def test_launches_tile_axes_past_a_limit(monkeypatch):
     # an axis that is not tiled refuses in one line
     with on_triton(), pytest.raises(ValueError, match="above the GPU's limit of 2"):
         torch.ops.fusedsae.sparse_decode(randn(3, 40), torch.zeros(3, 40, dtype=torch.int64), randn(150, 600), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-head partial sums from the encoder's K loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "n_heads", "d_head", "m"), [(37, 3, 24, 21), (5, 1, 16, 1), (70, 4, 10, 40)])
+@pytest.mark.parametrize("center", [True, False])
+def test_encoder_head_partials_match_the_reference(n, n_heads, d_head, m, center):
+    # d_head 24 and 10: heads end inside a 16-wide K step; m = 1; repeated features
+    d_in, d_sae = n_heads * d_head, 50
+    x = randn(n, d_in)
+    W_enc, b_enc, b_dec, _ = make_weights(d_in, d_sae)
+    b = b_dec if center else None
+    features = torch.randint(0, d_sae, (m,), device=DEVICE)
+    with on_triton():
+        pre, parts = tt.encode_head_partials_fwd(x, W_enc, b_enc, b, features, n_heads)
+        via_op = torch.ops.fusedsae.head_partial_sums(x, W_enc, b, features.expand(n, -1), n_heads)
+    expected_pre, expected_parts = reference.encode_head_partials(x, W_enc, b_enc, b, features, n_heads)
+    torch.testing.assert_close(parts, expected_parts)
+    torch.testing.assert_close(pre, expected_pre)
+    # the same numbers as the gather route's reference, and as the pre-activation at those features
+    gather = reference.head_partial_sums(x, W_enc, b, features.expand(n, -1).contiguous(), n_heads)
+    torch.testing.assert_close(via_op, gather)
+    if center:
+        torch.testing.assert_close(pre, reference.encode_pre(x, W_enc, b_enc, b_dec)[:, features])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encoder_head_partials_low_precision(dtype):
+    x, (W_enc, b_enc, b_dec, _) = randn(33, 48).to(dtype), [t.to(dtype) for t in make_weights(48, 40)]
+    features = torch.tensor([3, 0, 39, 3], device=DEVICE)
+    with on_triton():
+        pre, parts = tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, features, 3)
+    exact_pre, exact_parts = reference.encode_head_partials(
+        x.double(), W_enc.double(), b_enc.double(), b_dec.double(), features, 3
+    )
+    base_pre, base_parts = reference.encode_head_partials(x, W_enc, b_enc, b_dec, features, 3)
+    assert_close_lowp(parts, base_parts, exact_parts, "parts")
+    assert_close_lowp(pre, base_pre, exact_pre, "pre")
+
+
+def test_encoder_head_partials_refuse_what_they_cannot_take():
+    x = randn(4, 12)
+    W_enc, b_enc, b_dec, _ = make_weights(12, 20)
+    with pytest.raises(ValueError, match="n_heads=5 must divide d_in=12"):
+        tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, torch.tensor([1, 2]), 5)

@@ -287,7 +287,12 @@ CANDIDATE_CONFIGS: dict[str, EncoderConfig] = {
     # persistent grid over the 2-block configuration
     "m64n128-w4-persistent": EncoderConfig(64, 128, 64, 4, 3, epilogue_split=4, persistent=True, programs_per_sm=2),
 }
+# Chosen by the offline compile (benchmarks/results/compile_report.md): 16-bit inputs with next_pow2(k) <= 32 take
+# the two-block configuration (219 registers, no spills at 768 -> 32768); wider bounds (k = 64 at 4096 -> 131072,
+# BatchTopK's 2k candidates) and float32 need more registers per element and take 8 warps (235, no spills at
+# k = 64 in bf16), where 4 warps would spill.
 DEFAULT_ENCODER_CONFIG = "m64n128-w4"
+WIDE_ENCODER_CONFIG = "m64n128"
 _encoder_config_override: str | None = None
 
 # Budget for the x blocks that the programs running at one time reread for every column tile: half of an H100's
@@ -304,10 +309,12 @@ def set_encoder_config(name: str | None) -> None:
     _encoder_config_override = name
 
 
-def encoder_config() -> tuple[str, EncoderConfig]:
-    """``(name, config)`` the fused encoder launches with: :func:`set_encoder_config`, else the
-    ``FUSEDSAE_ENCODER_CONFIG`` environment variable, else :data:`DEFAULT_ENCODER_CONFIG`."""
-    name = _encoder_config_override or os.environ.get("FUSEDSAE_ENCODER_CONFIG", "").strip() or DEFAULT_ENCODER_CONFIG
+def encoder_config(dtype: torch.dtype = torch.bfloat16, kp: int = 32) -> tuple[str, EncoderConfig]:
+    """``(name, config)`` the fused encoder launches with for inputs of ``dtype`` and a bound over ``kp`` buckets:
+    :func:`set_encoder_config`, else the ``FUSEDSAE_ENCODER_CONFIG`` environment variable, else
+    :data:`DEFAULT_ENCODER_CONFIG` (16-bit inputs, ``kp <= 32``) or :data:`WIDE_ENCODER_CONFIG`."""
+    default = DEFAULT_ENCODER_CONFIG if dtype != torch.float32 and kp <= 32 else WIDE_ENCODER_CONFIG
+    name = _encoder_config_override or os.environ.get("FUSEDSAE_ENCODER_CONFIG", "").strip() or default
     if name not in CANDIDATE_CONFIGS:
         raise ValueError(
             f"FUSEDSAE_ENCODER_CONFIG={name!r} is not an encoder config; choose one of {', '.join(CANDIDATE_CONFIGS)}"
@@ -452,7 +459,7 @@ def _fused_topk_keys(
     kp = triton.next_power_of_2(k)
     kp_aux = triton.next_power_of_2(aux_k) if aux_k else 1
     xc = _rows(reference.center(x, b_dec))
-    config = encoder_config()[1]
+    config = encoder_config(x.dtype, max(kp, kp_aux))[1]
     if _gpu(x):
         # CANDIDATE_CONFIGS[...]: 64 rows is the smallest M for which Hopper's wgmma is used; the epilogue holds
         # the fp32 accumulator, its int64 keys and [BLOCK_M, KP] bucket maxima (see tests/compile_for_gpu.py).
@@ -1079,6 +1086,9 @@ def step_backward_fwd(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: f
 def head_partial_sums_fwd(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
     """``[N, m, n_heads]``: per-head partial dot products at the selected latents; see
     :func:`fusedsae.reference.head_partial_sums`."""
+    if indices.dim() == 2 and indices.shape[0] > 1 and indices.stride(0) == 0:
+        # one feature list broadcast over the tokens (an attribution scan): the encoder's head-aligned K loop
+        return _launch_encode_heads(x, W_enc, None, b_dec, indices[0], n_heads)[1]
     x, indices = _rows(x), indices.contiguous()
     b_dec = None if b_dec is None else b_dec.contiguous()
     n, d_in = x.shape
@@ -1109,6 +1119,57 @@ def head_partial_sums_fwd(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indice
         **launch,
     )
     return out
+
+
+def _launch_encode_heads(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor | None, features: Tensor, n_heads: int
+) -> tuple[Tensor | None, Tensor]:
+    n, d_in = x.shape
+    m = features.shape[0]
+    parts = x.new_empty(n, m, n_heads)
+    pre = x.new_empty(n, m) if b_enc is not None else None
+    if n == 0 or m == 0:
+        return pre, parts
+    xc = _rows(reference.center(x, None if b_dec is None else b_dec.contiguous()))
+    # 64 x 64 output tiles, K steps of 32 (d_head is 64 or 128 in practice: whole steps per head), 4 warps
+    block_m, block_f, block_k, launch = (64, 64, 32, {"num_warps": 4, "num_stages": 3}) if _gpu(x) else (16, 16, 16, {})
+    heads._encode_heads_fwd_kernel[_checked_grid(triton.cdiv(n, block_m), triton.cdiv(m, block_f))](
+        xc,
+        W_enc,
+        b_enc,
+        features.contiguous(),
+        parts,
+        pre,
+        n,
+        m,
+        d_in // n_heads,
+        n_heads,
+        xc.stride(0),
+        W_enc.stride(0),
+        W_enc.stride(1),
+        WRITE_PRE=pre is not None,
+        BLOCK_M=block_m,
+        BLOCK_F=block_f,
+        BLOCK_K=block_k,
+        **_dot_args(x),
+        **launch,
+    )
+    return pre, parts
+
+
+@_on_device
+def encode_head_partials_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, features: Tensor, n_heads: int
+) -> tuple[Tensor, Tensor]:
+    """``(pre [N, m], parts [N, m, n_heads])`` for one feature list at every token, from one tensor-core pass of
+    the encoder over those columns with head-aligned K steps; see :func:`fusedsae.reference.encode_head_partials`.
+    ``head_partial_sums`` takes this route when its indices are one row broadcast over the tokens (stride 0)."""
+    refusal = _heads_supports(x, W_enc, b_dec, features.view(1, -1), n_heads) or _dtype_refusal(b_enc)
+    if refusal is not None:
+        raise ValueError(refusal)
+    pre, parts = _launch_encode_heads(x, W_enc, b_enc.contiguous(), b_dec, features, n_heads)
+    assert pre is not None
+    return pre, parts
 
 
 # ---------------------------------------------------------------------------------------------------------------
