@@ -228,6 +228,17 @@ def _launch_all(
             run(f"{tag} jumprelu", tt.jumprelu_backward_fwd, scores, scores, b_enc, 0.5)
             run(f"{tag} jumprelu", tt.step_backward_fwd, scores, scores, b_enc, 0.5)
             run(f"{tag} head_partial_sums", tt.head_partial_sums_fwd, x, W_enc, b_dec, indices, d_in // 64)
+            features = torch.randperm(d_sae)[:256]
+            run(
+                f"{tag} head partials, 256 features",
+                tt.encode_head_partials_fwd,
+                x,
+                W_enc,
+                b_enc,
+                b_dec,
+                features,
+                d_in // 64,
+            )
 
 
 def compile_all(

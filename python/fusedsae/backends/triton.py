@@ -1131,8 +1131,9 @@ def _launch_encode_heads(
     if n == 0 or m == 0:
         return pre, parts
     xc = _rows(reference.center(x, None if b_dec is None else b_dec.contiguous()))
-    # 64 x 64 output tiles, K steps of 32 (d_head is 64 or 128 in practice: whole steps per head), 4 warps
-    block_m, block_f, block_k, launch = (64, 64, 32, {"num_warps": 4, "num_stages": 3}) if _gpu(x) else (16, 16, 16, {})
+    # 64 x 64 output tiles, K steps of 32 (d_head is 64 or 128 in practice: whole steps per head), 8 warps (4 spill
+    # the gathered W_enc column addresses in the offline sm_90 build)
+    block_m, block_f, block_k, launch = (64, 64, 32, {"num_warps": 8, "num_stages": 3}) if _gpu(x) else (16, 16, 16, {})
     heads._encode_heads_fwd_kernel[_checked_grid(triton.cdiv(n, block_m), triton.cdiv(m, block_f))](
         xc,
         W_enc,
