@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae import ops
-from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig, dtype_name
 
 
 def _check_finite_default() -> bool:
@@ -32,7 +31,9 @@ class TrainingOutput:
         sae_out: reconstruction ``[N, d_in]``.
         values, indices: sparse activations ``[N, m]`` (TopK: m = k; BatchTopK: padded) or None for dense SAEs.
         dense_acts: ``[N, d_sae]`` activations of dense SAEs (ReLU, JumpReLU), else None.
-        n_dead: dead latents the AuxK loss could use (TopK family; 0 otherwise).
+        n_dead: dead latents the AuxK loss could use (TopK family with a dead mask: a device tensor, so that the
+            step never waits for the host; 0 otherwise).
+        nonfinite: with ``defer_checks``, the number of NaN/Inf input values (int64 device tensor), else None.
     """
 
     loss: Tensor
@@ -42,8 +43,9 @@ class TrainingOutput:
     values: Tensor | None = None
     indices: Tensor | None = None
     dense_acts: Tensor | None = None
-    n_dead: int = 0
+    n_dead: int | Tensor = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    nonfinite: Tensor | None = None
 
     @property
     def feature_acts(self) -> Tensor:
@@ -94,6 +96,13 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
+        if cfg is not None and not isinstance(cfg, SAEConfig):
+            # a SAELens or sparsify config object (issue 10: it used to fail on a missing torch_dtype)
+            raise TypeError(
+                f"cfg must be a fusedsae.SAEConfig, got {type(cfg).__module__}.{type(cfg).__name__}; build SAELens "
+                "configs with fusedsae.compat.sae_lens.SAE(cfg) and sparsify configs with "
+                "fusedsae.compat.sparsify.SparseCoder(d_in, cfg)"
+            )
         if cfg is None:
             cfg = SAEConfig(**kwargs)
         elif kwargs:
@@ -117,7 +126,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0 (DESIGN §3)."""
+        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0
+        (docs/architecture.md#maths)."""
         cfg = self.cfg
         w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -130,7 +140,7 @@ class SparseAutoencoder(nn.Module):
     def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
         """Sets ``b_dec`` from a data sample ``x [..., d_in]``: its ``"mean"`` or ``"geometric_median"``
         (Weiszfeld iterations; robust to outliers, as OpenAI's TopK training does), or ``"zeros"``."""
-        x2 = self._flatten(x).double()  # float64 statistics whatever the SAE's dtype
+        x2 = self.flatten_input(x).double()  # float64 statistics whatever the SAE's dtype
         if method == "zeros":
             center = torch.zeros(self.cfg.d_in)
         elif method == "mean":
@@ -161,11 +171,21 @@ class SparseAutoencoder(nn.Module):
     def device(self) -> torch.device:
         return self.W_enc.device
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseAutoencoder:
+        """Every ``.to()``/``.half()``/``.cuda()`` goes through here: ``cfg.dtype`` and ``cfg.device`` follow the
+        parameters, so ``save()`` writes a cfg.json that matches the weights."""
+        out = super()._apply(fn, recurse)
+        self.cfg.dtype = dtype_name(self.W_enc.dtype)
+        self.cfg.device = str(self.W_enc.device)
+        return out
+
     @property
     def _b_dec_in(self) -> Tensor | None:
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
-    def _flatten(self, x: Tensor) -> Tensor:
+    def flatten_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
+        """``x [..., d_in]`` validated (width, floating dtype, device, finite unless ``check_finite=False``) and
+        flattened to ``[N, d_in]`` in the SAE's dtype: what every method feeds the ops."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_in:
@@ -177,40 +197,48 @@ class SparseAutoencoder(nn.Module):
             raise TypeError(f"x must be floating point, got {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.device}; use sae.to(x.device)")
-        if self.check_finite:
+        if self.check_finite and check_finite:
             F.check_finite(x, "x")
         return x.reshape(-1, self.cfg.d_in).to(self.dtype)
 
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activation ``[..., d_in] -> [..., d_sae]``."""
         lead = x.shape[:-1]
-        return F.encode_pre(self._flatten(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
+        return F.encode_pre(self.flatten_input(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
 
-    def _uses_threshold(self) -> bool:
+    def uses_threshold(self) -> bool:
+        """True when activations come from ``threshold`` (JumpReLU; BatchTopK in eval mode) rather than a
+        selection (TopK; BatchTopK in training mode) or ReLU."""
         return self.cfg.activation == "jumprelu" or (self.cfg.activation == "batchtopk" and not self.training)
+
+    def _activate(self, x2: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        """The one activation dispatch of inference, on ``x2 [N, d_in]``: the sparse ``(values, indices)`` of a
+        TopK/BatchTopK selection, or dense ``[N, d_sae]`` activations (ReLU, JumpReLU, thresholded BatchTopK)."""
+        cfg = self.cfg
+        if cfg.activation in SPARSE_ACTIVATIONS and not self.uses_threshold():
+            assert cfg.k is not None
+            select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
+            code = select(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
+            return code.values, code.indices
+        activation = "relu" if cfg.activation == "relu" else "jumprelu"
+        threshold = None if activation == "relu" else self.threshold
+        return F.encode(
+            x2,
+            self.W_enc,
+            self.b_enc,
+            self._b_dec_in,
+            activation=activation,
+            threshold=threshold,
+            bandwidth=cfg.jumprelu_bandwidth,
+        )
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense activations ``[..., d_in] -> [..., d_sae]`` (SAELens ``encode``)."""
         lead = x.shape[:-1]
-        x2 = self._flatten(x)
-        cfg = self.cfg
-        if cfg.activation == "relu":
-            acts = F.relu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in)
-        elif self._uses_threshold():
-            acts = F.jumprelu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, self.threshold, cfg.jumprelu_bandwidth)
-        else:
-            values, indices = self._encode_sparse_flat(x2)
-            acts = F.to_dense(values, indices, cfg.d_sae)
+        acts = self._activate(self.flatten_input(x))
+        if isinstance(acts, tuple):
+            acts = F.to_dense(*acts, self.cfg.d_sae)
         return acts.reshape(*lead, -1)
-
-    def _encode_sparse_flat(self, x2: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = self.cfg
-        assert cfg.k is not None
-        if cfg.activation == "topk":
-            code = F.topk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
-        else:
-            code = F.batchtopk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
-        return code.values, code.indices
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse activations ``(values, indices)`` (sparsify-style ``top_acts, top_indices``).
@@ -218,11 +246,8 @@ class SparseAutoencoder(nn.Module):
         TopK: ``[..., k]`` sorted by value. Other activations: padded form ``[..., m]`` (value 0, index 0 pads).
         """
         lead = x.shape[:-1]
-        x2 = self._flatten(x)
-        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
-            values, indices = self._encode_sparse_flat(x2)
-        else:
-            values, indices = F.to_sparse(self.encode(x2))
+        acts = self._activate(self.flatten_input(x))
+        values, indices = acts if isinstance(acts, tuple) else F.to_sparse(acts)
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, acts: Tensor) -> Tensor:
@@ -234,12 +259,12 @@ class SparseAutoencoder(nn.Module):
         return F.sparse_decode(values.to(self.dtype), indices, self.W_dec, self.b_dec)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``)."""
+        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``); a selection decodes sparsely."""
         lead = x.shape[:-1]
-        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
-            values, indices = self.encode_sparse(x)
-            return self.decode_sparse(values, indices)
-        return self.decode(self.encode(x)).reshape(*lead, -1)
+        acts = self._activate(self.flatten_input(x))
+        if isinstance(acts, tuple):
+            return self.decode_sparse(*acts).reshape(*lead, -1)
+        return self.decode(acts).reshape(*lead, -1)
 
     # -------------------------------------------------------------------------------------------------------------
     # training
@@ -250,6 +275,9 @@ class SparseAutoencoder(nn.Module):
         x: Tensor,
         dead_mask: Tensor | None = None,
         coefficient_scale: float = 1.0,
+        *,
+        dead_capacity: int | None = None,
+        defer_checks: bool = False,
     ) -> TrainingOutput:
         """Forward pass with the training loss.
 
@@ -257,70 +285,99 @@ class SparseAutoencoder(nn.Module):
             x: ``[..., d_in]`` activations.
             dead_mask: ``[d_sae]`` bool, latents counted as dead; enables the AuxK loss (TopK/BatchTopK).
             coefficient_scale: multiplier of the sparsity coefficient (the trainer's warm-up, 0 → 1).
+            dead_capacity: an upper bound on ``dead_mask.sum()`` known without reading the mask
+                (:meth:`fusedsae.Trainer.dead_capacity` derives an exact one); AuxK then works on that many
+                columns instead of all ``d_sae``. A bound that is too small leaves dead latents out of AuxK.
+            defer_checks: count NaN/Inf inputs on the device (``out.nonfinite``) instead of raising, so that the
+                step issues no host synchronisation; the caller reads the count when it syncs anyway.
 
         Loss = MSE (summed over d_in, mean over tokens) + one of: ``l1_coefficient`` × L1 of the activations
         weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
-        ``aux_loss_coefficient`` × AuxK (TopK family): the top ``aux_k`` dead latents reconstruct the detached
-        residual, normalised by the residual's variance and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.).
+        ``aux_loss_coefficient`` × AuxK (TopK family, whenever ``dead_mask`` is given, 0 when nothing is dead):
+        the top ``aux_k`` dead latents reconstruct the detached residual, normalised by the residual's variance
+        and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`fusedsae.functional.auxk_reconstruction`.
+        Matryoshka SAEs (``cfg.matryoshka_widths``) add ``inner_mse_loss_<w>``, the MSE of the reconstruction from
+        the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
+
+        A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
+        static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
         """
         cfg = self.cfg
-        x2 = self._flatten(x)
+        x2 = self.flatten_input(x, check_finite=not defer_checks)
+        nonfinite = (~torch.isfinite(x2)).sum() if (defer_checks and self.check_finite) else None
         b_dec_in = self._b_dec_in
         losses: dict[str, Tensor] = {}
         extras: dict[str, Any] = {"d_sae": cfg.d_sae}
         values = indices = dense = None
-        n_dead = 0
+        n_dead: int | Tensor = 0
         if cfg.activation in SPARSE_ACTIVATIONS:
-            aux_k = 0
-            if dead_mask is not None and cfg.aux_k:
-                n_dead = int(dead_mask.sum())
-                aux_k = min(cfg.aux_k, n_dead)
-            op = ops.topk_encode if cfg.activation == "topk" else ops.batchtopk_encode
+            select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
             assert cfg.k is not None
-            pre_v, indices, aux_pre, aux_idx = op(
-                x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, aux_k, dead_mask if aux_k else None
-            )
-            values = torch.relu(pre_v)
-            sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            code = select(x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k)
+            values, indices = code.values, code.indices
+            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
+                levels = F.matryoshka_decode(
+                    values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths, check_indices=False
+                )
+                sae_out = levels[:, -1]
+                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
+                    losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+            else:
+                # our own encoder's indices: skip the range check, a device-to-host sync per call
+                sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            if aux_k:
+            if dead_mask is not None and cfg.aux_k:
+                n_dead = dead_mask.sum()
                 residual = (x2 - sae_out).detach()
-                aux_out = ops.sparse_decode(torch.relu(aux_pre), aux_idx, self.W_dec, None)
-                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-                scale = min(n_dead / cfg.aux_k, 1.0)
-                aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / variance
+                aux_out = F.auxk_reconstruction(
+                    x2,
+                    self.W_enc,
+                    self.b_enc,
+                    b_dec_in,
+                    self.W_dec,
+                    dead_mask,
+                    min(cfg.aux_k, cfg.d_sae),
+                    dead_capacity,
+                )
+                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+                scale = (n_dead / cfg.aux_k).clamp(max=1.0)
+                # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
+                # error over a 1e-12 clamp (loss 6e10 at batch size 1)
+                error = (aux_out - residual).pow(2).sum(-1).mean()
+                aux = scale * torch.where(variance > 0, error / variance.clamp_min(1e-12), torch.zeros_like(error))
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
         elif cfg.activation == "relu":
-            dense = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "relu")
-            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            dense = F.relu_encode(x2, self.W_enc, self.b_enc, b_dec_in)
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             l1 = (dense * self.W_dec.norm(dim=1)).sum(-1).mean()
             losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
         else:  # jumprelu
-            pre = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "none")
-            dense = ops.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
-            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
+            dense = F.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l0 = ops.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+            l0 = F.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
             losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
-        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras)
+        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras, nonfinite)
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
         """BatchTopK inference threshold: EMA (rate ``topk_threshold_lr``) of the smallest positive activation
-        of each training batch; the first batch sets it."""
-        positive = values[values > 0]
-        if positive.numel() == 0:
+        of each training batch; the first batch sets it, a batch without positive activations leaves it. On the
+        device, no host read."""
+        if values.numel() == 0:
             return
-        smallest = positive.min().to(self.threshold.dtype)
+        smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin()
+        smallest = smallest.to(self.threshold.dtype)
         current = self.threshold[0]
         lr = self.cfg.topk_threshold_lr
-        new = smallest if bool(current <= 0) else (1 - lr) * current + lr * smallest
-        self.threshold.fill_(float(new))
+        new = torch.where(current <= 0, smallest, (1 - lr) * current + lr * smallest)
+        self.threshold.copy_(torch.where(torch.isinf(smallest), current, new).expand_as(self.threshold))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -332,9 +389,14 @@ class SparseAutoencoder(nn.Module):
         g -= (g * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
-    def normalize_decoder_rows(self) -> None:
-        """Rescales decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def normalize_decoder_rows(self, skip: Tensor | None = None) -> None:
+        """Rescales decoder rows to unit norm. ``skip``: a 0-dim bool tensor; where true the rows are left exactly
+        as they are (the trainer's skipped steps: renormalising unit rows would still change their last bits),
+        decided on the device without a host sync."""
+        norms = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if skip is not None:
+            norms = torch.where(skip, torch.ones_like(norms), norms)
+        self.W_dec /= norms
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
