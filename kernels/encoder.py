@@ -1,7 +1,7 @@
-"""Fused encoder kernels: ``(x - b_dec) @ W_enc + b_enc`` on tensor cores with fp32 accumulation, and an epilogue
-that works on the accumulator while it is still in registers: ReLU / JumpReLU masking (dense output), or TopK
-selection (a running per-row bound filters each tile into a small candidate buffer, optionally a second one among
-AuxK latents) so that the ``[N, d_sae]`` pre-activation is never written.
+"""Fused encoder kernels: ``(x - b_dec) @ W_enc + b_enc`` (x centred by the launcher) on tensor cores with fp32
+accumulation, and an epilogue that works on the accumulator while it is still in registers: ReLU / JumpReLU
+masking (dense output), or TopK selection (a running per-row bound filters each tile into a small candidate buffer,
+optionally a second one among AuxK latents) so that the ``[N, d_sae]`` pre-activation is never written.
 
 Cost model (docs/architecture.md#encoder-gemm, #fused-topk): at 16384 x 768 x 32768 the GEMM is 825 GFLOP, about 1.03 ms
 at the 800 TFLOP/s an H100 sustains, while writing the bf16 pre-activation alone is 1.07 GB (0.36 ms) before torch.topk
@@ -23,12 +23,13 @@ ACT_JUMPRELU = tl.constexpr(2)
 
 @triton.jit
 def _pre_activation_tile(
-    x_ptr,
-    w_ptr,
+    x_in,
+    w_in,
     b_enc_ptr,
-    b_dec_ptr,
     rows,
     cols,
+    row0,
+    col0,
     N,
     D_IN,
     D_SAE,
@@ -36,50 +37,66 @@ def _pre_activation_tile(
     stride_xd,
     stride_wd,
     stride_wl,
-    HAS_B_DEC: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    W_T: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The pre-activation tile ``[rows, cols]`` in float32: the K loop over ``d_in`` in BLOCK_K steps.
+    """The pre-activation tile ``[rows, cols]`` (``rows = row0 + arange(BLOCK_M)``, likewise cols) in float32: the
+    K loop over ``d_in`` in BLOCK_K steps, plus ``b_enc``.
 
-    The input is centred in the loop (``x - b_dec`` rounded to the input dtype, as PyTorch rounds it before its
-    GEMM) rather than folding ``b_dec @ W_enc`` into the bias: folding cancels large terms when activations carry
-    a large mean, and the subtraction is BLOCK_M * BLOCK_K operations per BLOCK_M * BLOCK_N * BLOCK_K MMA.
-    ``UPCAST_DOT`` feeds float32 operands to ``tl.dot``; only the launcher's interpreter path sets it, because
-    triton 3.6's interpreter multiplies bfloat16 bit patterns as integers (triton-lang/triton#11584).
+    The input arrives centred (the launcher forms ``x - b_dec`` once, rounded to the input dtype as the reference
+    rounds it before its GEMM): centring inside the loop would put the A operand through registers (a shared-
+    memory load and layout conversions per K step) instead of feeding wgmma from shared memory, and folding
+    ``b_dec @ W_enc`` into the bias would cancel large terms when activations carry a large mean.
+
+    With USE_TMA, ``x_in`` and ``w_in`` are tensor descriptors (Hopper's TMA copies whole tiles into shared memory,
+    zero-filled past the edges, with no address arithmetic in registers); ``W_T`` means ``w_in`` describes W_enc^T
+    ``[d_sae, d_in]`` (an encoder stored as decoder-shaped rows), loaded K-major and transposed in shared memory.
+    Otherwise they are pointers with strides. ``UPCAST_DOT`` feeds float32 operands to ``tl.dot``; only the
+    launcher's interpreter path sets it, because triton 3.6's interpreter multiplies bfloat16 bit patterns as
+    integers (triton-lang/triton#11584).
     """
-    row_mask = rows < N
-    col_mask = cols < D_SAE
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xn + ks[None, :] * stride_xd
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wl
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
-        k_mask = (k0 + ks) < D_IN
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_B_DEC:
-            b = tl.load(b_dec_ptr + k0 + ks, mask=k_mask, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) - b[None, :]).to(x_ptr.dtype.element_ty)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST_DOT:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xd
-        w_ptrs += BLOCK_K * stride_wd
-    bias = tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if USE_TMA:
+        for k0 in range(0, D_IN, BLOCK_K):
+            x = x_in.load([row0, k0])
+            if W_T:
+                w = w_in.load([col0, k0]).T
+            else:
+                w = w_in.load([k0, col0])
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    else:
+        row_mask = rows < N
+        col_mask = cols < D_SAE
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_in + rows.to(tl.int64)[:, None] * stride_xn + ks[None, :] * stride_xd
+        w_ptrs = w_in + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wl
+        for k0 in range(0, D_IN, BLOCK_K):
+            k_mask = (k0 + ks) < D_IN
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xd
+            w_ptrs += BLOCK_K * stride_wd
+    bias = tl.load(b_enc_ptr + cols, mask=cols < D_SAE, other=0.0).to(tl.float32)
     return acc + bias[None, :]
 
 
 @triton.jit
 def _encode_dense_fwd_kernel(
-    x_ptr,
-    w_ptr,
+    x_in,
+    w_in,
     b_enc_ptr,
-    b_dec_ptr,
     threshold_ptr,
     out_ptr,
     N,
@@ -90,8 +107,9 @@ def _encode_dense_fwd_kernel(
     stride_wd,
     stride_wl,
     stride_on,
-    HAS_B_DEC: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    W_T: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -99,7 +117,8 @@ def _encode_dense_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``out [N, d_sae] = act((x - b_dec) @ W_enc + b_enc)``, act = none | relu | jumprelu (``relu(pre) * (pre > θ)``).
+    """``out [N, d_sae] = act(x_c @ W_enc + b_enc)`` from the centred input ``x_c [N, d_in]``, act = none | relu |
+    jumprelu (``relu(pre) * (pre > θ)``).
 
     Programs are grouped GROUP_M row blocks at a time along the columns, so a column block of W_enc is read from
     HBM once per group and from L2 by the others. The activation compares the pre-activation after rounding it to
@@ -112,15 +131,18 @@ def _encode_dense_fwd_kernel(
     group_m = min(n_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
     pre = _pre_activation_tile(
-        x_ptr,
-        w_ptr,
+        x_in,
+        w_in,
         b_enc_ptr,
-        b_dec_ptr,
         rows,
         cols,
+        row0,
+        col0,
         N,
         D_IN,
         D_SAE,
@@ -128,7 +150,8 @@ def _encode_dense_fwd_kernel(
         stride_xd,
         stride_wd,
         stride_wl,
-        HAS_B_DEC,
+        USE_TMA,
+        W_T,
         UPCAST_DOT,
         DOT_PRECISION,
         BLOCK_M,
@@ -148,11 +171,55 @@ def _encode_dense_fwd_kernel(
 
 
 @triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``t [BLOCK_M, BLOCK_N]`` as its left and right ``[BLOCK_M, BLOCK_N // 2]`` column halves (in the wgmma
+    accumulator layout each thread holds whole column groups, so this moves no data)."""
+    return tl.split(tl.permute(tl.reshape(t, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _filter_columns(
+    pre,
+    cols,
+    row_mask,
+    row_ptrs,
+    count,
+    bucket_max,
+    aux_mask_ptr,
+    aux_row_ptrs,
+    aux_count,
+    aux_bucket_max,
+    D_SAE,
+    CAP,
+    CAP_AUX,
+    HAS_AUX: tl.constexpr,
+    KP: tl.constexpr,
+    KP_AUX: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """The TopK (and AuxK) filter over ``pre [BLOCK_M, WIDTH]`` at columns ``cols [WIDTH]``: appends the entries
+    strictly above each row's running bound and updates the bound; returns the new running state."""
+    valid = row_mask[:, None] & (cols < D_SAE)[None, :]
+    keys = _sortable_keys(pre, cols[None, :])
+    bound = tl.min(bucket_max, axis=1)
+    count = _append_candidates(valid & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
+    if WIDTH == KP:  # one column per bucket: no regrouping of the tile
+        bucket_max = tl.maximum(bucket_max, tl.where(valid, pre, float("-inf")))
+    else:
+        bucket_max = _bucket_max(bucket_max, tl.where(valid, pre, float("-inf")), KP, WIDTH)
+    if HAS_AUX:
+        dead = valid & (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
+        aux_bound = tl.min(aux_bucket_max, axis=1)
+        aux_count = _append_candidates(dead & (pre > aux_bound[:, None]), keys, aux_row_ptrs, aux_count, CAP_AUX)
+        aux_bucket_max = _bucket_max(aux_bucket_max, tl.where(dead, pre, float("-inf")), KP_AUX, WIDTH)
+    return count, bucket_max, aux_count, aux_bucket_max
+
+
+@triton.jit
 def _topk_encode_fwd_kernel(
-    x_ptr,
-    w_ptr,
+    x_in,
+    w_in,
     b_enc_ptr,
-    b_dec_ptr,
     aux_mask_ptr,
     cand_ptr,
     count_ptr,
@@ -169,8 +236,9 @@ def _topk_encode_fwd_kernel(
     stride_xd,
     stride_wd,
     stride_wl,
-    HAS_B_DEC: tl.constexpr,
     HAS_AUX: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    W_T: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KP: tl.constexpr,
@@ -178,68 +246,119 @@ def _topk_encode_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
 ):
-    """Fused GEMM + TopK filter. Per (row block, column split), sweeps the split's column tiles; in each tile's
-    epilogue the rounded pre-activations strictly above the row's running bound (``_bucket_max``) are appended as
-    int64 keys to the row's candidate buffer ``cand[row, split, :CAP]`` and counted in ``count[row, split]``.
-    With HAS_AUX the same happens among latents where ``aux_mask`` is non-zero, with its own bound and buffer.
-    ``_topk_candidates_kernel`` then selects the k best candidates; a row whose count exceeds CAP is recomputed by
-    the launcher's two-pass path, so the result is always exact.
+    """Fused GEMM + TopK filter over the centred input. A work item is a (row block, column split); the program
+    sweeps the split's column tiles, and in each tile's epilogue the rounded pre-activations strictly above the
+    row's running bound (``_bucket_max``) are appended as int64 keys to the row's candidate buffer
+    ``cand[row, split, :CAP]`` and counted in ``count[row, split]``. With HAS_AUX the same happens among latents
+    where ``aux_mask`` is non-zero, with its own bound and buffer. ``_topk_candidates_kernel`` then selects the k
+    best candidates; a row whose count exceeds CAP is recomputed by the launcher's two-pass path, so the result is
+    always exact.
 
     Per element the epilogue costs a compare, a prefix sum and a bucket max (no sort), while the tile is still in
-    registers; the ``[N, d_sae]`` pre-activation is never written. The grid's fastest axis is the row block, so
-    concurrently running programs read the same W_enc tile (one HBM read, the rest from L2). The pre-activation
-    is rounded to the input dtype before ranking so that ties and order match the reference's ``addmm`` output."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
-    row_ptrs = cand_ptr + (rows64 * N_SPLITS + split) * CAP
-    bucket_max = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
-    count = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if HAS_AUX:
-        aux_row_ptrs = aux_cand_ptr + (rows64 * N_SPLITS + split) * CAP_AUX
+    registers; the ``[N, d_sae]`` pre-activation is never written. Work items are numbered split-fastest and a
+    program takes items ``pid, pid + num_programs, ...`` (one item each when the grid covers them all, a
+    persistent loop when the launcher caps the grid at the resident programs): the programs running at one time
+    then cover ``num_programs / N_SPLITS`` row blocks, whose x blocks (reread for every column tile) stay in L2,
+    and the programs of one split walk the same W_enc tiles together. The pre-activation is rounded to the input
+    dtype before ranking so that ties and order match the reference's ``addmm`` output."""
+    n_items = tl.cdiv(N, BLOCK_M) * N_SPLITS
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        split = item % N_SPLITS
+        row0 = (item // N_SPLITS) * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        rows64 = rows.to(tl.int64)
+        row_ptrs = cand_ptr + (rows64 * N_SPLITS + split) * CAP
+        bucket_max = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
+        count = tl.zeros([BLOCK_M], dtype=tl.int32)
+        # without AuxK, placeholders that the filter passes through untouched
+        if HAS_AUX:
+            aux_row_ptrs = aux_cand_ptr + (rows64 * N_SPLITS + split) * CAP_AUX
+        else:
+            aux_row_ptrs = row_ptrs
         aux_bucket_max = tl.full([BLOCK_M, KP_AUX], float("-inf"), tl.float32)
         aux_count = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for t in range(0, TILES_PER_SPLIT):
-        cols = (split * TILES_PER_SPLIT + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        pre = _pre_activation_tile(
-            x_ptr,
-            w_ptr,
-            b_enc_ptr,
-            b_dec_ptr,
-            rows,
-            cols,
-            N,
-            D_IN,
-            D_SAE,
-            stride_xn,
-            stride_xd,
-            stride_wd,
-            stride_wl,
-            HAS_B_DEC,
-            UPCAST_DOT,
-            DOT_PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-        )
-        pre = pre.to(x_ptr.dtype.element_ty).to(tl.float32)
-        valid = row_mask[:, None] & (cols < D_SAE)[None, :]
-        keys = _sortable_keys(pre, cols[None, :])
-        bound = tl.min(bucket_max, axis=1)
-        count = _append_candidates(valid & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
-        bucket_max = _bucket_max(bucket_max, tl.where(valid, pre, float("-inf")), KP, BLOCK_N)
+        for t in range(0, TILES_PER_SPLIT):
+            col0 = (split * TILES_PER_SPLIT + t) * BLOCK_N
+            cols = col0 + tl.arange(0, BLOCK_N)
+            pre = _pre_activation_tile(
+                x_in,
+                w_in,
+                b_enc_ptr,
+                rows,
+                cols,
+                row0,
+                col0,
+                N,
+                D_IN,
+                D_SAE,
+                stride_xn,
+                stride_xd,
+                stride_wd,
+                stride_wl,
+                USE_TMA,
+                W_T,
+                UPCAST_DOT,
+                DOT_PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+            )
+            pre = pre.to(b_enc_ptr.dtype.element_ty).to(tl.float32)
+            if EPILOGUE_SPLIT == 1:
+                count, bucket_max, aux_count, aux_bucket_max = _filter_columns(
+                    pre,
+                    cols,
+                    row_mask,
+                    row_ptrs,
+                    count,
+                    bucket_max,
+                    aux_mask_ptr,
+                    aux_row_ptrs,
+                    aux_count,
+                    aux_bucket_max,
+                    D_SAE,
+                    CAP,
+                    CAP_AUX,
+                    HAS_AUX,
+                    KP,
+                    KP_AUX,
+                    BLOCK_N,
+                )
+            else:
+                # The filter on column halves (or quarters) in turn: its per-element temporaries (keys, slots,
+                # addresses) exist for a part of the tile at a time, which is what keeps it from spilling.
+                left, right = _halves(pre, BLOCK_M, BLOCK_N)
+                if EPILOGUE_SPLIT == 2:
+                    parts = (left, right)
+                else:
+                    parts = _halves(left, BLOCK_M, BLOCK_N // 2) + _halves(right, BLOCK_M, BLOCK_N // 2)
+                WIDTH: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+                for p in tl.static_range(EPILOGUE_SPLIT):
+                    count, bucket_max, aux_count, aux_bucket_max = _filter_columns(
+                        parts[p],
+                        col0 + p * WIDTH + tl.arange(0, WIDTH),
+                        row_mask,
+                        row_ptrs,
+                        count,
+                        bucket_max,
+                        aux_mask_ptr,
+                        aux_row_ptrs,
+                        aux_count,
+                        aux_bucket_max,
+                        D_SAE,
+                        CAP,
+                        CAP_AUX,
+                        HAS_AUX,
+                        KP,
+                        KP_AUX,
+                        WIDTH,
+                    )
+        tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
         if HAS_AUX:
-            dead = valid & (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
-            aux_bound = tl.min(aux_bucket_max, axis=1)
-            aux_keep = dead & (pre > aux_bound[:, None])
-            aux_count = _append_candidates(aux_keep, keys, aux_row_ptrs, aux_count, CAP_AUX)
-            aux_bucket_max = _bucket_max(aux_bucket_max, tl.where(dead, pre, float("-inf")), KP_AUX, BLOCK_N)
-    tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
-    if HAS_AUX:
-        tl.store(aux_count_ptr + rows64 * N_SPLITS + split, aux_count, mask=row_mask)
+            tl.store(aux_count_ptr + rows64 * N_SPLITS + split, aux_count, mask=row_mask)
 
 
 @triton.jit
@@ -247,7 +366,6 @@ def _topk_encode_redo_kernel(
     x_ptr,
     w_ptr,
     b_enc_ptr,
-    b_dec_ptr,
     aux_mask_ptr,
     redo_ptr,
     keys_ptr,
@@ -261,7 +379,6 @@ def _topk_encode_redo_kernel(
     stride_wl,
     stride_kn,
     stride_akn,
-    HAS_B_DEC: tl.constexpr,
     HAS_AUX: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -271,9 +388,10 @@ def _topk_encode_redo_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Exact TopK (and AuxK) keys for the rows the candidate filter could not serve (``redo [N]`` non-zero: a
-    candidate buffer overflowed, or fewer than k entries rose above -inf), decided on the device: a program whose
-    row block has no such row does nothing, so the launcher never asks the host which rows to redo.
+    """Exact TopK (and AuxK) keys from the centred input for the rows the candidate filter could not serve
+    (``redo [N]`` non-zero: a candidate buffer overflowed, or fewer than k entries rose above -inf), decided on the
+    device: a program whose row block has no such row does nothing, so the launcher never asks the host which rows
+    to redo.
 
     A redone block recomputes its pre-activation tiles over all columns and keeps a running merge of the KP best
     keys (``_merge_top``, no buffer to overflow), rounded as in ``_topk_encode_fwd_kernel``. AuxK ranks the latents
@@ -291,9 +409,10 @@ def _topk_encode_redo_kernel(
                 x_ptr,
                 w_ptr,
                 b_enc_ptr,
-                b_dec_ptr,
                 rows,
                 cols,
+                tl.program_id(0) * BLOCK_M,
+                c0,
                 N,
                 D_IN,
                 D_SAE,
@@ -301,14 +420,15 @@ def _topk_encode_redo_kernel(
                 stride_xd,
                 stride_wd,
                 stride_wl,
-                HAS_B_DEC,
+                False,
+                False,
                 UPCAST_DOT,
                 DOT_PRECISION,
                 BLOCK_M,
                 BLOCK_N,
                 BLOCK_K,
             )
-            pre = pre.to(x_ptr.dtype.element_ty).to(tl.float32)
+            pre = pre.to(b_enc_ptr.dtype.element_ty).to(tl.float32)
             valid = row_mask[:, None] & (cols < D_SAE)[None, :]
             best = _merge_top(best, tl.where(valid, _sortable_keys(pre, cols[None, :]), _KEY_NONE), KP)
             if HAS_AUX:

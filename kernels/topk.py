@@ -153,9 +153,10 @@ def _row_keys_kernel(
 ):
     """Keys of every entry of ``scores [N, M]`` (where ``mask [M]`` is 0, the key of -inf at that column, as the
     reference's masked fill ranks it): the two-pass selection for k beyond what the running merge keeps in
-    registers, finished by ``torch.topk`` on the keys."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    registers, finished by ``torch.topk`` on the keys. Column blocks on grid axis 0 (whose limit, 2**31 - 1, no
+    d_sae reaches), row blocks on axis 1."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     col_mask = cols < M
     inside = row_mask[:, None] & col_mask[None, :]

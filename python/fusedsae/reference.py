@@ -448,6 +448,23 @@ def step_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def encode_head_partials(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, features: Tensor, n_heads: int
+) -> tuple[Tensor, Tensor]:
+    """One feature list at every token: ``(pre [N, m], parts [N, m, n_heads])`` with ``parts[n, j, h] =
+    (x[n] - b_dec)_h · W_enc[h, features[j]]`` (what :func:`head_partial_sums` gives for ``indices`` equal to
+    ``features`` in every row) and ``pre = sum_h parts + b_enc[features]``, the pre-activation at those features
+    when ``b_dec`` is the SAE's centring. One GEMM per head over the requested columns."""
+    n, d_in = x.shape
+    m = features.shape[0]
+    d_head = d_in // n_heads
+    x_c = center(x, b_dec)
+    W = W_enc[:, features].reshape(n_heads, d_head, m)
+    parts = torch.einsum("nhd,hdm->nmh", x_c.reshape(n, n_heads, d_head).float(), W.float())
+    pre = parts.sum(-1) + b_enc[features].float()
+    return pre.to(x.dtype), parts.to(x.dtype)
+
+
 def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
     """Per-head partial dot products at selected latents: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h, indices[n, j]]``
     where ``_h`` is head h's ``d_in / n_heads`` columns. ``[N, m, n_heads]``; ``N*m*d_in`` multiply-adds.

@@ -194,7 +194,10 @@ def head_contributions(
         selection = "features"
     pre = _gather_dense(sae.encode_pre, z2, indices, d_sae)
     pre = torch.where(active, activations, pre)
-    contributions = F.head_partial_sums(z2, sae.W_enc.detach(), indices, heads, b_dec=_offset(sae, convention))
+    # A feature list is passed as one row broadcast over the tokens (stride 0): the triton backend then runs the
+    # encoder over those columns with head-aligned K steps (tensor cores) instead of a gather per (token, feature).
+    per_head_indices = indices if features is None else feats.expand(z2.shape[0], -1)
+    contributions = F.head_partial_sums(z2, sae.W_enc.detach(), per_head_indices, heads, b_dec=_offset(sae, convention))
     constant = feature_constant(sae, convention)[indices]
     m = indices.shape[1]
     return HeadContributions(

@@ -22,6 +22,7 @@ the last bits). ``torch.use_deterministic_algorithms(True)`` always wins. Every 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -37,6 +38,7 @@ from fusedsae.backends import define_backend, register
 try:
     import triton
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from fusedsae.kernels import encoder, heads, jumprelu, sparse, topk
 
@@ -139,6 +141,30 @@ def _width_refusal(width: int) -> str | None:
     return None
 
 
+# CUDA's launch limits on grid axes x, y, z.
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def _checked_grid(*axes: int) -> tuple[int, ...]:
+    """The launch grid ``axes``, or a one-line ValueError naming the axis above CUDA's limit (launchers tile an
+    axis that can grow with the problem with :func:`_axis_chunks`; the rest refuse here instead of failing at
+    launch with a CUDA error)."""
+    for name, size, limit in zip("xyz", axes, _GRID_LIMITS, strict=False):
+        if size > limit:
+            raise ValueError(
+                f"the launch needs {size} programs on grid axis {name}, above the GPU's limit of {limit}: "
+                "the problem is too large for the triton kernels (the reference backend runs it)"
+            )
+    return axes
+
+
+def _axis_chunks(blocks: int, axis: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` block ranges of at most the limit of grid ``axis`` covering ``range(blocks)``: one
+    launch each, for an axis whose block count can pass the limit."""
+    limit = _GRID_LIMITS[axis]
+    return [(start, min(blocks, start + limit)) for start in range(0, blocks, limit)]
+
+
 def _first(*checks: str | None) -> str | None:
     return next((c for c in checks if c is not None), None)
 
@@ -198,14 +224,14 @@ def _decode_keys(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-def _splits(row_blocks: int, n_tiles: int, t: Tensor) -> tuple[int, int]:
+def _splits(row_blocks: int, n_tiles: int, t: Tensor, min_splits: int = 1) -> tuple[int, int]:
     """``(n_splits, tiles_per_split)``: split each row's column tiles so that about two waves of programs run
     (132 SMs on an H100: 16384 rows in 64-row blocks are 256 blocks, so 2 splits; 1024 rows, 17 splits). Each
     split has its own bound and warm-up tile, so splits add candidates (about 760 per split at k = 32 over 16384
     columns); few rows need many splits, many rows need few. Under the interpreter two splits, so that merging
     splits is always exercised."""
     target = 2 * _sm_count(t) if _gpu(t) else 2
-    n_splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks)))
+    n_splits = max(1, min(n_tiles, max(min_splits, triton.cdiv(target, row_blocks))))
     per_split = triton.cdiv(n_tiles, n_splits)
     return triton.cdiv(n_tiles, per_split), per_split
 
@@ -222,6 +248,105 @@ def _row_chunk(n_rows: int, width: int, t: Tensor) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 _ACTIVATIONS = {"none": 0, "relu": 1, "jumprelu": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Tiles and launch of the fused encoder + TopK kernel on a GPU (the interpreter uses small tiles).
+
+    ``block_k`` is for 16-bit inputs; float32 takes half (the same bytes per pipeline stage). ``tma`` loads x and
+    W_enc tiles through tensor descriptors where the layout allows it (Hopper or newer, 16-byte aligned rows),
+    else through pointers. ``persistent`` caps the grid at ``programs_per_sm`` programs per SM, each looping over
+    (row block, split) work items; otherwise there is one program per item."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    tma: bool = True
+    persistent: bool = False
+    programs_per_sm: int = 1
+    maxnreg: int | None = None
+    epilogue_split: int = 1
+
+
+# Candidates for a GPU check to time side by side (FUSEDSAE_ENCODER_CONFIG=<name> or set_encoder_config(name)).
+# The offline sm_90 compile at the DESIGN shapes (benchmarks/results/compile_report.md) decides which can be
+# candidates at all: none of these spills, and every one feeds wgmma from shared memory in bf16.
+CANDIDATE_CONFIGS: dict[str, EncoderConfig] = {
+    # the tiles and loads before the Hopper work (only x is centred outside the kernel now): 255 registers, spills
+    "m64n128-ptr": EncoderConfig(64, 128, 64, 8, 3, tma=False),
+    # 64 x 128 tiles, 4 warps, filter on column quarters: two resident blocks, one's epilogue under the other's MMAs
+    "m64n128-w4": EncoderConfig(64, 128, 64, 4, 3, epilogue_split=4),
+    # the same tile over 8 warps (one block per SM, fewer registers per thread)
+    "m64n128": EncoderConfig(64, 128, 64, 8, 3, epilogue_split=4),
+    # wider tiles: more MMA work per byte of x and W_enc loaded
+    "m64n256": EncoderConfig(64, 256, 64, 8, 3, epilogue_split=4),
+    "m128n128": EncoderConfig(128, 128, 64, 8, 3, epilogue_split=4),
+    # persistent grid over the 2-block configuration
+    "m64n128-w4-persistent": EncoderConfig(64, 128, 64, 4, 3, epilogue_split=4, persistent=True, programs_per_sm=2),
+}
+# Chosen by the offline compile (benchmarks/results/compile_report.md): 16-bit inputs with next_pow2(k) <= 32 take
+# the two-block configuration (219 registers, no spills at 768 -> 32768); wider bounds (k = 64 at 4096 -> 131072,
+# BatchTopK's 2k candidates) and float32 need more registers per element and take 8 warps (235, no spills at
+# k = 64 in bf16), where 4 warps would spill.
+DEFAULT_ENCODER_CONFIG = "m64n128-w4"
+WIDE_ENCODER_CONFIG = "m64n128"
+_encoder_config_override: str | None = None
+
+# Budget for the x blocks that the programs running at one time reread for every column tile: half of an H100's
+# 50 MB L2, the other half for W_enc tiles and the candidate writes.
+_L2_X_BUDGET = 24 << 20
+
+
+def set_encoder_config(name: str | None) -> None:
+    """Force one of :data:`CANDIDATE_CONFIGS` for the fused encoder (``None``: ``FUSEDSAE_ENCODER_CONFIG``, else
+    :data:`DEFAULT_ENCODER_CONFIG`)."""
+    if name is not None and name not in CANDIDATE_CONFIGS:
+        raise ValueError(f"unknown encoder config {name!r}; choose one of {', '.join(CANDIDATE_CONFIGS)}")
+    global _encoder_config_override
+    _encoder_config_override = name
+
+
+def encoder_config(dtype: torch.dtype = torch.bfloat16, kp: int = 32) -> tuple[str, EncoderConfig]:
+    """``(name, config)`` the fused encoder launches with for inputs of ``dtype`` and a bound over ``kp`` buckets:
+    :func:`set_encoder_config`, else the ``FUSEDSAE_ENCODER_CONFIG`` environment variable, else
+    :data:`DEFAULT_ENCODER_CONFIG` (16-bit inputs, ``kp <= 32``) or :data:`WIDE_ENCODER_CONFIG`."""
+    default = DEFAULT_ENCODER_CONFIG if dtype != torch.float32 and kp <= 32 else WIDE_ENCODER_CONFIG
+    name = _encoder_config_override or os.environ.get("FUSEDSAE_ENCODER_CONFIG", "").strip() or default
+    if name not in CANDIDATE_CONFIGS:
+        raise ValueError(
+            f"FUSEDSAE_ENCODER_CONFIG={name!r} is not an encoder config; choose one of {', '.join(CANDIDATE_CONFIGS)}"
+        )
+    return name, CANDIDATE_CONFIGS[name]
+
+
+def _tma_capable(t: Tensor) -> bool:
+    """Tensor descriptors: a GPU of compute capability 9.0 (Hopper) or newer, or the interpreter (which takes the
+    same layouts; so does the offline compile for sm_90, which passes CPU tensors)."""
+    return t.device.type != "cuda" or INTERPRETED or torch.cuda.get_device_capability(t.device) >= (9, 0)
+
+
+def _tma_layout(t: Tensor) -> bool:
+    """A 2-D tensor TMA can describe: unit inner stride, 16-byte aligned base and row stride."""
+    size = t.element_size()
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+
+
+def _encoder_operands(
+    xc: Tensor, W_enc: Tensor, block_m: int, block_n: int, block_k: int, tma: bool
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``(x operand, W_enc operand, constexprs)``: tensor descriptors of ``[block_m, block_k]`` x tiles and
+    ``[block_k, block_n]`` W_enc tiles (or ``[block_n, block_k]`` tiles of W_enc^T when W_enc is a transposed
+    view, ``W_T``) when ``tma`` and both layouts allow it, else the tensors themselves (pointer loads)."""
+    w_t = W_enc.stride(1) != 1 and W_enc.stride(0) == 1
+    w_view = W_enc.t() if w_t else W_enc
+    if tma and _tma_capable(xc) and _tma_layout(xc) and w_view.dim() == 2 and _tma_layout(w_view):
+        x_desc = TensorDescriptor.from_tensor(xc, [block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(w_view, [block_n, block_k] if w_t else [block_k, block_n])
+        return x_desc, w_desc, {"USE_TMA": True, "W_T": w_t}
+    return xc, W_enc, {"USE_TMA": False, "W_T": False}
 
 
 def _encoder_refusal(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None) -> str | None:
@@ -242,37 +367,38 @@ def _launch_encode_dense(
     out = x.new_empty(n, d_sae)
     if n == 0:
         return out
+    xc = _rows(reference.center(x, b_dec))
     if _gpu(x):
-        # 128x128 output tiles, K steps of 64 (bf16/fp16; 32 for fp32), 3 stages. Offline sm_90 build: wgmma,
-        # 144 registers and 82 KB of shared memory with b_dec (x is centred in registers; 96 KB without), no
-        # spills; fp32 without TF32 runs on FMA units like torch's own fp32 GEMM.
+        # 128x128 output tiles, K steps of 64 (bf16/fp16; 32 for fp32), 3 stages, TMA loads where the layout
+        # allows; tests/compile_for_gpu.py reports registers and shared memory of the sm_90 build. fp32 without
+        # TF32 runs on FMA units like torch's own fp32 GEMM.
         block_m, block_n = 128, 128
         block_k = 32 if x.dtype == torch.float32 else 64
         launch = {"GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     else:
         block_m, block_n, block_k = 16, 32, 16
         launch = {"GROUP_M": 2}
-    grid = (triton.cdiv(n, block_m) * triton.cdiv(d_sae, block_n),)
+    x_in, w_in, layout = _encoder_operands(xc, W_enc, block_m, block_n, block_k, tma=True)
+    grid = _checked_grid(triton.cdiv(n, block_m) * triton.cdiv(d_sae, block_n))
     encoder._encode_dense_fwd_kernel[grid](
-        x,
-        W_enc,
+        x_in,
+        w_in,
         b_enc,
-        b_dec,
         threshold,
         out,
         n,
         d_in,
         d_sae,
-        x.stride(0),
-        x.stride(1),
+        xc.stride(0),
+        xc.stride(1),
         W_enc.stride(0),
         W_enc.stride(1),
         out.stride(0),
-        HAS_B_DEC=b_dec is not None,
         ACTIVATION=_ACTIVATIONS[activation],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        **layout,
         **_dot_args(x),
         **launch,
     )
@@ -318,7 +444,7 @@ def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor
     kp = triton.next_power_of_2(k)
     block_m, block_n, launch = (32, max(128, kp), {"num_warps": 8}) if _gpu(t) else (16, max(16, kp), {})
     keys = torch.empty(n, kp, dtype=torch.int64, device=cand.device)
-    topk._topk_candidates_kernel[(triton.cdiv(n, block_m),)](
+    topk._topk_candidates_kernel[_checked_grid(triton.cdiv(n, block_m))](
         cand, count, keys, n, n_splits, cap, keys.stride(0), KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, **launch
     )
     return keys
@@ -343,18 +469,32 @@ def _fused_topk_keys(
     d_sae = W_enc.shape[1]
     kp = triton.next_power_of_2(k)
     kp_aux = triton.next_power_of_2(aux_k) if aux_k else 1
+    xc = _rows(reference.center(x, b_dec))
+    config = encoder_config(x.dtype, max(kp, kp_aux))[1]
     if _gpu(x):
-        # 64 x 128 tiles, 8 warps: 64 rows is the smallest M for which Hopper's wgmma is used. K steps of 64 (bf16,
-        # fp16) or 32 (fp32), 3 stages. The epilogue holds the fp32 accumulator, its int64 keys and [64, KP]
-        # bucket maxima; see tests/compile_for_gpu.py for the registers and shared memory of the sm_90 build.
-        block_m, block_n = 64, 128
-        block_k = 32 if x.dtype == torch.float32 else 64
-        launch = {"num_warps": 8, "num_stages": 3}
+        # CANDIDATE_CONFIGS[...]: 64 rows is the smallest M for which Hopper's wgmma is used; the epilogue holds
+        # the fp32 accumulator, its int64 keys and [BLOCK_M, KP] bucket maxima (see tests/compile_for_gpu.py).
+        block_m, block_n = config.block_m, max(config.block_n, kp, kp_aux)
+        block_k = config.block_k // 2 if x.dtype == torch.float32 else config.block_k
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if config.maxnreg:
+            launch["maxnreg"] = config.maxnreg
+        resident = _sm_count(x) * config.programs_per_sm
     else:
         block_m, block_n, block_k = 16, max(16, kp, kp_aux), 16
         launch = {}
+        resident = 2
+    # parts of the tile hold at least KP columns (one per bucket); the interpreter's tiles split when they can
+    split_epilogue = config.epilogue_split if _gpu(x) else 2
+    while split_epilogue > 1 and block_n // split_epilogue < max(kp, kp_aux):
+        split_epilogue //= 2
     row_blocks = triton.cdiv(n, block_m)
-    n_splits, per_split = _splits(row_blocks, triton.cdiv(d_sae, block_n), x)
+    # Enough splits that the row blocks running at one time (resident programs / splits, split-fastest order)
+    # keep their x blocks in L2: 3 at 4096 -> 131072 in bf16, 1 at 768.
+    x_block = block_m * d_in * x.element_size()
+    n_splits, per_split = _splits(
+        row_blocks, triton.cdiv(d_sae, block_n), x, min_splits=triton.cdiv(resident * x_block, _L2_X_BUDGET)
+    )
     columns = per_split * block_n
     cap = min(_candidate_capacity(kp, columns, block_n), block_n * per_split)
     cand = torch.empty(n, n_splits, cap, dtype=torch.int64, device=x.device)
@@ -367,11 +507,13 @@ def _fused_topk_keys(
         cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * per_split)
         aux_cand = torch.empty(n, n_splits, cap_aux, dtype=torch.int64, device=x.device)
         aux_count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
-    encoder._topk_encode_fwd_kernel[(row_blocks, n_splits)](
-        x,
-        W_enc,
+    x_in, w_in, layout = _encoder_operands(xc, W_enc, block_m, block_n, block_k, config.tma)
+    n_items = row_blocks * n_splits
+    grid = _checked_grid(min(n_items, resident) if config.persistent else n_items)
+    encoder._topk_encode_fwd_kernel[grid](
+        x_in,
+        w_in,
         b_enc,
-        b_dec,
         None if aux_cand is None else aux_mask.view(torch.uint8),
         cand,
         count,
@@ -384,17 +526,18 @@ def _fused_topk_keys(
         n_splits,
         cap,
         cap_aux,
-        x.stride(0),
-        x.stride(1),
+        xc.stride(0),
+        xc.stride(1),
         W_enc.stride(0),
         W_enc.stride(1),
-        HAS_B_DEC=b_dec is not None,
         HAS_AUX=aux_cand is not None,
         KP=kp,
         KP_AUX=kp_aux,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        EPILOGUE_SPLIT=split_epilogue,
+        **layout,
         **_dot_args(x),
         **launch,
     )
@@ -409,11 +552,10 @@ def _fused_topk_keys(
     if _gpu(x):
         block_m, block_n, block_k = 32, 128, 32 if x.dtype == torch.float32 else 64
         launch = {"num_warps": 8, "num_stages": 2}
-    encoder._topk_encode_redo_kernel[(triton.cdiv(n, block_m),)](
-        x,
+    encoder._topk_encode_redo_kernel[_checked_grid(triton.cdiv(n, block_m))](
+        xc,
         W_enc,
         b_enc,
-        b_dec,
         None if aux_keys is None else aux_mask.view(torch.uint8),
         redo,
         keys,
@@ -421,13 +563,12 @@ def _fused_topk_keys(
         n,
         d_in,
         d_sae,
-        x.stride(0),
-        x.stride(1),
+        xc.stride(0),
+        xc.stride(1),
         W_enc.stride(0),
         W_enc.stride(1),
         keys.stride(0),
         0 if aux_keys is None else aux_keys.stride(0),
-        HAS_B_DEC=b_dec is not None,
         HAS_AUX=aux_keys is not None,
         KP=kp,
         KP_AUX=kp_aux,
@@ -444,18 +585,22 @@ def _launch_row_keys(scores: Tensor, mask: Tensor | None) -> Tensor:
     n, width = scores.shape
     keys = torch.empty(n, width, dtype=torch.int64, device=scores.device)
     block_m, block_n = (16, 128) if _gpu(scores) else (16, 32)
-    topk._row_keys_kernel[(triton.cdiv(n, block_m), triton.cdiv(width, block_n))](
-        scores,
-        None if mask is None else mask.view(torch.uint8),
-        keys,
-        n,
-        width,
-        scores.stride(0),
-        keys.stride(0),
-        HAS_MASK=mask is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-    )
+    # column blocks on axis x (2**31 - 1 programs: any d_sae below 2**31), row blocks on y in launches of at most
+    # 65535 blocks
+    for start, stop in _axis_chunks(triton.cdiv(n, block_m), axis=1):
+        rows = slice(start * block_m, min(n, stop * block_m))
+        topk._row_keys_kernel[_checked_grid(triton.cdiv(width, block_n), stop - start)](
+            scores[rows],
+            None if mask is None else mask.view(torch.uint8),
+            keys[rows],
+            rows.stop - rows.start,
+            width,
+            scores.stride(0),
+            keys.stride(0),
+            HAS_MASK=mask is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
     return keys
 
 
@@ -623,7 +768,7 @@ def _launch_gather_sum(
         return out
     # 4 tokens x 256 columns: 512-byte contiguous bf16 row segments per gather, 8 elements per thread at 4 warps.
     block_t, block_d, launch = (4, 256, {"num_warps": 4}) if _gpu(values) else (16, 16, {})
-    sparse._gather_sum_kernel[(triton.cdiv(n, block_t), triton.cdiv(d, block_d))](
+    sparse._gather_sum_kernel[_checked_grid(triton.cdiv(n, block_t), triton.cdiv(d, block_d))](
         values,
         indices,
         table,
@@ -653,7 +798,7 @@ def _launch_gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tenso
         return out
     # [2 tokens, 16 slots, 128 columns] = 4096 gathered elements per step, 32 per thread at 4 warps.
     block_t, block_j, block_d, launch = (2, 16, 128, {"num_warps": 4}) if _gpu(vectors) else (4, 4, 16, {})
-    sparse._gather_dot_kernel[(triton.cdiv(n, block_t), triton.cdiv(m, block_j))](
+    sparse._gather_dot_kernel[_checked_grid(triton.cdiv(n, block_t), triton.cdiv(m, block_j))](
         table,
         indices,
         vectors,
@@ -697,7 +842,7 @@ def _latent_sums(
         acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         acc_sums = None if sums is None else torch.zeros(n_out, dtype=torch.float32, device=out.device)
         block_e, block_d = (32, 128) if gpu else (16, 16)
-        sparse._scatter_add_kernel[(triton.cdiv(flat.numel(), block_e), triton.cdiv(d, block_d))](
+        sparse._scatter_add_kernel[_checked_grid(triton.cdiv(flat.numel(), block_e), triton.cdiv(d, block_d))](
             src,
             shift,
             flat,
@@ -732,7 +877,7 @@ def _latent_sums(
     part = torch.empty(n_chunks, 2, d, dtype=torch.float32, device=out.device)
     part_sums = None if sums is None else torch.empty(n_chunks, 2, dtype=torch.float32, device=out.device)
     col_blocks = triton.cdiv(d, block_d)
-    sparse._segment_chunk_kernel[(n_chunks, col_blocks)](
+    sparse._segment_chunk_kernel[_checked_grid(n_chunks, col_blocks)](
         src,
         shift,
         order,
@@ -756,7 +901,7 @@ def _latent_sums(
         **launch,
     )
     block_l = 16
-    sparse._segment_combine_kernel[(triton.cdiv(n_out, block_l), col_blocks)](
+    sparse._segment_combine_kernel[_checked_grid(triton.cdiv(n_out, block_l), col_blocks)](
         offsets,
         part,
         part_sums,
@@ -778,7 +923,7 @@ def _launch_matvec(W: Tensor, v: Tensor, scale: float) -> Tensor:
     r, c = W.shape
     out = v.new_empty(r)
     block_r, block_c = (32, 256) if _gpu(v) else (16, 32)
-    sparse._matvec_kernel[(triton.cdiv(r, block_r),)](
+    sparse._matvec_kernel[_checked_grid(triton.cdiv(r, block_r))](
         W, v, out, r, c, W.stride(0), W.stride(1), scale, BLOCK_R=block_r, BLOCK_C=block_c
     )
     return out
@@ -893,7 +1038,7 @@ def row_topk_fwd(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     cap = min(_candidate_capacity(kp, per_split * block_n, block_n), block_n * per_split)
     cand = torch.empty(n, n_splits, cap, dtype=torch.int64, device=scores.device)
     count = torch.empty(n, n_splits, dtype=torch.int32, device=scores.device)
-    topk._row_topk_fwd_kernel[(row_blocks, n_splits)](
+    topk._row_topk_fwd_kernel[_checked_grid(row_blocks, n_splits)](
         scores,
         cand,
         count,
@@ -911,7 +1056,7 @@ def row_topk_fwd(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     keys = _select_candidates(cand, count, k, scores)
     redo = _needs_redo(keys, count, cap, k)
     block_m, block_n, launch = (16, max(128, kp), {"num_warps": 8}) if _gpu(scores) else (16, max(16, kp), {})
-    topk._row_topk_redo_kernel[(triton.cdiv(n, block_m),)](
+    topk._row_topk_redo_kernel[_checked_grid(triton.cdiv(n, block_m))](
         scores,
         redo,
         keys,
@@ -939,18 +1084,22 @@ def _launch_threshold_fwd(pre: Tensor, threshold: Tensor, step: bool) -> Tensor:
     if n == 0:
         return out
     block_r, block_c = (8, 256) if _gpu(pre) else (16, 32)
-    jumprelu._jumprelu_fwd_kernel[(triton.cdiv(n, block_r), triton.cdiv(d, block_c))](
-        pre,
-        threshold.contiguous(),
-        out,
-        n,
-        d,
-        pre.stride(0),
-        out.stride(0),
-        STEP=step,
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-    )
+    threshold = threshold.contiguous()
+    # column blocks on axis y: launches of at most 65535 column blocks (16.7M latents each at the GPU's 256)
+    for start, stop in _axis_chunks(triton.cdiv(d, block_c), axis=1):
+        cols = slice(start * block_c, min(d, stop * block_c))
+        jumprelu._jumprelu_fwd_kernel[_checked_grid(triton.cdiv(n, block_r), stop - start)](
+            pre[:, cols],
+            threshold[cols],
+            out[:, cols],
+            n,
+            cols.stop - cols.start,
+            pre.stride(0),
+            out.stride(0),
+            STEP=step,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
     return out
 
 
@@ -972,7 +1121,7 @@ def _launch_threshold_bwd(
     rows_per_program = triton.cdiv(triton.cdiv(n, groups), block_r) * block_r
     groups = triton.cdiv(n, rows_per_program)
     partial = torch.empty(groups, d, dtype=torch.float32, device=pre.device)
-    jumprelu._jumprelu_bwd_kernel[(col_blocks, groups)](
+    jumprelu._jumprelu_bwd_kernel[_checked_grid(col_blocks, groups)](
         grad,
         pre,
         threshold,
@@ -1028,6 +1177,9 @@ def step_backward_fwd(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: f
 def head_partial_sums_fwd(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
     """``[N, m, n_heads]``: per-head partial dot products at the selected latents; see
     :func:`fusedsae.reference.head_partial_sums`."""
+    if indices.dim() == 2 and indices.shape[0] > 1 and indices.stride(0) == 0:
+        # one feature list broadcast over the tokens (an attribution scan): the encoder's head-aligned K loop
+        return _launch_encode_heads(x, W_enc, None, b_dec, indices[0], n_heads)[1]
     x, indices = _rows(x), indices.contiguous()
     b_dec = None if b_dec is None else b_dec.contiguous()
     n, d_in = x.shape
@@ -1037,7 +1189,7 @@ def head_partial_sums_fwd(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indice
         return out
     table, stride_tr, stride_td = _latent_rows(W_enc, indices.numel())
     block_t, block_j, block_d, launch = (2, 16, 64, {"num_warps": 4}) if _gpu(x) else (4, 4, 16, {})
-    heads._head_partial_sums_fwd_kernel[(triton.cdiv(n, block_t), triton.cdiv(m, block_j))](
+    heads._head_partial_sums_fwd_kernel[_checked_grid(triton.cdiv(n, block_t), triton.cdiv(m, block_j))](
         x,
         b_dec,
         table,
@@ -1058,6 +1210,58 @@ def head_partial_sums_fwd(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indice
         **launch,
     )
     return out
+
+
+def _launch_encode_heads(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor | None, features: Tensor, n_heads: int
+) -> tuple[Tensor | None, Tensor]:
+    n, d_in = x.shape
+    m = features.shape[0]
+    parts = x.new_empty(n, m, n_heads)
+    pre = x.new_empty(n, m) if b_enc is not None else None
+    if n == 0 or m == 0:
+        return pre, parts
+    xc = _rows(reference.center(x, None if b_dec is None else b_dec.contiguous()))
+    # 64 x 64 output tiles, K steps of 32 (d_head is 64 or 128 in practice: whole steps per head), 8 warps (4 spill
+    # the gathered W_enc column addresses in the offline sm_90 build)
+    block_m, block_f, block_k, launch = (64, 64, 32, {"num_warps": 8, "num_stages": 3}) if _gpu(x) else (16, 16, 16, {})
+    heads._encode_heads_fwd_kernel[_checked_grid(triton.cdiv(n, block_m), triton.cdiv(m, block_f))](
+        xc,
+        W_enc,
+        b_enc,
+        features.contiguous(),
+        parts,
+        pre,
+        n,
+        m,
+        d_in // n_heads,
+        n_heads,
+        xc.stride(0),
+        W_enc.stride(0),
+        W_enc.stride(1),
+        WRITE_PRE=pre is not None,
+        BLOCK_M=block_m,
+        BLOCK_F=block_f,
+        BLOCK_K=block_k,
+        **_dot_args(x),
+        **launch,
+    )
+    return pre, parts
+
+
+@_on_device
+def encode_head_partials_fwd(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, features: Tensor, n_heads: int
+) -> tuple[Tensor, Tensor]:
+    """``(pre [N, m], parts [N, m, n_heads])`` for one feature list at every token, from one tensor-core pass of
+    the encoder over those columns with head-aligned K steps; see :func:`fusedsae.reference.encode_head_partials`.
+    ``head_partial_sums`` takes this route when its indices are one row broadcast over the tokens (stride 0)."""
+    refusal = _heads_supports(x, W_enc, b_dec, features.view(1, -1), n_heads) or _dtype_refusal(b_enc)
+    if refusal is not None:
+        raise ValueError(refusal)
+    pre, parts = _launch_encode_heads(x, W_enc, b_enc.contiguous(), b_dec, features, n_heads)
+    assert pre is not None
+    return pre, parts
 
 
 # ---------------------------------------------------------------------------------------------------------------
