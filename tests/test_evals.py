@@ -5,6 +5,7 @@ against fusedsae.metrics; the error term added back; MiniLM's embedding metrics 
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import pytest
@@ -288,3 +289,38 @@ def test_minilm_embedding_metrics():
     assert t["embedding_cossim_with_ablation"] == z["embedding_cossim_with_ablation"]
     table = result.table()
     assert "embedding_score" in table and "trained" in table
+
+
+def test_cli_eval_on_own_text(tmp_path, capsys):
+    """`fusedsae eval` reads the hook and the model from the SAE's metadata, evaluates on a text file, prints the
+    table and writes JSON with SAELens's names (and a plot); user mistakes are one line."""
+    from fusedsae import cli
+
+    sae = minilm.trained_sae("topk")
+    saved = SparseAutoencoder(
+        sae.cfg.replace(metadata={"model_name": "minilm", "hook_spec": minilm.hooks().z.to_dict()})
+    )
+    saved.load_state_dict(sae.state_dict())
+    saved.save(tmp_path / "run" / "sae")
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(minilm.texts(6)[i].replace("\n", " ") for i in range(6)) + "\n", encoding="utf-8")
+    out = tmp_path / "eval.json"
+    args = ["eval", "--sae", str(tmp_path / "run" / "sae"), "--text", str(corpus), "--split", "all"]
+    assert cli.main([*args, "--json", str(out), "--max-tokens", "400"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedding_score" in printed and "explained_variance" in printed
+    record = json.loads(out.read_text())
+    metrics = record["saes"]["run"]
+    assert record["head"] == "none" and record["model"] == "minilm" and 0 < record["n_tokens"] <= 400
+    assert 0.0 < metrics["embedding_score"] < 1.0 and metrics["l0"] == pytest.approx(16.0, abs=0.5)
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+    bare = tmp_path / "bare"
+    SparseAutoencoder(d_in=minilm.D_IN, d_sae=64, activation="topk", k=4).save(bare)
+    with pytest.raises(SystemExit, match="give --hook and --io"):
+        cli.main(["eval", "--sae", str(bare), "--json", str(out)])
+    with pytest.raises(SystemExit, match="does not record its model"):
+        cli.main(["eval", "--sae", str(bare), "--hook", minilm.hooks().z.module, "--json", str(out)])
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        cli.main([*args[:3], "--text", str(tmp_path / "nothing.txt"), "--model", "minilm", "--json", str(out)])
+    with pytest.raises(SystemExit, match="not a local Hugging Face model folder"):
+        cli.main(["eval", "--sae", str(bare), "--hook", "x", "--model", str(tmp_path / "no-model"), "--json", str(out)])

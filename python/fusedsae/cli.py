@@ -1,10 +1,12 @@
-"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``, ``toy``.
+"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``, ``toy``, ``eval``.
 
 ``fusedsae train`` with no arguments trains a TopK SAE on built-in toy-superposition data, prints a results table
 and writes PNG plots to ``runs/toy``. Multi-process: ``torchrun --nproc-per-node N -m fusedsae train …``.
 ``fusedsae cache`` writes transformer activations to an on-disk cache (``train --data <cache dir>`` reads it);
 ``fusedsae attribute`` reports per-head and per-source-position attributions of an attention SAE's features.
 ``fusedsae toy <experiment>`` runs a toy study of which feature bases an SAE recovers (:mod:`fusedsae.experiments`).
+``fusedsae eval`` splices SAEs into their model on held-out text and reports CE/KL or embedding scores
+(:mod:`fusedsae.evals`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 RUN_CONFIG = "run_config.json"
 
 TOY_KINDS = ("sparse", "superposition", "composed")
+# text settings of `train --data live:…` (a run_config.json written before they existed resumes with these)
+_TEXT_DEFAULTS = {"text": "pydoc", "dataset": None, "text_column": "text", "split": "all", "heldout_fraction": 0.1}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +39,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--n-features", type=int, default=256, help="toy:sparse true features (default 256)")
     data.add_argument("--mean-active", type=float, default=4.0, help="toy:sparse mean active features (default 4)")
     data.add_argument("--toy-seed", type=int, default=0, help="seed of the toy data's ground truth (default 0)")
+    _add_text_args(data)
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
@@ -81,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("attribute", help="per-head and per-source attribution of an attention SAE's features")
     )
     _add_toy_args(sub.add_parser("toy", help="toy experiments: which feature bases an SAE can and cannot recover"))
+    _add_eval_args(sub.add_parser("eval", help="spliced-in evaluation of SAEs inside their model, on held-out text"))
     return parser
 
 
@@ -280,24 +286,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
     """``live:<model>:<layer>``: z of that attention layer, captured while training from the pydoc text."""
     from fusedsae.cache import LiveSource
-    from fusedsae.capture import attention_hooks, load_model, offline_texts
+    from fusedsae.capture import attention_hooks
+    from fusedsae.texts import describe
 
     parts = spec.split(":")
     if len(parts) != 3 or not parts[2].isdigit():
         raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3")
-    model, tokenizer = load_model(parts[1])
+    model, tokenizer = _load_model(parts[1])
     hooks = attention_hooks(model, int(parts[2]))
+    text = {k: settings.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
     return LiveSource(
         model,
         tokenizer,
-        offline_texts("pydoc"),
+        _select_texts(text),
         hooks.z,
         settings["batch_size"],
         n_heads=hooks.n_heads,
         seed=settings["seed"],
         rank=rank,
         world_size=world,
-        info={"model": parts[1], "layer": int(parts[2]), "text": "pydoc"},
+        info={"model": parts[1], "layer": int(parts[2]), **describe(**text)},
     )
 
 
@@ -309,12 +317,66 @@ def _source_metadata(source: Any) -> dict[str, Any]:
         out["model_name"] = info["model"]
     if isinstance(info.get("hook"), dict):
         out["hook_name"] = info["hook"]["module"]
+        out["hook_spec"] = info["hook"]  # module, input/output, layout: what `fusedsae eval` splices
+    for key in ("text", "split", "heldout_fraction"):
+        if key in info:
+            out[key] = info[key]
     return out
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # cache
 # -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_text_args(group: Any, default: str = "pydoc", split: str = "all") -> None:
+    """--text/--dataset/--text-column/--split/--heldout-fraction (fusedsae.texts)."""
+    group.add_argument(
+        "--text",
+        default=default,
+        help="pydoc (language reference topics), stdlib (docstrings), all, or your own text: a file (one document per "
+        "line; .jsonl: a 'text' field per line), a folder or a glob (one document per file) (default %(default)s)",
+    )
+    group.add_argument(
+        "--dataset", default=None, help="a Hugging Face dataset saved with save_to_disk (needs datasets)"
+    )
+    group.add_argument("--text-column", default="text", help="the --dataset column holding the text (default text)")
+    group.add_argument(
+        "--split",
+        default=split,
+        choices=["all", "train", "heldout"],
+        help="documents to use: all, the training split or the held-out split (by a hash of each document; "
+        "default %(default)s)",
+    )
+    group.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+
+
+def _text_settings(args: Any) -> dict[str, Any]:
+    return {
+        "text": args.text,
+        "dataset": args.dataset,
+        "text_column": args.text_column,
+        "split": args.split,
+        "heldout_fraction": args.heldout_fraction,
+    }
+
+
+def _select_texts(settings: dict[str, Any]) -> list[str]:
+    from fusedsae.texts import TextSourceError, select_texts
+
+    try:
+        return select_texts(**settings)
+    except TextSourceError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def _load_model(name: str, device: str = "cpu", with_head: bool = False) -> tuple[Any, Any]:
+    from fusedsae.capture import ModelNotFoundError, load_model
+
+    try:
+        return load_model(name, device=device, with_head=with_head)
+    except ModelNotFoundError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> None:
@@ -330,12 +392,7 @@ def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> Non
         default=None,
         help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2",
     )
-    model.add_argument(
-        "--text",
-        default=text_default or "pydoc",
-        choices=["pydoc", "stdlib", "all"],
-        help="offline text: pydoc (language reference topics), stdlib (docstrings) or all",
-    )
+    _add_text_args(model, text_default or "pydoc")
     model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
     model.add_argument("--device", default="cpu", help="device of the model (default cpu)")
     model.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -371,13 +428,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from fusedsae.cache import CacheError, write_cache
-    from fusedsae.capture import load_model, offline_texts, texts_up_to
+    from fusedsae.capture import texts_up_to
+    from fusedsae.texts import describe
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = _load_model(args.model, device=args.device)
     hook, n_heads, extra = _model_hook(args, model)
-    texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens, args.max_length)
+    texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens, args.max_length)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -397,7 +455,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             texts,
             hook,
             n_heads=n_heads,
-            source={"model": args.model, "text": args.text, **extra},
+            source={"model": args.model, **describe(**_text_settings(args)), **extra},
             batch_size=args.batch_size,
             max_length=args.max_length,
             shard_tokens=args.shard_tokens,
@@ -491,9 +549,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model or "minilm", device=args.device)
         hooks = attention_hooks(model, args.layer)
         n_heads = sae.cfg.n_heads or hooks.n_heads
-        from fusedsae.capture import offline_texts, texts_up_to
+        from fusedsae.capture import texts_up_to
 
-        texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens or 20000, args.max_length)
+        texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens or 20000, args.max_length)
         batches, text_tokens = R.live_reader(model, tokenizer, hooks, texts, args.max_length)
     if n_heads is None:
         raise SystemExit(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
@@ -581,6 +639,88 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# eval
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", action="append", required=True, help="SAE folder; repeat for several (one model)")
+    p.add_argument("--json", required=True, help="write the metrics here (a plot goes next to it, .png)")
+    model = p.add_argument_group("model and text")
+    model.add_argument("--model", default=None, help="model name or local folder (default: the SAE's metadata)")
+    _add_text_args(model, "pydoc", split="heldout")
+    model.add_argument("--max-tokens", type=int, default=20000, help="evaluate on this many tokens (default 20000)")
+    model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
+    model.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    model.add_argument("--device", default="cpu", help="device of the model and the SAEs (default cpu)")
+    model.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    hook = p.add_argument_group("hook (default: the one the SAE was trained on, from its metadata)")
+    hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
+    hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _eval_name(folder: str, taken: set[str]) -> str:
+    path = Path(folder).resolve()
+    name = path.parent.name if path.name == "sae" else path.name
+    return name if name not in taken else str(folder)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedsae import evals as E
+    from fusedsae.capture import HookSpec, texts_up_to
+    from fusedsae.formats import SAEFormatError, load_sae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    targets, models = [], set()
+    for folder in args.sae:
+        try:
+            sae = load_sae(folder, device=args.device).eval()
+        except SAEFormatError as exc:
+            raise SystemExit(str(exc)) from exc
+        recorded = E.recorded_source(sae)
+        if args.hook:
+            hook = HookSpec(args.hook, args.io)
+        elif isinstance(recorded.get("hook"), dict):
+            hook = HookSpec.from_dict(recorded["hook"])
+        else:
+            raise SystemExit(f"{folder} does not record which tensor it was trained on; give --hook and --io")
+        models.add(args.model or recorded.get("model"))
+        targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook))
+    if None in models:
+        raise SystemExit("an SAE does not record its model; give --model (a name or a local folder)")
+    if len(models) > 1:
+        raise SystemExit(f"the SAEs come from different models ({', '.join(sorted(models))}); evaluate one at a time")
+    model_name = models.pop()
+    model, tokenizer = _load_model(model_name, device=args.device, with_head=True)
+    text = _text_settings(args)
+    texts = texts_up_to(tokenizer, _select_texts(text), args.max_tokens, args.max_length)
+    try:
+        result = E.evaluate(model, E.text_batches(tokenizer, texts, args.batch_size, args.max_length), targets)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    result.info.update(model=model_name, **{k: v for k, v in text.items() if v is not None})
+    print(
+        f"{result.n_tokens:,} tokens of {result.n_texts} texts ({args.text if not args.dataset else args.dataset}, "
+        f"split {args.split}); model {model_name} ({'causal LM head' if result.head == 'causal' else 'no LM head'})"
+    )
+    print(result.table())
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written = [out]
+    if not args.no_plots:
+        written.append(E.plot(result, out.with_suffix(".png")))
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # info
 # -----------------------------------------------------------------------------------------------------------------
 
@@ -631,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_attribute(args)
     if args.command == "toy":
         return cmd_toy(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     raise AssertionError(args.command)
 
 

@@ -32,6 +32,7 @@ through the SAE), for circuit work.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -488,3 +489,25 @@ def plot(result: EvalResult, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def recorded_source(sae: Any) -> dict[str, Any]:
+    """What an SAE's metadata says about its training data: ``{"model", "hook" (a HookSpec dict), "text", ...}``,
+    from the cache manifest its ``dataset_path`` names (when it still exists) and the keys the trainer records
+    (``model_name``, ``hook_spec``)."""
+    meta = dict(getattr(sae.cfg, "metadata", {}) or {})
+    out: dict[str, Any] = {}
+    data = meta.get("dataset_path")
+    if isinstance(data, str) and (Path(data) / "manifest.json").is_file():
+        from fusedsae.cache import ActivationCache, CacheError
+
+        with contextlib.suppress(CacheError):  # a damaged cache says nothing reliable; the metadata may still
+            out.update(ActivationCache(data, allow_incomplete=True).source)
+    if isinstance(meta.get("hook_spec"), dict):
+        out["hook"] = meta["hook_spec"]
+    if isinstance(meta.get("model_name"), str):
+        out.setdefault("model", meta["model_name"])
+    for key in ("text", "split", "heldout_fraction"):
+        if key in meta:
+            out.setdefault(key, meta[key])
+    return out
