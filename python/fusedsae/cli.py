@@ -26,6 +26,15 @@ TOY_KINDS = ("sparse", "superposition", "composed")
 _TEXT_DEFAULTS = {"text": "pydoc", "dataset": None, "text_column": "text", "split": "all", "heldout_fraction": 0.1}
 
 
+def _int_or_list(text: str) -> int | list[int]:
+    """``"16"`` -> 16, ``"16,32"`` -> [16, 32] (a sweep: several SAEs trained from one pass)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from exc
+    return values[0] if len(values) == 1 else values
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument(
@@ -43,8 +52,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
-    sae.add_argument("--k", type=int, default=6, help="active latents per token for topk/batchtopk (default 6)")
-    sae.add_argument("--d-sae", type=int, default=None, help="latents (default: 2 x the true features, or 8 x d_in)")
+    sae.add_argument(
+        "--k", type=_int_or_list, default=6, help="latents per token, topk/batchtopk (default 6); 16,32: a sweep"
+    )
+    sae.add_argument(
+        "--d-sae",
+        type=_int_or_list,
+        default=None,
+        help="latents (default: 2 x the true features, or 8 x d_in); 3072,6144 sweeps (one SAE per value, with --k's)",
+    )
     sae.add_argument("--l1-coefficient", type=float, default=None, help="ReLU SAEs' L1 weight")
     sae.add_argument("--l0-coefficient", type=float, default=None, help="JumpReLU SAEs' L0 weight")
     sae.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
@@ -160,7 +176,7 @@ def _build_data(settings: dict[str, Any], rank: int, world: int):
     )
 
 
-def _default_d_sae(settings: dict[str, Any], source: Any) -> int:
+def default_d_sae(settings: dict[str, Any], source: Any) -> int:
     truth = getattr(source, "ground_truth", None)
     if truth is not None:
         return max(2 * int(truth.shape[0]), 8)
@@ -186,9 +202,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from fusedsae import plots
-    from fusedsae.config import SAEConfig
-    from fusedsae.sae import SparseAutoencoder
-    from fusedsae.training import TrainConfig, Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,44 +217,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         source = _build_data(settings, rank, world)
         steps = settings["steps"] or 1000
-        d_sae = settings["d_sae"] or _default_d_sae(settings, source)
-        settings.update(steps=steps, d_sae=d_sae)
+        settings.update(steps=steps)
         device = _resolve_device(settings["device"], local_rank)
-        sae_kwargs: dict[str, Any] = {}
-        if settings["l1_coefficient"] is not None:
-            sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
-        if settings["l0_coefficient"] is not None:
-            sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
+        if _is_multi(settings, source):
+            from fusedsae import multi
+
+            finished = multi.train_from_cli(args, settings, source, device, rank, world)
+            return 0
+        d_sae = settings["d_sae"] or default_d_sae(settings, source)
+        settings.update(d_sae=d_sae)
         activation = settings["activation"]
-        cfg = SAEConfig(
-            d_in=source.d_in,
-            d_sae=d_sae,
-            activation=activation,
-            k=settings["k"] if activation in ("topk", "batchtopk") else None,
-            dtype=settings["dtype"],
-            device=device,
-            n_heads=getattr(source, "n_heads", None),
-            metadata={"dataset_path": settings["data"], **_source_metadata(source)},
-            **sae_kwargs,
-        )
-        torch.manual_seed(settings["seed"])
-        sae = SparseAutoencoder(cfg)
-        decay = settings["lr_decay_steps"]
-        train_cfg = TrainConfig(
-            steps=steps,
-            batch_size=settings["batch_size"],
-            lr=settings["lr"],
-            lr_warm_up_steps=settings["lr_warm_up_steps"],
-            lr_decay_steps=steps // 5 if decay is None else decay,
-            sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
-            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
-            checkpoint_every=settings["checkpoint_every"],
-            log_every=settings["log_every"],
-            run_dir=str(out),
-            seed=settings["seed"],
-            progress=not args.no_progress,
-        )
-        trainer = Trainer(sae, source, train_cfg)
+        trainer = make_trainer(settings, source, out, device, world, progress=not args.no_progress)
+        cfg = trainer.sae.cfg
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
@@ -283,29 +270,85 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _is_multi(settings: dict[str, Any], source: Any) -> bool:
+    """Several SAEs from one pass: a sweep (--d-sae/--k lists) or a batch of several hooks side by side."""
+    info = source.describe() if hasattr(source, "describe") else {}
+    return isinstance(settings["d_sae"], list) or isinstance(settings["k"], list) or "hooks" in info
+
+
+def make_trainer(settings: dict[str, Any], data: Any, out: Path, device: str, world: int, progress: bool) -> Any:
+    """The SAE and Trainer of one run of ``fusedsae train`` (``settings`` with a single d_sae and k) reading
+    ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run)."""
+    import torch
+
+    from fusedsae.config import SAEConfig
+    from fusedsae.sae import SparseAutoencoder
+    from fusedsae.training import TrainConfig, Trainer
+
+    steps = settings["steps"]
+    sae_kwargs: dict[str, Any] = {}
+    if settings["l1_coefficient"] is not None:
+        sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
+    if settings["l0_coefficient"] is not None:
+        sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
+    activation = settings["activation"]
+    cfg = SAEConfig(
+        d_in=data.d_in,
+        d_sae=settings["d_sae"],
+        activation=activation,
+        k=settings["k"] if activation in ("topk", "batchtopk") else None,
+        dtype=settings["dtype"],
+        device=device,
+        n_heads=getattr(data, "n_heads", None),
+        metadata={"dataset_path": settings["data"], **_source_metadata(data)},
+        **sae_kwargs,
+    )
+    torch.manual_seed(settings["seed"])
+    sae = SparseAutoencoder(cfg)
+    decay = settings["lr_decay_steps"]
+    train_cfg = TrainConfig(
+        steps=steps,
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        lr_warm_up_steps=settings["lr_warm_up_steps"],
+        lr_decay_steps=steps // 5 if decay is None else decay,
+        sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
+        dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+        checkpoint_every=settings["checkpoint_every"],
+        log_every=settings["log_every"],
+        run_dir=str(out),
+        seed=settings["seed"],
+        progress=progress,
+    )
+    return Trainer(sae, data, train_cfg)
+
+
 def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
-    """``live:<model>:<layer>``: z of that attention layer, captured while training from the pydoc text."""
+    """``live:<model>:<layer>[,<layer>…]``: z of those attention layers (one forward pass, side by side), captured
+    while training from the text of --text/--dataset/--split (default: the pydoc text)."""
     from fusedsae.cache import LiveSource
     from fusedsae.capture import attention_hooks
     from fusedsae.texts import describe
 
     parts = spec.split(":")
-    if len(parts) != 3 or not parts[2].isdigit():
-        raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3")
+    layers = parts[2].split(",") if len(parts) == 3 else []
+    if not layers or not all(layer.isdigit() for layer in layers):
+        raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3 (or live:minilm:1,3,5)")
     model, tokenizer = _load_model(parts[1])
-    hooks = attention_hooks(model, int(parts[2]))
+    found = [attention_hooks(model, int(layer)) for layer in layers]
     text = {k: settings.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
+    layer_info: int | list[int] = [int(x) for x in layers] if len(layers) > 1 else int(layers[0])
     return LiveSource(
         model,
         tokenizer,
         _select_texts(text),
-        hooks.z,
+        [h.z for h in found] if len(found) > 1 else found[0].z,
         settings["batch_size"],
-        n_heads=hooks.n_heads,
+        n_heads=found[0].n_heads,
         seed=settings["seed"],
         rank=rank,
         world_size=world,
-        info={"model": parts[1], "layer": int(parts[2]), **describe(**text)},
+        info={"model": parts[1], "layer": layer_info, **describe(**text)},
     )
 
 
@@ -374,7 +417,7 @@ def _load_model(name: str, device: str = "cpu", with_head: bool = False) -> tupl
     from fusedsae.capture import ModelNotFoundError, load_model
 
     try:
-        return load_model(name, device=device, with_head=with_head)
+        return load_model(name, device=device, with_head=True) if with_head else load_model(name, device=device)
     except ModelNotFoundError as exc:
         raise SystemExit(str(exc)) from exc
 
@@ -388,9 +431,10 @@ def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> Non
     )
     model.add_argument(
         "--layer",
-        type=int,
+        type=_int_or_list,
         default=None,
-        help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2",
+        help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2 "
+        "(cache: 1,3,5 captures several layers from one forward pass)",
     )
     _add_text_args(model, text_default or "pydoc")
     model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
@@ -420,8 +464,16 @@ def _model_hook(args: argparse.Namespace, model: Any) -> tuple[Any, int | None, 
         return HookSpec(args.hook, args.io), args.n_heads, {}
     if args.layer is None:
         raise SystemExit("give --layer (attention z of that layer) or --hook (any module path)")
+    if isinstance(args.layer, list):  # several layers from one forward pass, side by side
+        found = [attention_hooks(model, layer) for layer in args.layer]
+        return [h.z for h in found], found[0].n_heads, {"layer": args.layer}
     hooks = attention_hooks(model, args.layer)
     return hooks.z, hooks.n_heads, {"layer": args.layer}
+
+
+def _hooks_text(hook: Any) -> str:
+    hooks = hook if isinstance(hook, list) else [hook]
+    return ("hook " if len(hooks) == 1 else "hooks ") + ", ".join(f"{h.module} ({h.io})" for h in hooks)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -470,7 +522,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             bar.close()
     print(
         f"cache {cache.path}: {cache.rows:,} tokens x d_in={cache.d_in} ({cache.dtype}) in {cache.n_shards} shard(s) "
-        f"from {len(texts)} texts; hook {hook.module} ({hook.io})" + (f", {n_heads} heads" if n_heads else "")
+        f"from {len(texts)} texts; {_hooks_text(hook)}" + (f", {n_heads} heads" if n_heads else "")
     )
     return 0
 
@@ -508,6 +560,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if isinstance(args.layer, list):
+        raise SystemExit(f"attribute reads one layer; got --layer {','.join(map(str, args.layer))}")
     sae = load_sae(args.sae, device=args.device).eval()
     requested = None
     if args.features:  # checked before the scan, which can take minutes
