@@ -324,3 +324,105 @@ def test_cli_eval_on_own_text(tmp_path, capsys):
         cli.main([*args[:3], "--text", str(tmp_path / "nothing.txt"), "--model", "minilm", "--json", str(out)])
     with pytest.raises(SystemExit, match="not a local Hugging Face model folder"):
         cli.main(["eval", "--sae", str(bare), "--hook", "x", "--model", str(tmp_path / "no-model"), "--json", str(out)])
+
+
+def test_train_with_eval_every(tmp_path, monkeypatch):
+    """`fusedsae train --eval-every N` on a cache: eval.jsonl gets the spliced-in metrics at steps N, 2N… and the
+    last step, on the held-out split of the cache's text; a resumed run keeps only the lines up to its checkpoint."""
+    from fusedsae import cache as K
+    from fusedsae import cli
+
+    model, tok = minilm.model()
+    monkeypatch.setattr(C, "load_model", lambda name, device="cpu", with_head=False: (model, tok))
+    K.write_cache(
+        tmp_path / "cache",
+        model,
+        tok,
+        list(minilm.texts(12)),
+        minilm.hooks().z,
+        n_heads=minilm.N_HEADS,
+        source={"model": "minilm", "text": "pydoc"},
+        max_length=64,
+    )
+    args = ["train", "--data", str(tmp_path / "cache"), "--d-sae", "64", "--k", "4", "--batch-size", "64"]
+    args += ["--eval-every", "4", "--eval-tokens", "100", "--log-every", "2", "--checkpoint-every", "4"]
+    args += ["--out", str(tmp_path / "run"), "--no-plots", "--no-progress"]
+    assert cli.main([*args, "--steps", "6"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 6]
+    assert all(0 < r["eval_tokens"] <= 100 and r["embedding_score"] is not None for r in rows)
+    assert rows[0]["l0"] == pytest.approx(4.0, abs=0.01)
+    (tmp_path / "run" / "eval.jsonl").write_text("".join(json.dumps({**r, "step": 7}) + "\n" for r in rows[-1:]))
+    assert cli.main([*args, "--steps", "10", "--resume"]) == 0  # from the final checkpoint, step 6
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 10], "a line after the checkpoint (step 7) must be dropped"
+    with pytest.raises(SystemExit, match="--eval-every needs data captured from a model"):
+        cli.main(["train", "--eval-every", "2", "--steps", "2", "--out", str(tmp_path / "toy"), "--no-progress"])
+
+
+@functools.cache
+def bert_mlm():
+    """A randomly initialised 2-layer BERT with a masked-LM head."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=96,
+        max_position_embeddings=32,
+        initializer_range=0.2,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return BertForMaskedLM(config).eval()
+
+
+def test_masked_lm_ce_and_kl_match_a_hand_computation():
+    """A masked LM: CE of the masked tokens (fixed positions) and KL over all real tokens, against per-text unpadded
+    runs through a plain hook; the zero SAE scores 0 and the identity 1."""
+    model = bert_mlm()
+    hook = C.HookSpec("encoder.layer.0.attention.output.dense", "input")
+    bs = E.mask_for_mlm(batches(), mask_token_id=VOCAB - 1, fraction=0.3)
+    assert sum(int((b["mlm_labels"] != -100).sum()) for b in bs) > 5
+    with pytest.raises(ValueError, match="mask_for_mlm"):
+        E.evaluate(model, batches(), [E.Target("z", zero_sae(), hook)])
+    sae = random_sae()
+    targets = [E.Target("sae", sae, hook), E.Target("zero", zero_sae(), hook), E.Target("id", identity_sae(), hook)]
+    result = E.evaluate(model, bs, targets)
+    assert result.head == "masked"
+    module = C.find_module(model, hook.module)
+    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    kl = {"sae": 0.0, "zero": 0.0}
+    n_ce = n_tok = 0
+    for b in bs:
+        for i in range(b["input_ids"].shape[0]):
+            n = int(b["attention_mask"][i].sum())
+            ids, labels = b["input_ids"][i, :n], b["mlm_labels"][i, :n]
+            logp = {}
+            for name, replace in (("clean", None), ("sae", sae), ("zero", torch.zeros_like)):
+                hooked = None if replace is None else (lambda m, a, f=replace: (f(a[0]),))
+                handle = None if hooked is None else module.register_forward_pre_hook(hooked)
+                try:
+                    with torch.no_grad():
+                        logp[name] = F.log_softmax(model(ids[None]).logits[0].double(), -1)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                at = labels != -100
+                ce[name] += float(-logp[name][at].gather(-1, labels[at][:, None]).sum())
+            for name in kl:
+                kl[name] += float(F.kl_div(logp[name], logp["clean"], log_target=True, reduction="sum"))
+            n_ce += int((labels != -100).sum())
+            n_tok += n
+    m = result.metrics["sae"]
+    close = functools.partial(pytest.approx, rel=1e-5, abs=1e-6)
+    assert m["ce_loss_without_sae"] == close(ce["clean"] / n_ce)
+    assert m["ce_loss_with_sae"] == close(ce["sae"] / n_ce)
+    assert m["ce_loss_with_ablation"] == close(ce["zero"] / n_ce)
+    assert m["kl_div_with_sae"] == close(kl["sae"] / n_tok)
+    assert m["kl_div_with_ablation"] == close(kl["zero"] / n_tok)
+    assert result.metrics["zero"]["ce_loss_score"] == 0.0
+    assert result.metrics["id"]["ce_loss_score"] == 1.0

@@ -98,10 +98,12 @@ def load_model(
             f"cannot load model {name!r}: it is not 'minilm' and not a local Hugging Face model folder (config.json, "
             "weights, tokenizer files); download it once where a hub is reachable (save_pretrained) and give the folder"
         ) from exc
-    # only a head the checkpoint holds is loaded (transformers would initialise a missing one at random); a masked
-    # LM is evaluated as an encoder, through its hidden states
-    causal = with_head and head_kind(getattr(config, "architectures", None)) == "causal"
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    # only a head the checkpoint holds is loaded: transformers would initialise a missing one at random
+    kind = head_kind(getattr(config, "architectures", None)) if with_head else "none"
+    auto = {
+        "causal": transformers.AutoModelForCausalLM,
+        "masked": transformers.AutoModelForMaskedLM,
+    }.get(kind, transformers.AutoModel)
     model = auto.from_pretrained(path, attn_implementation="eager", **local)
     model.to(device=device, dtype=torch.float32).eval()
     return model, tokenizer

@@ -49,6 +49,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--mean-active", type=float, default=4.0, help="toy:sparse mean active features (default 4)")
     data.add_argument("--toy-seed", type=int, default=0, help="seed of the toy data's ground truth (default 0)")
     _add_text_args(data)
+    data.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="every N steps, evaluate the SAE spliced into its model on the held-out split (cache or live data; "
+        "writes eval.jsonl; default 0: off)",
+    )
+    data.add_argument("--eval-tokens", type=int, default=10000, help="held-out tokens per evaluation (default 10000)")
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
@@ -241,6 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif rank == 0:
             # a fresh run must not append to an old run's log
             (out / "metrics.jsonl").unlink(missing_ok=True)
+        if rank == 0:
+            add_periodic_evals([trainer], settings, device)
         metrics = trainer.train()
         finished = True
         if rank != 0:
@@ -268,6 +278,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             if finished:  # leave together (rank 0 writes the tables and plots); gloo aborted once on a ragged exit
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def add_periodic_evals(trainers: list[Any], settings: dict[str, Any], device: str) -> None:
+    """--eval-every: a :class:`fusedsae.evals.PeriodicEval` callback on each trainer, all sharing one model and one
+    set of held-out batches (the held-out split of the text the data was captured from)."""
+    every = settings.get("eval_every") or 0
+    if not every:
+        return
+    from fusedsae import evals as E
+    from fusedsae.capture import HookSpec, texts_up_to
+    from fusedsae.texts import heldout_settings
+
+    loaded: tuple[Any, list[dict]] | None = None
+    for trainer in trainers:
+        info = trainer.data.describe() if hasattr(trainer.data, "describe") else {}
+        if not isinstance(info.get("model"), str) or not isinstance(info.get("hook"), dict):
+            raise SystemExit("--eval-every needs data captured from a model: a cache folder or live:<model>:<layer>")
+        if loaded is None:
+            model, tokenizer = _load_model(info["model"], device=device, with_head=True)
+            max_length = int(info.get("max_length", 128))
+            texts = texts_up_to(tokenizer, _select_texts(heldout_settings(info)), settings["eval_tokens"], max_length)
+            batches = E.text_batches(tokenizer, texts, 16, max_length)
+            if E.model_head(model) == "masked":
+                batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
+            loaded = (model, batches)
+        hook = HookSpec.from_dict(info["hook"])
+        trainer.callbacks.append(E.PeriodicEval(trainer, loaded[0], loaded[1], hook, every))
 
 
 def _is_multi(settings: dict[str, Any], source: Any) -> bool:
@@ -361,7 +398,7 @@ def _source_metadata(source: Any) -> dict[str, Any]:
     if isinstance(info.get("hook"), dict):
         out["hook_name"] = info["hook"]["module"]
         out["hook_spec"] = info["hook"]  # module, input/output, layout: what `fusedsae eval` splices
-    for key in ("text", "split", "heldout_fraction"):
+    for key in ("text", "dataset", "text_column", "split", "heldout_fraction", "max_length"):
         if key in info:
             out[key] = info[key]
     return out
@@ -754,14 +791,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(model_name, device=args.device, with_head=True)
     text = _text_settings(args)
     texts = texts_up_to(tokenizer, _select_texts(text), args.max_tokens, args.max_length)
+    batches = E.text_batches(tokenizer, texts, args.batch_size, args.max_length)
+    if E.model_head(model) == "masked":
+        batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
     try:
-        result = E.evaluate(model, E.text_batches(tokenizer, texts, args.batch_size, args.max_length), targets)
+        result = E.evaluate(model, batches, targets)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     result.info.update(model=model_name, **{k: v for k, v in text.items() if v is not None})
     print(
         f"{result.n_tokens:,} tokens of {result.n_texts} texts ({args.text if not args.dataset else args.dataset}, "
-        f"split {args.split}); model {model_name} ({'causal LM head' if result.head == 'causal' else 'no LM head'})"
+        f"split {args.split}); model {model_name} ({result.head if result.head != 'none' else 'no'} LM head)"
     )
     print(result.table())
     out = Path(args.json)

@@ -6,13 +6,14 @@ held-out text four ways, batch by batch: clean, with the SAE's reconstruction sp
 zeroed (zero ablation) and with it replaced by its mean over the eval tokens (mean ablation; the mean comes from a
 first pass that stops at the hook). Reported, with SAELens's names where SAELens has one:
 
-* models with a causal language-model head: ``ce_loss_without_sae`` (clean), ``ce_loss_with_sae``,
+* models with a language-model head: ``ce_loss_without_sae`` (clean), ``ce_loss_with_sae``,
   ``ce_loss_with_ablation`` (zero), ``ce_loss_with_mean_ablation``; ``ce_loss_score`` =
   (CE_zero − CE_sae) / (CE_zero − CE_clean) (1: as good as the clean model, 0: as bad as zeroing the activation)
   and ``ce_loss_score_mean_ablation`` against the stricter mean-ablation baseline; ``kl_div_with_sae`` (KL of the
   spliced next-token distribution from the clean one, nats per token), ``kl_div_with_ablation``,
   ``kl_div_with_mean_ablation``, ``kl_div_score`` = (KL_zero − KL_sae) / KL_zero and ``kl_div_score_mean_ablation``.
-  Next-token CE is averaged over positions whose next token is a real token; KL over all real positions.
+  A causal LM's CE is next-token CE averaged over positions whose next token is real; a masked LM's is the CE of
+  predicting 15% of the tokens, masked at fixed random positions (:func:`mask_for_mlm`); KL over all real positions.
 * models without one (MiniLM as shipped is a sentence encoder): ``embedding_cossim_with_sae`` (mean over texts of
   the cosine between the mean-pooled sentence embedding and the clean one), ``_with_ablation`` and
   ``_with_mean_ablation``; ``embedding_score`` = (m_sae − m_zero) / (m_clean − m_zero) with m_clean = 1, and
@@ -56,6 +57,8 @@ from fusedsae.capture import (
     tokenize,
 )
 
+# The batch key of a masked LM's targets (mask_for_mlm); never passed to the model.
+MLM_LABELS = "mlm_labels"
 # A latent firing on more than this fraction of the eval tokens is "dense" (SAEBench's and the issue's cut-off).
 DENSE_FRACTION = 0.1
 
@@ -240,20 +243,26 @@ class _CleanRun:
         self.ce_clean, self.n_ce = 0.0, 0
         if head == "causal":
             # position p predicts token p+1; only pairs of real tokens count (right padding)
-            self.ce_mask = self.mask[:, :-1] & self.mask[:, 1:]
-            self.next_ids = inputs["input_ids"][:, 1:][self.ce_mask]
+            self.pred = torch.zeros_like(self.mask)
+            self.pred[:, :-1] = self.mask[:, :-1] & self.mask[:, 1:]
+            self.targets = inputs["input_ids"][:, 1:][self.pred[:, :-1]]
+        elif head == "masked":
+            labels = inputs[MLM_LABELS]
+            self.pred = labels != -100
+            self.targets = labels[self.pred]
+        if head != "none":
             self.logp = F.log_softmax(out, dim=-1)
             self.ce_clean = self._ce(self.logp)
-            self.n_ce = int(self.ce_mask.sum())
+            self.n_ce = int(self.pred.sum())
         else:
             self.pooled = _mean_pool(out, self.mask)
 
     def _ce(self, logp: Tensor) -> float:
-        return float(-logp[:, :-1][self.ce_mask].gather(-1, self.next_ids[:, None]).sum())
+        return float(-logp[self.pred].gather(-1, self.targets[:, None]).sum())
 
     def compare(self, acc: _Downstream, out: Tensor) -> None:
         """Adds the sums of ``out`` (the same batch run spliced or ablated) to ``acc``."""
-        if self.head == "causal":
+        if self.head != "none":
             logp = F.log_softmax(out, dim=-1)
             acc.ce += self._ce(logp)
             p = self.logp[self.mask]
@@ -322,9 +331,31 @@ class EvalResult:
 
 
 def model_head(model: nn.Module) -> str:
-    """``"causal"`` when ``model`` has a causal language-model head, else ``"none"`` (evaluated through its final
-    hidden states; a masked LM counts as an encoder here)."""
-    return "causal" if head_kind([type(model).__name__]) == "causal" else "none"
+    """``"causal"`` or ``"masked"`` when ``model`` has that language-model head, else ``"none"`` (evaluated through
+    its final hidden states)."""
+    return head_kind([type(model).__name__])
+
+
+def mask_for_mlm(batches: Sequence[dict], mask_token_id: int, fraction: float = 0.15, seed: int = 0) -> list[dict]:
+    """Copies of ``batches`` for a masked LM: in each text a random ``fraction`` of the real tokens other than the
+    first and the last (BERT's ``[CLS]`` and ``[SEP]``) is replaced by ``mask_token_id``, drawn from ``seed`` (the
+    same positions on every run); ``batch["mlm_labels"]`` holds the original ids there and -100 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in batches:
+        ids, mask = batch["input_ids"].clone(), batch["attention_mask"].bool()
+        inner = mask.clone()
+        inner[:, 0] = False
+        inner[torch.arange(mask.shape[0]), mask.sum(1).clamp_min(1) - 1] = False
+        chosen = (torch.rand(ids.shape, generator=g) < fraction) & inner
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        ids[chosen] = mask_token_id
+        out.append({**batch, "input_ids": ids, MLM_LABELS: labels})
+    return out
+
+
+def _model_inputs(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in inputs.items() if k != MLM_LABELS}
 
 
 def text_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> list[dict]:
@@ -339,8 +370,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _run(model: nn.Module, inputs: dict[str, Tensor], head: str) -> Tensor:
-    out = model(**inputs)
-    return (out.logits if head == "causal" else out.last_hidden_state).float()
+    out = model(**_model_inputs(inputs))
+    return (out.last_hidden_state if head == "none" else out.logits).float()
 
 
 def _hook_means(model: nn.Module, batches: Sequence[dict], hooks: list[HookSpec]) -> list[Tensor]:
@@ -351,7 +382,7 @@ def _hook_means(model: nn.Module, batches: Sequence[dict], hooks: list[HookSpec]
     specs = {str(i): h for i, h in enumerate(hooks)}
     for inputs in batches:
         recorder = Recorder(model, specs, stop=True)
-        run_recorded(model, inputs, recorder)
+        run_recorded(model, _model_inputs(inputs), recorder)
         mask = inputs["attention_mask"].bool()
         for i, h in enumerate(hooks):
             t = recorder.tensors[str(i)]
@@ -364,9 +395,9 @@ def _hook_means(model: nn.Module, batches: Sequence[dict], hooks: list[HookSpec]
 def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target]) -> EvalResult:
     """Spliced-in evaluation of ``targets`` on tokenised ``batches`` (:func:`text_batches`); see the module doc.
 
-    ``model``: a transformers model in eval mode, with a causal LM head (``*LMHeadModel``, ``*ForCausalLM``) or
-    without one. Every forward pass runs under ``torch.no_grad``. Per batch: one clean pass, one spliced pass per
-    SAE and two ablation passes per distinct hook.
+    ``model``: a transformers model in eval mode, with a causal LM head (``*LMHeadModel``, ``*ForCausalLM``), a
+    masked one (``*ForMaskedLM``: ``batches`` from :func:`mask_for_mlm`) or none. Every forward pass runs under
+    ``torch.no_grad``. Per batch: one clean pass, one spliced pass per SAE and two ablation passes per distinct hook.
     """
     if not targets:
         raise ValueError("no SAEs to evaluate")
@@ -377,6 +408,8 @@ def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target
         if t.sae.training:
             t.sae.eval()
     head = model_head(model)
+    if head == "masked" and not all(MLM_LABELS in b for b in batches):
+        raise ValueError("a masked LM predicts masked tokens: prepare the batches with mask_for_mlm()")
     hooks: list[HookSpec] = list(dict.fromkeys(t.hook for t in targets))
     means = _hook_means(model, batches, hooks)
     recon = {t.name: _Reconstruction(t.sae.cfg.d_sae, t.sae.cfg.n_heads) for t in targets}
@@ -415,7 +448,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target
     for t in targets:
         s, z, m = spliced[t.name], zero[t.hook], mean[t.hook]
         row: dict[str, Any] = {}
-        if head == "causal":
+        if head != "none":
             clean_ce = ce_clean / max(1, n_ce)
             ce = {k: a.ce / max(1, n_ce) for k, a in (("sae", s), ("zero", z), ("mean", m))}
             kl = {k: a.kl / max(1, n_real) for k, a in (("sae", s), ("zero", z), ("mean", m))}
@@ -511,3 +544,51 @@ def recorded_source(sae: Any) -> dict[str, Any]:
         if key in meta:
             out.setdefault(key, meta[key])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# during training
+# ---------------------------------------------------------------------------------------------------------------
+
+EVAL_FILE = "eval.jsonl"
+
+
+class PeriodicEval:
+    """A :class:`~fusedsae.training.Trainer` callback that evaluates the SAE being trained, spliced into ``model``
+    on held-out ``batches``, every ``every`` steps (at the first log step at or after each multiple, and at the
+    last step), and appends ``{"step", "tokens", <metrics>}`` to ``<run_dir>/eval.jsonl``.
+
+    Lines after the trainer's current step are dropped when it is created, so a resumed run's file matches an
+    uninterrupted one. The evaluation reads the SAE only, so it does not change the training.
+    """
+
+    def __init__(self, trainer: Any, model: nn.Module, batches: Sequence[dict], hook: HookSpec, every: int) -> None:
+        import json
+
+        if every < 1:
+            raise ValueError(f"eval every must be >= 1 step, got {every}")
+        self.trainer, self.model, self.batches, self.hook, self.every = trainer, model, batches, hook, every
+        self.next = (trainer.step // every + 1) * every
+        self.results: list[dict[str, Any]] = []
+        run_dir = trainer.run_dir
+        self.path = None if run_dir is None else Path(run_dir) / EVAL_FILE
+        if self.path is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        import json
+
+        step = int(metrics["step"])
+        last = step == self.trainer.cfg.total_steps(self.trainer.world_size)
+        if step < self.next and not last:
+            return
+        self.next = (step // self.every + 1) * self.every
+        result = evaluate(self.model, self.batches, [Target("sae", self.trainer.inference_sae(), self.hook)])
+        row = {"step": step, "tokens": int(metrics["tokens"]), "eval_tokens": result.n_tokens}
+        row.update(EvalResult(result.metrics, result.head, 0, 0).to_dict()["saes"]["sae"])
+        self.results.append(row)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")

@@ -174,7 +174,8 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
     from pathlib import Path
 
     from fusedsae import plots
-    from fusedsae.cli import RUN_CONFIG, default_d_sae, make_trainer
+    from fusedsae.cli import RUN_CONFIG, add_periodic_evals, default_d_sae, make_trainer
+    from fusedsae.evals import EVAL_FILE
 
     out = Path(settings["out"])
     runs = plan_runs(settings, source)
@@ -196,6 +197,9 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
         for t in trainers:
             t.run_dir.mkdir(parents=True, exist_ok=True)
             (t.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (t.run_dir / EVAL_FILE).unlink(missing_ok=True)
+    if rank == 0:
+        add_periodic_evals(trainers, settings, device)
     start = time.perf_counter()
     step0 = trainers[0].step
     results = driver.train(progress=not args.no_progress and rank == 0)

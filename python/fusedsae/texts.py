@@ -151,7 +151,19 @@ def describe(
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> dict[str, object]:
     """What :func:`select_texts` was given, for a cache manifest or an SAE's metadata."""
-    out: dict[str, object] = {"text": f"dataset:{dataset}:{text_column}" if dataset else text}
+    out: dict[str, object] = {"text": text} if not dataset else {"dataset": dataset, "text_column": text_column}
     if split != "all":
         out.update(split=split, heldout_fraction=heldout_fraction)
     return out
+
+
+def heldout_settings(info: dict[str, object]) -> dict[str, object]:
+    """:func:`select_texts` settings of the held-out split of the text that ``info`` (a :func:`describe` entry, as
+    in a cache manifest or an SAE's metadata) describes."""
+    return {
+        "text": info.get("text", "pydoc"),
+        "dataset": info.get("dataset"),
+        "text_column": info.get("text_column", "text"),
+        "split": "heldout",
+        "heldout_fraction": info.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION),
+    }
