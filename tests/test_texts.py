@@ -51,3 +51,18 @@ def test_heldout_split_is_by_document_and_stable():
     assert T.split_texts(docs[:500], "heldout", 0.1) == [d for d in held if d in set(docs[:500])]
     # a larger fraction holds out a superset
     assert set(held) <= set(T.split_texts(docs, "heldout", 0.3))
+
+
+def test_saved_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["alpha doc", "", "beta doc"], "n": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    assert T.load_dataset_texts(str(tmp_path / "ds"), "body") == ["alpha doc", "beta doc"]
+    assert T.select_texts(dataset=str(tmp_path / "ds"), text_column="body") == ["alpha doc", "beta doc"]
+    assert T.describe(dataset=str(tmp_path / "ds"), text_column="body") == {
+        "dataset": str(tmp_path / "ds"),
+        "text_column": "body",
+    }
+    with pytest.raises(T.TextSourceError, match="no column 'text'; it has body, n"):
+        T.load_dataset_texts(str(tmp_path / "ds"))
+    with pytest.raises(T.TextSourceError, match="not a dataset saved with save_to_disk"):
+        T.load_dataset_texts(str(tmp_path / "nothing"))
