@@ -621,6 +621,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         info = cache.source
         model_name = args.model or info.get("model")
         layer = args.layer if args.layer is not None else info.get("layer")
+        if "hooks" in info:
+            raise SystemExit(f"{args.cache} holds several hooks side by side; attribute reads a one-hook cache")
         n_heads = sae.cfg.n_heads or cache.n_heads
         batches, text_tokens, z_of_row = R.cache_reader(cache, args.max_tokens)
         if model_name is None:
