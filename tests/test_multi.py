@@ -142,8 +142,11 @@ def test_refuses_mismatched_trainers(tmp_path):
     u = trainer(SWEEP[1], SharedView(source), tmp_path / "a")
     with pytest.raises(ValueError, match="one run folder each"):
         MultiTrainer([t, u], source)
-    with pytest.raises(RuntimeError, match="from the driver"):
-        t.data.next_batch()
+    with pytest.raises(RuntimeError, match="through MultiTrainer.train"):
+        SharedView(source).next_batch()
+    with pytest.raises(ValueError, match="its own SharedView"):
+        view = SharedView(source)
+        MultiTrainer([trainer(SWEEP[0], view, tmp_path / "c"), trainer(SWEEP[0], view, tmp_path / "d")], source)
 
 
 # ---------------------------------------------------------------------------------------------------------------

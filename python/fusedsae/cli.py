@@ -184,7 +184,7 @@ def _build_data(settings: dict[str, Any], rank: int, world: int):
     )
 
 
-def default_d_sae(settings: dict[str, Any], source: Any) -> int:
+def _default_d_sae(settings: dict[str, Any], source: Any) -> int:
     truth = getattr(source, "ground_truth", None)
     if truth is not None:
         return max(2 * int(truth.shape[0]), 8)
@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             finished = multi.train_from_cli(args, settings, source, device, rank, world)
             return 0
-        d_sae = settings["d_sae"] or default_d_sae(settings, source)
+        d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(d_sae=d_sae)
         activation = settings["activation"]
         trainer = make_trainer(settings, source, out, device, world, progress=not args.no_progress)
@@ -314,8 +314,8 @@ def _is_multi(settings: dict[str, Any], source: Any) -> bool:
 
 
 def make_trainer(settings: dict[str, Any], data: Any, out: Path, device: str, world: int, progress: bool) -> Any:
-    """The SAE and Trainer of one run of ``fusedsae train`` (``settings`` with a single d_sae and k) reading
-    ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run)."""
+    """The SAE and Trainer of one run of ``fusedsae train`` (``settings`` with a single d_sae, None for the default,
+    and k) reading ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run)."""
     import torch
 
     from fusedsae.config import SAEConfig
@@ -331,7 +331,7 @@ def make_trainer(settings: dict[str, Any], data: Any, out: Path, device: str, wo
     activation = settings["activation"]
     cfg = SAEConfig(
         d_in=data.d_in,
-        d_sae=settings["d_sae"],
+        d_sae=settings["d_sae"] or _default_d_sae(settings, data),
         activation=activation,
         k=settings["k"] if activation in ("topk", "batchtopk") else None,
         dtype=settings["dtype"],

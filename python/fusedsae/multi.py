@@ -2,26 +2,36 @@
 once and every SAE takes its optimizer step on it, or on its own column block of it when the batch holds several
 hooks side by side.
 
-Each SAE keeps its own :class:`~fusedsae.training.Trainer`: optimizer, run folder, log, checkpoints, dead-latent
-counters and RNG state (swapped in around its steps), so the result is what training it alone on the same batches
-gives, bit for bit on the CPU (tested). The data position is the shared source's; every trainer checkpoints it at
-the same steps, and :meth:`MultiTrainer.resume` restarts all of them from the newest step they all have.
+Each SAE keeps its own :class:`~fusedsae.training.Trainer`, running its own unchanged ``train()`` loop:
+optimizer, run folder, log, checkpoints, dead-latent counters, and its own RNG state (swapped in around its
+steps). The loops run in threads that take turns — exactly one runs at any moment, in a fixed round-robin order,
+handing over whenever a trainer asks for its next batch — so nothing runs concurrently and the result is what
+training each SAE alone on the same batches gives, bit for bit on the CPU (tested). The first trainer to ask for
+batch ``s`` reads it from the shared source; the others get the same tensor. A trainer checkpoints the shared
+source's position, which at every checkpoint equals the batches it has consumed, as when it trains alone;
+:meth:`MultiTrainer.resume` restarts all trainers from the newest step they all have.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fusedsae import checkpoint as ckpt
 from fusedsae.training import Trainer
 
 
+class _Aborted(Exception):
+    """Raised in the waiting trainers when another one failed, so that their loops unwind (and release locks)."""
+
+
 class SharedView:
-    """What one trainer of a :class:`MultiTrainer` sees of the shared source: its width (``columns`` ``(lo, hi)``
-    of each batch, None: all), and the shared position for its checkpoints. The driver reads the batches."""
+    """What one trainer of a :class:`MultiTrainer` reads: its width (``columns`` ``(lo, hi)`` of each shared batch,
+    None: all of it), the shared position for its checkpoints, and ``info`` (its hook) for its SAE's metadata."""
 
     def __init__(self, source: Any, columns: tuple[int, int] | None = None, info: dict[str, Any] | None = None) -> None:
         self.source = source
@@ -31,6 +41,8 @@ class SharedView:
         self.d_in = int(source.d_in) if columns is None else columns[1] - columns[0]
         self.n_heads = getattr(source, "n_heads", None)
         self.ground_truth = getattr(source, "ground_truth", None)
+        self.driver: MultiTrainer | None = None
+        self.index = 0
 
     def take(self, batch: Tensor) -> Tensor:
         """This trainer's part of a shared batch, contiguous (as a source of that width alone would give it)."""
@@ -39,7 +51,9 @@ class SharedView:
         return batch[:, self.columns[0] : self.columns[1]].contiguous()
 
     def next_batch(self) -> Tensor:
-        raise RuntimeError("a trainer of a MultiTrainer gets its batches from the driver; call MultiTrainer.train()")
+        if self.driver is None:
+            raise RuntimeError("a SharedView gets its batches through MultiTrainer.train()")
+        return self.take(self.driver.batch_for(self.index))
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
@@ -57,18 +71,20 @@ class SharedView:
 
 
 class MultiTrainer:
-    """Steps ``trainers`` together on the batches of ``source``.
+    """Trains ``trainers`` together on the batches of ``source``.
 
     Build each trainer on ``SharedView(source, columns)`` (``columns`` picks its hook's block of a multi-hook batch;
-    None: the whole batch). All trainers must run the same number of steps on the same batch size.
+    None: the whole batch), one view per trainer. All trainers must run the same number of steps.
     """
 
     def __init__(self, trainers: Sequence[Trainer], source: Any) -> None:
         if not trainers:
             raise ValueError("MultiTrainer needs at least one trainer")
-        for t in trainers:
-            if not isinstance(t.data, SharedView) or t.data.source is not source:
-                raise ValueError("each trainer of a MultiTrainer must read SharedView(source) of the shared source")
+        views = [t.data for t in trainers]
+        if not all(isinstance(v, SharedView) and v.source is source for v in views):
+            raise ValueError("each trainer of a MultiTrainer must read SharedView(source) of the shared source")
+        if len({id(v) for v in views}) != len(views):
+            raise ValueError("each trainer of a MultiTrainer needs its own SharedView")
         totals = {t.cfg.total_steps(t.world_size) for t in trainers}
         if len(totals) != 1:
             raise ValueError(f"SAEs trained together must run the same number of steps, got {sorted(totals)}")
@@ -77,7 +93,15 @@ class MultiTrainer:
             raise ValueError("SAEs trained together need one run folder each")
         self.trainers = list(trainers)
         self.source = source
-        self._rng: list[dict[str, Tensor]] = []
+        for i, view in enumerate(views):
+            view.driver, view.index = self, i
+        self._rng = [ckpt.rng_state() for _ in trainers]
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False] * len(trainers)
+        self._error: BaseException | None = None
+        self._requests = [0] * len(trainers)
+        self._batch: tuple[int, Tensor] | None = None
 
     def resume(self) -> int | None:
         """Restores every trainer from the newest checkpoint step that all of them have (intact); returns the step,
@@ -92,42 +116,77 @@ class MultiTrainer:
         if not common:
             return None
         step = max(common)
-        for t in self.trainers:
+        for i, t in enumerate(self.trainers):
             t.resume(ckpt.checkpoint_root(t.run_dir) / f"step-{step:09d}")
-            self._rng.append(ckpt.rng_state())
+            self._rng[i] = ckpt.rng_state()
+        self._requests = [t.step for t in self.trainers]
         return step
 
-    def train(self, progress: bool = False) -> list[dict[str, Any]]:
-        """Trains all SAEs to the end (a progress bar with ``progress``); returns each one's last metrics."""
-        resumed = len(self._rng) == len(self.trainers)
-        total = 0
-        states = []
-        for i, t in enumerate(self.trainers):
-            if resumed:
-                ckpt.set_rng_state(self._rng[i])
-            total = t.begin()
-            states.append(ckpt.rng_state())
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+    # -- taking turns ------------------------------------------------------------------------------------------
 
-            bar = tqdm(total=total, initial=self.trainers[0].step, unit="step", dynamic_ncols=True)
+    def _wait_turn(self, i: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == i or self._error is not None)
+            if self._error is not None:
+                raise _Aborted
+        ckpt.set_rng_state(self._rng[i])
+
+    def _pass_turn(self, i: int) -> None:
+        self._rng[i] = ckpt.rng_state()
+        with self._cond:
+            n = len(self.trainers)
+            nxt = next(((i + j) % n for j in range(1, n + 1) if not self._done[(i + j) % n]), i)
+            self._turn = nxt
+            self._cond.notify_all()
+
+    def batch_for(self, i: int) -> Tensor:
+        """Trainer ``i``'s next batch: its turn ends here, and once every other trainer has taken its own step the
+        batch is read from the source (by the first trainer to ask) or shared."""
+        self._pass_turn(i)
+        self._wait_turn(i)
+        request = self._requests[i]
+        self._requests[i] += 1
+        if self._batch is None or self._batch[0] != request:
+            self._batch = (request, self.source.next_batch())
+        return self._batch[1]
+
+    def _run(self, i: int, threads: int, results: list[Any]) -> None:
+        torch.set_num_threads(threads)  # a new thread must split CPU work as the caller does, for bitwise equality
         try:
-            while self.trainers[0].step < total:
-                batch = self.source.next_batch()
-                for i, t in enumerate(self.trainers):
-                    ckpt.set_rng_state(states[i])
-                    t.advance(t.data.take(batch))
-                    states[i] = ckpt.rng_state()
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        results = []
-        for i, t in enumerate(self.trainers):
-            ckpt.set_rng_state(states[i])
-            results.append(t.end())
+            self._wait_turn(i)
+            results[i] = self.trainers[i].train()
+        except _Aborted:
+            return
+        except BaseException as exc:
+            with self._cond:
+                if self._error is None:
+                    self._error = exc
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._done[i] = True
+        self._pass_turn(i)
+
+    def train(self) -> list[dict[str, Any]]:
+        """Trains all SAEs to the end (each trainer's ``cfg.progress`` decides whether it shows a bar); returns each
+        one's last metrics, or raises the first error of any trainer (the others stop at their next batch)."""
+        results: list[Any] = [None] * len(self.trainers)
+        saved = ckpt.rng_state()
+        self._turn, self._done, self._error = 0, [False] * len(self.trainers), None
+        threads = [
+            # daemon: an interrupted caller must not wait for trainers that wait for their turn
+            threading.Thread(
+                target=self._run, args=(i, torch.get_num_threads(), results), name=f"fusedsae-sae{i}", daemon=True
+            )
+            for i in range(len(self.trainers))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ckpt.set_rng_state(saved)
+        if self._error is not None:
+            raise self._error
         return results
 
 
@@ -174,17 +233,18 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
     from pathlib import Path
 
     from fusedsae import plots
-    from fusedsae.cli import RUN_CONFIG, add_periodic_evals, default_d_sae, make_trainer
+    from fusedsae.cli import RUN_CONFIG, add_periodic_evals, make_trainer
     from fusedsae.evals import EVAL_FILE
 
     out = Path(settings["out"])
     runs = plan_runs(settings, source)
     trainers = []
-    for run in runs:
+    for i, run in enumerate(runs):
         view = SharedView(source, run["columns"], run["info"])
-        d_sae = run["d_sae"] or default_d_sae(settings, view)
-        one = {**settings, "d_sae": d_sae, "k": run["k"]}
-        trainers.append(make_trainer(one, view, out / run["name"], device, world, progress=False))
+        one = {**settings, "d_sae": run["d_sae"], "k": run["k"]}
+        # one progress bar: the first SAE's (they all step together)
+        progress = i == 0 and rank == 0 and not args.no_progress
+        trainers.append(make_trainer(one, view, out / run["name"], device, world, progress=progress))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
@@ -202,7 +262,7 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
         add_periodic_evals(trainers, settings, device)
     start = time.perf_counter()
     step0 = trainers[0].step
-    results = driver.train(progress=not args.no_progress and rank == 0)
+    results = driver.train()
     seconds = time.perf_counter() - start
     if rank != 0:
         return True

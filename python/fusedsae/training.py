@@ -142,10 +142,6 @@ class Trainer:
         self.act_scale: float | None = None
         self.last_metrics: dict[str, Any] = {}
         self.run_dir = Path(self.cfg.run_dir) if self.cfg.run_dir else None
-        self.bar: Any = None  # the progress bar of a train() session
-        self._session_start = time.perf_counter()
-        self._session_tokens = 0
-        self._last_out: TrainingOutput | None = None
 
     # -------------------------------------------------------------------------------------------------------------
     # schedules
@@ -270,65 +266,52 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Trains until ``cfg.total_steps()``; returns the last metrics (plus ``tokens_per_s``)."""
-        total = self.begin()
-        if self.cfg.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
-        try:
-            while self.step < total:
-                self.advance(self.data.next_batch())
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-        return self.end()
-
-    # The loop in three public pieces, so that a driver (fusedsae.multi) can step several trainers on one batch.
-
-    def begin(self) -> int:
-        """Starts a training session (seeds a fresh run, prepares the run folder); returns the total steps."""
+        cfg = self.cfg
+        total = cfg.total_steps(self.world_size)
         if self.step == 0:  # a resumed run keeps the RNG state its checkpoint restored
-            torch.manual_seed(self.cfg.seed + self.rank)
+            torch.manual_seed(cfg.seed + self.rank)
         if self.run_dir is not None and self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.run_dir)
-        self._session_start = time.perf_counter()
-        self._session_tokens = 0
-        self._last_out = None
-        return self.cfg.total_steps(self.world_size)
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
 
-    def advance(self, batch: Tensor) -> TrainingOutput:
-        """One iteration of the loop on ``batch [batch_size, d_in]`` (any device): the step, then the log and the
-        checkpoint when they are due."""
-        cfg = self.cfg
-        total = cfg.total_steps(self.world_size)
-        if self.window_steps >= cfg.sparsity_window_steps:  # a new window starts with this step
-            self._reset_window()
-        x = self._prepare(batch)
-        out = self.train_step(x)
-        self._last_out = out
-        self._session_tokens += x.shape[0] * self.world_size
-        last = self.step == total
-        if self.step % cfg.log_every == 0 or last:
-            metrics = self.batch_metrics(out)
-            metrics["tokens_per_s"] = self._session_tokens / max(1e-9, time.perf_counter() - self._session_start)
-            self._log(metrics)
-            if self.bar is not None:
-                self.bar.set_postfix(
-                    l0=f"{metrics['l0']:.1f}",
-                    fvu=f"{metrics['fvu']:.3f}",
-                    dead=f"{metrics['dead_fraction']:.2f}",
-                )
-        if self.bar is not None:
-            self.bar.update(1)
-        if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
-            self.save_checkpoint()
-        return out
-
-    def end(self) -> dict[str, Any]:
-        """Ends the session: the final checkpoint and SAE folder (when a step ran); returns the last metrics."""
-        if self._last_out is None:  # already finished (a resumed run at its last step)
+            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
+        session_start = time.perf_counter()
+        session_tokens = 0
+        out = None
+        try:
+            while self.step < total:
+                if self.window_steps >= cfg.sparsity_window_steps:  # a new window starts with this step
+                    self._reset_window()
+                x = self._prepare(self.data.next_batch())
+                out = self.train_step(x)
+                session_tokens += x.shape[0] * self.world_size
+                last = self.step == total
+                if self.step % cfg.log_every == 0 or last:
+                    metrics = self.batch_metrics(out)
+                    metrics["tokens_per_s"] = session_tokens / max(1e-9, time.perf_counter() - session_start)
+                    self._log(metrics)
+                    if bar is not None:
+                        bar.set_postfix(
+                            l0=f"{metrics['l0']:.1f}",
+                            fvu=f"{metrics['fvu']:.3f}",
+                            dead=f"{metrics['dead_fraction']:.2f}",
+                        )
+                if bar is not None:
+                    bar.update(1)
+                if (
+                    self.run_dir is not None
+                    and cfg.checkpoint_every
+                    and self.step % cfg.checkpoint_every == 0
+                    and not last
+                ):
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if out is None:  # already finished (a resumed run at its last step)
             return self.last_metrics
         if self.run_dir is not None:
             self.save_checkpoint()
