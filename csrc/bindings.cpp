@@ -126,27 +126,34 @@ void gather_dot(int dtype, int index_dtype, uintptr_t out, int64_t out_stride, u
   });
 }
 
-void segment_sum_rows(int dtype, uintptr_t out, uintptr_t order, uintptr_t offsets, uintptr_t weights,
-                      int64_t weights_stride, int64_t m, uintptr_t src, int64_t src_stride, int64_t n_latents,
-                      int64_t d, uintptr_t stream) {
+fusedsae::Segments segments_of(uintptr_t order, uintptr_t keys, uintptr_t offsets, int64_t n_entries, uintptr_t part,
+                               uintptr_t part_sum) {
+  return {ptr<const int64_t>(order), ptr<const int32_t>(keys), ptr<const int64_t>(offsets),
+          n_entries,                 ptr<float>(part),         ptr<float>(part_sum)};
+}
+
+void segment_sum_rows(int dtype, uintptr_t out, uintptr_t order, uintptr_t keys, uintptr_t offsets, int64_t n_entries,
+                      uintptr_t part, uintptr_t weights, int64_t weights_stride, int64_t m, uintptr_t src,
+                      int64_t src_stride, int64_t n_latents, int64_t d, uintptr_t stream) {
+  const fusedsae::Segments segments = segments_of(order, keys, offsets, n_entries, part, 0);
   with_float_type(dtype, [&](auto t) {
     using T = typename decltype(t)::type;
-    check(fusedsae::segment_sum_rows<T>(ptr<T>(out), ptr<const int64_t>(order), ptr<const int64_t>(offsets),
-                                        ptr<const T>(weights), weights_stride, m, ptr<const T>(src), src_stride,
-                                        n_latents, d, stream_of(stream)),
+    check(fusedsae::segment_sum_rows<T>(ptr<T>(out), segments, ptr<const T>(weights), weights_stride, m,
+                                        ptr<const T>(src), src_stride, n_latents, d, stream_of(stream)),
           "segment_sum_rows");
   });
 }
 
-void segment_sum_columns(int dtype, uintptr_t out, uintptr_t out_sum, uintptr_t order, uintptr_t offsets,
-                         uintptr_t weights, int64_t weights_stride, int64_t m, uintptr_t src, int64_t src_stride,
-                         uintptr_t sub, int64_t n_latents, int64_t d, uintptr_t stream) {
+void segment_sum_columns(int dtype, uintptr_t out, uintptr_t out_sum, uintptr_t order, uintptr_t keys,
+                         uintptr_t offsets, int64_t n_entries, uintptr_t part, uintptr_t part_sum, uintptr_t weights,
+                         int64_t weights_stride, int64_t m, uintptr_t src, int64_t src_stride, uintptr_t sub,
+                         int64_t n_latents, int64_t d, uintptr_t stream) {
+  const fusedsae::Segments segments = segments_of(order, keys, offsets, n_entries, part, part_sum);
   with_float_type(dtype, [&](auto t) {
     using T = typename decltype(t)::type;
-    check(fusedsae::segment_sum_columns<T>(ptr<T>(out), ptr<T>(out_sum), ptr<const int64_t>(order),
-                                           ptr<const int64_t>(offsets), ptr<const T>(weights), weights_stride, m,
-                                           ptr<const T>(src), src_stride, ptr<const T>(sub), n_latents, d,
-                                           stream_of(stream)),
+    check(fusedsae::segment_sum_columns<T>(ptr<T>(out), ptr<T>(out_sum), segments, ptr<const T>(weights),
+                                           weights_stride, m, ptr<const T>(src), src_stride, ptr<const T>(sub),
+                                           n_latents, d, stream_of(stream)),
           "segment_sum_columns");
   });
 }
@@ -187,6 +194,7 @@ PYBIND11_MODULE(_C, module) {
       "ints; they launch asynchronously and raise RuntimeError on a CUDA error. Use them through "
       "fusedsae.backends.cuda, which validates tensors first.";
   module.attr("ARCHS") = FUSEDSAE_ARCHS;
+  module.attr("SEGMENT_CHUNK") = fusedsae::kSegmentChunk;
   module.attr("CUDA_VERSION") = CUDART_VERSION;
   module.def("runtime_info", &runtime_info,
              "{runtime_version, driver_version, device_count, error}: what the CUDA runtime linked into the "
@@ -205,11 +213,13 @@ PYBIND11_MODULE(_C, module) {
              py::arg("indices_stride"), py::arg("table"), py::arg("table_stride_latent"),
              py::arg("table_stride_feature"), py::arg("n_rows"), py::arg("m"), py::arg("d"), py::arg("stream"));
   module.def("segment_sum_rows", &segment_sum_rows, release, py::arg("dtype"), py::arg("out"), py::arg("order"),
-             py::arg("offsets"), py::arg("weights"), py::arg("weights_stride"), py::arg("m"), py::arg("src"),
-             py::arg("src_stride"), py::arg("n_latents"), py::arg("d"), py::arg("stream"));
+             py::arg("keys"), py::arg("offsets"), py::arg("n_entries"), py::arg("part"), py::arg("weights"),
+             py::arg("weights_stride"), py::arg("m"), py::arg("src"), py::arg("src_stride"), py::arg("n_latents"),
+             py::arg("d"), py::arg("stream"));
   module.def("segment_sum_columns", &segment_sum_columns, release, py::arg("dtype"), py::arg("out"),
-             py::arg("out_sum"), py::arg("order"), py::arg("offsets"), py::arg("weights"), py::arg("weights_stride"),
-             py::arg("m"), py::arg("src"), py::arg("src_stride"), py::arg("sub"), py::arg("n_latents"), py::arg("d"),
+             py::arg("out_sum"), py::arg("order"), py::arg("keys"), py::arg("offsets"), py::arg("n_entries"),
+             py::arg("part"), py::arg("part_sum"), py::arg("weights"), py::arg("weights_stride"), py::arg("m"),
+             py::arg("src"), py::arg("src_stride"), py::arg("sub"), py::arg("n_latents"), py::arg("d"),
              py::arg("stream"));
   module.def("row_topk_select", &row_topk_select, release, py::arg("dtype"), py::arg("values"), py::arg("indices"),
              py::arg("scores"), py::arg("scores_stride"), py::arg("n_rows"), py::arg("width"), py::arg("k"),

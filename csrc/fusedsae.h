@@ -37,17 +37,32 @@ cudaError_t gather_dot(T* out, int64_t out_stride, const T* vectors, int64_t vec
                        int64_t table_stride_feature, int64_t n_rows, int64_t m, int64_t d, cudaStream_t stream);
 
 // Segmented sums over entries grouped by latent. The caller sorts the flat positions p = n * m + j of an [N, m]
-// index array by latent (stably: token order within a latent) into `order`, and gives each latent i its segment
-// [offsets[i], offsets[i + 1]) (offsets has n_latents + 1 entries; entries left out of every segment contribute
-// nothing). For each latent i and column c < d:
-//   out_i[c] = sum over the segment, in order, of weights[n, j] * (src[n, c] - sub[c])     (sub may be null)
-// Latents with an empty segment get zeros. No float atomics: the result is bitwise reproducible.
-//
+// index array by latent (stably: token order within a latent) into `order`, with each entry's latent in `keys`
+// (int32, sorted), and gives each latent i its segment [offsets[i], offsets[i + 1]) (offsets has n_latents + 1
+// entries). For each latent i and column c < d:
+//   out_i[c] = sum over the segment of weights[n, j] * (src[n, c] - sub[c])     (sub may be null)
+// Latents with an empty segment get zeros. The list is summed in chunks of kSegmentChunk entries and the pieces of
+// latents that cross chunks are added in chunk order, in the caller's float scratch `part` ([chunks, 2, d]) and
+// `part_sum` ([chunks, 2], segment_sum_columns only), chunks = segment_chunks(n_entries): a latent with many
+// entries costs what as many entries spread over many latents cost. No float atomics: bitwise reproducible.
+// Entries whose weight is exactly 0 add nothing (their src row is not read).
+constexpr int64_t kSegmentChunk = 64;
+
+inline constexpr int64_t segment_chunks(int64_t n_entries) { return (n_entries + kSegmentChunk - 1) / kSegmentChunk; }
+
+struct Segments {
+  const int64_t* order;    // [n_entries]
+  const int32_t* keys;     // [n_entries]
+  const int64_t* offsets;  // [n_latents + 1]
+  int64_t n_entries;
+  float* part;      // [segment_chunks(n_entries) * 2 * d]
+  float* part_sum;  // [segment_chunks(n_entries) * 2], may be null when no out_sum is asked for
+};
+
 // segment_sum_rows writes out[i, c] = out_i[c] ([n_latents, d], row-major): the decoder's dW_dec.
 template <typename T>
-cudaError_t segment_sum_rows(T* out, const int64_t* order, const int64_t* offsets, const T* weights,
-                             int64_t weights_stride, int64_t m, const T* src, int64_t src_stride, int64_t n_latents,
-                             int64_t d, cudaStream_t stream);
+cudaError_t segment_sum_rows(T* out, const Segments& segments, const T* weights, int64_t weights_stride, int64_t m,
+                             const T* src, int64_t src_stride, int64_t n_latents, int64_t d, cudaStream_t stream);
 
 // Status of the kernels' images on the current device: cudaSuccess when this build has code for it, else the
 // error a launch would give (cudaErrorNoKernelImageForDevice, cudaErrorInsufficientDriver, ...).
@@ -58,9 +73,9 @@ cudaError_t probe_kernel_image();
 // The segmented sum above written transposed, out[c, i] = out_i[c] ([d, n_latents], the layout of W_enc), plus
 // out_sum[i] = sum over the segment of weights[n, j]: dW_enc and db_enc (src = x, sub = b_dec).
 template <typename T>
-cudaError_t segment_sum_columns(T* out, T* out_sum, const int64_t* order, const int64_t* offsets, const T* weights,
-                                int64_t weights_stride, int64_t m, const T* src, int64_t src_stride, const T* sub,
-                                int64_t n_latents, int64_t d, cudaStream_t stream);
+cudaError_t segment_sum_columns(T* out, T* out_sum, const Segments& segments, const T* weights, int64_t weights_stride,
+                                int64_t m, const T* src, int64_t src_stride, const T* sub, int64_t n_latents, int64_t d,
+                                cudaStream_t stream);
 
 // ---- row_topk.cu: exact row-wise TopK over wide rows --------------------------------------------------------------
 

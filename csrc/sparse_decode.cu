@@ -134,12 +134,11 @@ cudaError_t gather_dot(T* out, int64_t out_stride, const T* vectors, int64_t vec
 }
 
 template <typename T>
-cudaError_t segment_sum_rows(T* out, const int64_t* order, const int64_t* offsets, const T* weights,
-                             int64_t weights_stride, int64_t m, const T* src, int64_t src_stride, int64_t n_latents,
-                             int64_t d, cudaStream_t stream) {
+cudaError_t segment_sum_rows(T* out, const Segments& segments, const T* weights, int64_t weights_stride, int64_t m,
+                             const T* src, int64_t src_stride, int64_t n_latents, int64_t d, cudaStream_t stream) {
   if (d == 0) return cudaSuccess;  // nothing to write: no column sums, no weight sums
-  return launch_segment_sum<T, false>(out, nullptr, order, offsets, weights, weights_stride, m, src, src_stride,
-                                      nullptr, n_latents, d, stream);
+  return launch_segment_sum<T, false>(out, nullptr, segments, weights, weights_stride, m, src, src_stride, nullptr,
+                                      n_latents, d, stream);
 }
 
 cudaError_t probe_kernel_image() {
@@ -153,9 +152,9 @@ cudaError_t probe_kernel_image() {
   template cudaError_t gather_dot<T, IdxT>(T*, int64_t, const T*, int64_t, const IdxT*, int64_t, const T*,       \
                                            int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
 
-#define FUSEDSAE_INSTANTIATE_SEGMENT_ROWS(T)                                                                        \
-  template cudaError_t segment_sum_rows<T>(T*, const int64_t*, const int64_t*, const T*, int64_t, int64_t, const T*, \
-                                           int64_t, int64_t, int64_t, cudaStream_t);
+#define FUSEDSAE_INSTANTIATE_SEGMENT_ROWS(T)                                                                 \
+  template cudaError_t segment_sum_rows<T>(T*, const Segments&, const T*, int64_t, int64_t, const T*, int64_t, \
+                                           int64_t, int64_t, cudaStream_t);
 
 FUSEDSAE_INSTANTIATE_DECODE(float, int32_t)
 FUSEDSAE_INSTANTIATE_DECODE(float, int64_t)

@@ -9,16 +9,16 @@
 namespace fusedsae {
 
 template <typename T>
-cudaError_t segment_sum_columns(T* out, T* out_sum, const int64_t* order, const int64_t* offsets, const T* weights,
-                                int64_t weights_stride, int64_t m, const T* src, int64_t src_stride, const T* sub,
-                                int64_t n_latents, int64_t d, cudaStream_t stream) {
-  return launch_segment_sum<T, true>(out, out_sum, order, offsets, weights, weights_stride, m, src, src_stride, sub,
+cudaError_t segment_sum_columns(T* out, T* out_sum, const Segments& segments, const T* weights, int64_t weights_stride,
+                                int64_t m, const T* src, int64_t src_stride, const T* sub, int64_t n_latents, int64_t d,
+                                cudaStream_t stream) {
+  return launch_segment_sum<T, true>(out, out_sum, segments, weights, weights_stride, m, src, src_stride, sub,
                                      n_latents, d, stream);
 }
 
-#define FUSEDSAE_INSTANTIATE_SEGMENT_COLUMNS(T)                                                                   \
-  template cudaError_t segment_sum_columns<T>(T*, T*, const int64_t*, const int64_t*, const T*, int64_t, int64_t, \
-                                              const T*, int64_t, const T*, int64_t, int64_t, cudaStream_t);
+#define FUSEDSAE_INSTANTIATE_SEGMENT_COLUMNS(T)                                                                    \
+  template cudaError_t segment_sum_columns<T>(T*, T*, const Segments&, const T*, int64_t, int64_t, const T*, int64_t, \
+                                              const T*, int64_t, int64_t, cudaStream_t);
 
 FUSEDSAE_INSTANTIATE_SEGMENT_COLUMNS(float)
 FUSEDSAE_INSTANTIATE_SEGMENT_COLUMNS(__nv_bfloat16)

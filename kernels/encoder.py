@@ -13,7 +13,7 @@ bytes at 32768 latents (the launcher's buffers, with headroom, hold 31%).
 import triton
 import triton.language as tl
 
-from fusedsae.kernels.topk import _append_candidates, _bucket_max, _sortable_keys
+from fusedsae.kernels.topk import _KEY_NONE, _append_candidates, _bucket_max, _merge_top, _sortable_keys
 
 # encode_dense epilogues
 ACT_NONE = tl.constexpr(0)
@@ -240,3 +240,84 @@ def _topk_encode_fwd_kernel(
     tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
     if HAS_AUX:
         tl.store(aux_count_ptr + rows64 * N_SPLITS + split, aux_count, mask=row_mask)
+
+
+@triton.jit
+def _topk_encode_redo_kernel(
+    x_ptr,
+    w_ptr,
+    b_enc_ptr,
+    b_dec_ptr,
+    aux_mask_ptr,
+    redo_ptr,
+    keys_ptr,
+    aux_keys_ptr,
+    N,
+    D_IN,
+    D_SAE,
+    stride_xn,
+    stride_xd,
+    stride_wd,
+    stride_wl,
+    stride_kn,
+    stride_akn,
+    HAS_B_DEC: tl.constexpr,
+    HAS_AUX: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    KP: tl.constexpr,
+    KP_AUX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Exact TopK (and AuxK) keys for the rows the candidate filter could not serve (``redo [N]`` non-zero: a
+    candidate buffer overflowed, or fewer than k entries rose above -inf), decided on the device: a program whose
+    row block has no such row does nothing, so the launcher never asks the host which rows to redo.
+
+    A redone block recomputes its pre-activation tiles over all columns and keeps a running merge of the KP best
+    keys (``_merge_top``, no buffer to overflow), rounded as in ``_topk_encode_fwd_kernel``. AuxK ranks the latents
+    outside ``aux_mask`` as -inf (as the reference's masked fill does), so a row with fewer eligible latents than
+    aux_k still gets valid indices. Writes ``keys[row, :KP]`` (``aux_keys[row, :KP_AUX]``) of the redone rows only."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    redo = row_mask & (tl.load(redo_ptr + rows, mask=row_mask, other=0) != 0)
+    if tl.max(redo.to(tl.int32), axis=0) > 0:
+        best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
+        aux_best = tl.full([BLOCK_M, KP_AUX], _KEY_NONE, tl.int64)
+        for c0 in range(0, D_SAE, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            pre = _pre_activation_tile(
+                x_ptr,
+                w_ptr,
+                b_enc_ptr,
+                b_dec_ptr,
+                rows,
+                cols,
+                N,
+                D_IN,
+                D_SAE,
+                stride_xn,
+                stride_xd,
+                stride_wd,
+                stride_wl,
+                HAS_B_DEC,
+                UPCAST_DOT,
+                DOT_PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+            )
+            pre = pre.to(x_ptr.dtype.element_ty).to(tl.float32)
+            valid = row_mask[:, None] & (cols < D_SAE)[None, :]
+            best = _merge_top(best, tl.where(valid, _sortable_keys(pre, cols[None, :]), _KEY_NONE), KP)
+            if HAS_AUX:
+                dead = (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
+                aux_pre = tl.where(dead, pre, float("-inf"))
+                aux_keys = tl.where(valid, _sortable_keys(aux_pre, cols[None, :]), _KEY_NONE)
+                aux_best = _merge_top(aux_best, aux_keys, KP_AUX)
+        rows64 = rows.to(tl.int64)
+        tl.store(keys_ptr + rows64[:, None] * stride_kn + tl.arange(0, KP)[None, :], best, mask=redo[:, None])
+        if HAS_AUX:
+            aux_ptrs = aux_keys_ptr + rows64[:, None] * stride_akn + tl.arange(0, KP_AUX)[None, :]
+            tl.store(aux_ptrs, aux_best, mask=redo[:, None])

@@ -11,7 +11,7 @@ Every selection in fusedsae ranks entries by value (descending) and breaks ties 
 Keys are unique within a row (distinct indices), so the k largest keys are one well-defined set in one order, and
 ``torch.topk`` on keys (used to merge per-split candidates) needs no tie handling. Values are recovered exactly
 from the high half. ``_KEY_NONE`` (-2**63) is below every real key (the smallest, -NaN at index 0, is
--2**63 + 0xFFFFFFFF) and marks padding columns and latents outside an AuxK mask.
+-2**63 + 0xFFFFFFFF) and marks padding columns (and, in the fused filter, latents outside an AuxK mask).
 """
 
 import triton
@@ -151,8 +151,9 @@ def _row_keys_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Keys of every entry of ``scores [N, M]`` (``_KEY_NONE`` where ``mask [M]`` is 0): the two-pass selection
-    for k beyond what the running merge keeps in registers, finished by ``torch.topk`` on the keys."""
+    """Keys of every entry of ``scores [N, M]`` (where ``mask [M]`` is 0, the key of -inf at that column, as the
+    reference's masked fill ranks it): the two-pass selection for k beyond what the running merge keeps in
+    registers, finished by ``torch.topk`` on the keys."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -160,8 +161,39 @@ def _row_keys_kernel(
     inside = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
     s = tl.load(scores_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    keys = _sortable_keys(s, cols[None, :])
     if HAS_MASK:
         keep = tl.load(mask_ptr + cols, mask=col_mask, other=0) != 0
-        keys = tl.where(keep[None, :], keys, _KEY_NONE)
+        s = tl.where(keep[None, :], s, float("-inf"))
+    keys = _sortable_keys(s, cols[None, :])
     tl.store(keys_ptr + rows64[:, None] * stride_kn + cols[None, :], keys, mask=inside)
+
+
+@triton.jit
+def _row_topk_redo_kernel(
+    scores_ptr,
+    redo_ptr,
+    keys_ptr,
+    N,
+    M,
+    stride_sn,
+    stride_kn,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Exact keys ``keys[row, :KP]`` for the rows of ``scores [N, M]`` whose candidate buffer overflowed or that
+    have fewer than k entries above -inf (``redo [N]`` non-zero), by a running merge over all columns. Blocks
+    without such a row return at once: the launcher decides nothing on the host."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    redo = row_mask & (tl.load(redo_ptr + rows, mask=row_mask, other=0) != 0)
+    if tl.max(redo.to(tl.int32), axis=0) > 0:
+        rows64 = rows.to(tl.int64)
+        best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
+        for c0 in range(0, M, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            valid = redo[:, None] & (cols < M)[None, :]
+            s = tl.load(scores_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=valid, other=0.0)
+            keys = tl.where(valid, _sortable_keys(s.to(tl.float32), cols[None, :]), _KEY_NONE)
+            best = _merge_top(best, keys, KP)
+        tl.store(keys_ptr + rows64[:, None] * stride_kn + tl.arange(0, KP)[None, :], best, mask=redo[:, None])

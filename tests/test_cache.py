@@ -97,7 +97,8 @@ def _crash_on_call(monkeypatch, name: str, at: int, partial: bool):
 
 @pytest.mark.parametrize(
     "where",
-    [("_write_file", 5, True), ("_write_manifest", 4, False)],
+    # atomic_write's 5th call writes shard 1's activations (1: empty manifest, 2-4: shard 0's two files + manifest)
+    [("atomic_write", 5, True), ("_write_manifest", 4, False)],
     ids=["mid-shard-file", "before-manifest-update"],
 )
 def test_interrupted_write_resumes_to_the_same_bytes(tmp_path, monkeypatch, reference_cache, where):
@@ -130,13 +131,17 @@ def test_truncated_or_corrupt_shards_are_named_and_repaired(tmp_path, reference_
     flipped = bytearray(original)
     flipped[-7] ^= 0xFF
     target.write_bytes(bytes(flipped))
-    K.ActivationCache(path)
+    opened = K.ActivationCache(path)  # opening checks sizes only
     with pytest.raises(K.CacheError, match=r"shard-000001 .*SHA-256"):
         K.ActivationCache(path, verify=True)
-    # a damaged header: the size is right but numpy cannot read it
+    opened.activations(0)
+    with pytest.raises(K.CacheError, match=r"shard-000001 .*SHA-256"):  # the first read of a shard hashes it
+        opened.activations(1)
+    # a damaged header: the size is right but numpy cannot read it (seen when the hash was already checked)
     target.write_bytes(b"garbage!" + original[8:])
+    opened.verified.add(target.name)
     with pytest.raises(K.CacheError, match=r"shard-000001 .*not a readable \.npy"):
-        K.ActivationCache(path).activations(1)
+        opened.activations(1)
     # re-running the capture re-verifies, drops shard 1 and what follows, and rewrites them
     _write(path).verify()
     assert _files(path) == _files(reference_cache.path)

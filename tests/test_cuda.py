@@ -193,6 +193,7 @@ class EmulatedLaunchers:
     """csrc/fusedsae.h's launcher contract in plain torch, on host memory (float32 sums, like the kernels)."""
 
     ARCHS = "80;90"
+    SEGMENT_CHUNK = 64
 
     def gather_rows(self, dtype, index_dtype, out, out_stride, values, values_stride, indices, indices_stride,
                     table, table_stride_latent, table_stride_feature, bias, n_rows, m, d, stream):  # fmt: skip
@@ -217,10 +218,15 @@ class EmulatedLaunchers:
         W = _at(table, T, (rows, d), (table_stride_latent, table_stride_feature)).float()
         _at(out, T, (n_rows, m), (out_stride, 1)).copy_((W[idx] * g[:, None, :]).sum(-1))
 
-    def _segments(self, order, offsets, weights, weights_stride, m, src, src_stride, sub, n_latents, d, T):
+    def _segments(self, order, keys, offsets, n_entries, weights, weights_stride, m, src, src_stride, sub, n_latents,
+                  d, T):  # fmt: skip
         offs = _at(offsets, torch.int64, (1, n_latents + 1), (n_latents + 1, 1))[0]
         total = int(offs[-1])
+        assert total == n_entries, "every entry lies in a segment"
         ordr = _at(order, torch.int64, (1, total), (total, 1))[0] if total else torch.empty(0, dtype=torch.int64)
+        if total:  # keys name each entry's latent, consistently with the offsets
+            latents = _at(keys, torch.int32, (1, total), (total, 1))[0].long()
+            assert torch.equal(latents, torch.repeat_interleave(torch.arange(n_latents), offs.diff()))
         tokens = int(ordr.div(m, rounding_mode="floor").max()) + 1 if total else 0
         w = _at(weights, T, (tokens, m), (weights_stride, 1)).float()
         x = _at(src, T, (tokens, d), (src_stride, 1)).float()
@@ -229,21 +235,26 @@ class EmulatedLaunchers:
         sums, weight_sums = torch.zeros(n_latents, d), torch.zeros(n_latents)
         for i in range(n_latents):
             for p in ordr[int(offs[i]) : int(offs[i + 1])].tolist():
-                sums[i] += w[p // m, p % m] * x[p // m]
+                if w[p // m, p % m] != 0:  # the kernels skip zero weights' rows
+                    sums[i] += w[p // m, p % m] * x[p // m]
                 weight_sums[i] += w[p // m, p % m]
         return sums, weight_sums
 
-    def segment_sum_rows(self, dtype, out, order, offsets, weights, weights_stride, m, src, src_stride, n_latents,
-                         d, stream):  # fmt: skip
+    def segment_sum_rows(self, dtype, out, order, keys, offsets, n_entries, part, weights, weights_stride, m, src,
+                         src_stride, n_latents, d, stream):  # fmt: skip
         T = _FLOATS[dtype]
-        sums, _ = self._segments(order, offsets, weights, weights_stride, m, src, src_stride, 0, n_latents, d, T)
+        assert part, "the chunked sums need their scratch"
+        sums, _ = self._segments(
+            order, keys, offsets, n_entries, weights, weights_stride, m, src, src_stride, 0, n_latents, d, T
+        )
         _at(out, T, (n_latents, d), (d, 1)).copy_(sums)
 
-    def segment_sum_columns(self, dtype, out, out_sum, order, offsets, weights, weights_stride, m, src, src_stride,
-                            sub, n_latents, d, stream):  # fmt: skip
+    def segment_sum_columns(self, dtype, out, out_sum, order, keys, offsets, n_entries, part, part_sum, weights,
+                            weights_stride, m, src, src_stride, sub, n_latents, d, stream):  # fmt: skip
         T = _FLOATS[dtype]
+        assert part and part_sum, "the chunked sums need their scratch"
         sums, weight_sums = self._segments(
-            order, offsets, weights, weights_stride, m, src, src_stride, sub, n_latents, d, T
+            order, keys, offsets, n_entries, weights, weights_stride, m, src, src_stride, sub, n_latents, d, T
         )
         _at(out, T, (d, n_latents), (n_latents, 1)).copy_(sums.t())
         _at(out_sum, T, (1, n_latents), (n_latents, 1)).copy_(weight_sums[None])
@@ -704,3 +715,37 @@ def test_explicit_cuda_refuses_inputs_it_has_no_kernel_for(on_gpu):
         F.sparse_decode(values, indices, W_dec)
     with backends.use("cuda"), pytest.raises(backends.BackendError, match="CUDA tensors"):
         torch.ops.fusedsae.sparse_decode(values.float(), indices.cpu(), W_dec.float(), None)
+
+
+@gpu
+def test_chunked_segment_sums_with_hot_latents_repeat_bitwise(on_gpu):
+    """Latent 3 fires on every token (its 4099 entries span 65 chunks of 64: the combine pass), latent 0 takes
+    zero-weight padding slots (BatchTopK's), the rest is uniform: against the reference, and bitwise equal twice."""
+    n, d_in, d_sae, k = 4099, 200, 1000, 6
+    x = _rand(n, d_in, dtype=torch.float32, device=on_gpu)
+    W_enc = _rand(d_in, d_sae, dtype=torch.float32, device=on_gpu, scale=d_in**-0.5)
+    W_dec = _rand(d_sae, d_in, dtype=torch.float32, device=on_gpu, scale=d_in**-0.5)
+    values = _rand(n, k, dtype=torch.float32, device=on_gpu)
+    indices = _indices(n, k, d_sae, torch.int64, on_gpu)
+    indices[:, 0] = 3
+    values[::2, -1] = 0.0
+    indices[::2, -1] = 0
+    grad = _rand(n, d_in, dtype=torch.float32, device=on_gpu)
+    runs = [
+        (
+            _on("cuda", torch.ops.fusedsae.sparse_decode_backward, grad, values, indices, W_dec),
+            _on("cuda", torch.ops.fusedsae.sparse_encode_backward, values, indices, x, W_enc, None, False),
+        )
+        for _ in range(2)
+    ]
+    (dec, enc), (dec2, enc2) = runs
+    assert torch.equal(dec[1], dec2[1]) and torch.equal(enc[1], enc2[1]) and torch.equal(enc[2], enc2[2])
+    _check_against_reference(
+        "sparse_decode_backward", (grad, values, indices, W_dec), ["d_values", "dW_dec"], long_sums=True
+    )
+    _check_against_reference(
+        "sparse_encode_backward",
+        (values, indices, x, W_enc, None, False),
+        ["dx", "dW_enc", "db_enc", "db_dec"],
+        long_sums=True,
+    )

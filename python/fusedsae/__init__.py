@@ -7,18 +7,19 @@ ops live in :mod:`fusedsae.functional`; :class:`Trainer` trains on any data sour
 
 from fusedsae import analysis, backends, functional, metrics, ops, reference, toy
 from fusedsae._version import __version__
-from fusedsae.checkpoint import CheckpointError
+from fusedsae.checkpoint import CheckpointError, RunFolderError
 from fusedsae.config import SAEConfig
 from fusedsae.data import DataSource, TensorSource, ToySource
 from fusedsae.formats import SAEFormatError, load_sae
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
-from fusedsae.training import TrainConfig, Trainer
+from fusedsae.training import TrainConfig, Trainer, TrainingDiverged
 
 load = load_sae
 
 __all__ = [
     "CheckpointError",
     "DataSource",
+    "RunFolderError",
     "SAEConfig",
     "SAEFormatError",
     "SparseAutoencoder",
@@ -26,6 +27,7 @@ __all__ = [
     "ToySource",
     "TrainConfig",
     "Trainer",
+    "TrainingDiverged",
     "TrainingOutput",
     "__version__",
     "analysis",

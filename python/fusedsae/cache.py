@@ -11,7 +11,10 @@ A shard's two files are written under temporary names, fsynced and renamed; only
 manifest (itself replaced atomically). A crash therefore leaves a manifest listing only complete shards, plus
 perhaps stray files that the next run deletes. Every file's size and SHA-256 are in the manifest: opening a cache
 checks the sizes (a truncated shard is named in the error), :meth:`ActivationCache.verify` the hashes, and
-re-running the capture re-verifies the shards and rewrites from the first broken one.
+re-running the capture re-verifies the shards and rewrites from the first broken one. Training verifies each shard
+as it first reads it (size always, SHA-256 once per shard per run), so a flipped bit stops the run with the shard's
+name instead of training on garbage. The manifest carries its own SHA-256 and is validated field by field; shard
+file names must be plain ``shard-NNNNNN.*.npy`` names inside the folder (no ``..``, absolute paths or links out).
 
 Memory-mapped ``.npy`` rather than safetensors: any row range of a shard can be read without loading the file.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -37,14 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fusedsae.formats import fsync_dir, sha256_file, write_json
+from fusedsae.formats import atomic_write, manifest_digest, read_json, sha256_file
 from fusedsae.toy import generator
 
 CACHE_FORMAT = "fusedsae-activation-cache"
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"^shard-\d{6}$")
 _SHARD_FILE = re.compile(r"^shard-\d{6}\.(acts|tokens)\.npy$")
-_TMP_FILE = re.compile(r"^\.(shard-\d{6}\.(acts|tokens)\.npy|manifest\.json)\.tmp-\d+$")
+_TMP_FILE = re.compile(r"^\.(shard-\d{6}\.(acts|tokens)\.npy|manifest\.json)\.tmp-[0-9a-f-]+$")
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Rows held by a shuffle buffer when none is given: 512 MiB of float32 activations.
@@ -72,44 +77,92 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Writes ``data`` under a temporary name, fsyncs it and renames it to ``path``."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    write_json(tmp, manifest)
-    os.replace(tmp, folder / MANIFEST)
-    fsync_dir(folder)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _bad_field(path: Path, field: str, problem: str) -> CacheError:
+    return CacheError(
+        f"{path}: field {field!r} {problem}; the manifest was edited or damaged (re-run the same `fusedsae cache` "
+        "command with --overwrite to rewrite the cache)"
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
-    import json
-
+    """Reads ``manifest.json`` and validates it field by field (:class:`CacheError` naming file, field and fix)."""
     path = folder / MANIFEST
     if not path.is_file():
         raise CacheError(f"{folder} has no {MANIFEST}: it is not an activation cache (write one with `fusedsae cache`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"{path} is not valid JSON ({exc}); the file is damaged") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+    manifest = read_json(path, error=CacheError)
+    if manifest.get("format") != CACHE_FORMAT:
         raise CacheError(f"{path} is not a fusedsae activation-cache manifest")
     if manifest.get("version") != CACHE_VERSION:
         raise CacheError(
             f"{path} has cache format version {manifest.get('version')}; this fusedsae reads {CACHE_VERSION}"
         )
+    # Caches written before the manifest carried its digest have none; every manifest written now has one.
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+        raise _bad_field(path, "manifest_sha256", "does not match the manifest's contents")
+    d_in = manifest.get("d_in")
+    if not _is_count(d_in) or d_in < 1:
+        raise _bad_field(path, "d_in", f"must be a positive integer, got {d_in!r}")
+    if manifest.get("dtype") not in _STORAGE:
+        raise _bad_field(path, "dtype", f"must be one of {sorted(_STORAGE)}, got {manifest.get('dtype')!r}")
+    n_heads = manifest.get("n_heads")
+    if n_heads is not None and (not _is_count(n_heads) or n_heads < 1):
+        raise _bad_field(path, "n_heads", f"must be a positive integer or null, got {n_heads!r}")
+    for name in ("rows", "next_text", "n_texts"):
+        if not _is_count(manifest.get(name)):
+            raise _bad_field(path, name, f"must be a non-negative integer, got {manifest.get(name)!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise _bad_field(path, "shards", "must be a list")
+    for i, shard in enumerate(shards):
+        where = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            raise _bad_field(path, where, "must be an object")
+        name = shard.get("name")
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            raise _bad_field(path, f"{where}.name", f"must be shard-NNNNNN, got {name!r}")
+        for key in ("rows", "first_text", "end_text"):
+            if not _is_count(shard.get(key)):
+                raise _bad_field(path, f"{where}.{key}", f"must be a non-negative integer, got {shard.get(key)!r}")
+        files = shard.get("files")
+        expected = {f"{name}.acts.npy", f"{name}.tokens.npy"}
+        if not isinstance(files, dict) or set(files) != expected:
+            raise _bad_field(path, f"{where}.files", f"must list exactly {sorted(expected)}")
+        for file, entry in files.items():
+            if not isinstance(entry, dict) or not _is_count(entry.get("bytes")):
+                raise _bad_field(path, f"{where}.files.{file}.bytes", "must be a non-negative integer")
+            digest = entry.get("sha256")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise _bad_field(path, f"{where}.files.{file}.sha256", f"must be 64 hex digits, got {digest!r}")
     return manifest
 
 
-def _check_file(folder: Path, name: str, entry: dict[str, Any], shard: str, hash_it: bool) -> None:
+def shard_path(folder: Path, name: str) -> Path:
+    """The path of shard file ``name`` of the cache at ``folder``; :class:`CacheError` unless it is a plain shard
+    file name whose real location (links followed) is inside the folder."""
+    if not _SHARD_FILE.match(name):
+        raise CacheError(f"{folder}: {name!r} is not a shard file name (shard-NNNNNN.acts.npy / .tokens.npy)")
     path = folder / name
+    if path.is_symlink() or path.exists():
+        real, root = path.resolve(), folder.resolve()
+        if real.parent != root:
+            raise CacheError(
+                f"{folder}: shard file {name} is a link to {real}, outside the cache folder; a cache reads only "
+                "its own files (copy the data into the folder)"
+            )
+    return path
+
+
+def _check_file(folder: Path, name: str, entry: dict[str, Any], shard: str, hash_it: bool) -> None:
+    path = shard_path(folder, name)
     fix = "re-run the same `fusedsae cache` command to rewrite it"
     if not path.is_file():
         raise CacheError(f"{folder}: shard {shard} is missing its file {name}; {fix}")
@@ -152,9 +205,12 @@ class ActivationCache:
             raise CacheError(f"{self.path}: unknown cache dtype {self.dtype!r}")
         self.n_heads: int | None = m.get("n_heads")
         self.shards: list[dict[str, Any]] = list(m["shards"])
+        self.verified: set[str] = set()  # shard files whose SHA-256 this object has checked (read once per run)
         for shard in self.shards:
             for name, entry in shard["files"].items():
                 _check_file(self.path, name, entry, shard["name"], hash_it=verify)
+                if verify:
+                    self.verified.add(name)
         self.shard_rows = [int(s["rows"]) for s in self.shards]
         self.rows = sum(self.shard_rows)
 
@@ -172,10 +228,15 @@ class ActivationCache:
         for shard in self.shards:
             for name, entry in shard["files"].items():
                 _check_file(self.path, name, entry, shard["name"], hash_it=True)
+                self.verified.add(name)
 
     def _load(self, index: int, kind: str, width: int) -> np.ndarray:
         shard = self.shards[index]
         name = f"{shard['name']}.{kind}.npy"
+        # size on every read (a stat); the SHA-256 the first time this object reads the file: one extra read of
+        # each shard per run, so a flipped bit stops training with the shard's name instead of producing NaNs
+        _check_file(self.path, name, shard["files"][name], shard["name"], hash_it=name not in self.verified)
+        self.verified.add(name)
         try:
             array = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -336,9 +397,8 @@ class CacheWriter:
         files = {}
         for kind, data in (("acts", _npy_bytes(array)), ("tokens", _npy_bytes(tokens.numpy()))):
             file = f"{name}.{kind}.npy"
-            _write_file(self.path / file, data)
+            atomic_write(self.path / file, data)
             files[file] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        fsync_dir(self.path)
         self.manifest["shards"].append(
             {
                 "name": name,

@@ -93,6 +93,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace another run's files in --out (otherwise it is refused)"
+    )
+    run.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=10,
+        help="stop when this many consecutive steps have a NaN/Inf loss (their updates are skipped; default 10)",
+    )
     run.add_argument("--checkpoint-every", type=int, default=200)
     run.add_argument("--log-every", type=int, default=50)
     run.add_argument("--no-plots", action="store_true")
@@ -131,7 +140,8 @@ def _resolve_device(name: str, local_rank: int) -> str:
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that defines the run, as saved to run_config.json (a resume rebuilds the run from it)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "resume", "no_plots", "no_progress", "threads")}
+    skip = ("command", "resume", "overwrite", "no_plots", "no_progress", "threads")
+    return {k: v for k, v in vars(args).items() if k not in skip}
 
 
 def _build_data(settings: dict[str, Any], rank: int, world: int):
@@ -198,11 +208,14 @@ def _init_distributed() -> tuple[int, int, int]:
     import torch
     import torch.distributed as dist
 
+    from fusedsae.elastic import process_group_timeout, start_parent_watchdog
+
+    start_parent_watchdog()  # a worker whose torchrun agent dies stops instead of training on unsupervised
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=process_group_timeout())
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -215,11 +228,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     settings = _run_settings(args)
+    from fusedsae.checkpoint import CheckpointError, RunFolderError, new_run_id
+    from fusedsae.training import TrainingDiverged, read_run_config
+
     if args.resume and (out / RUN_CONFIG).is_file():
-        saved = json.loads((out / RUN_CONFIG).read_text())
+        try:
+            saved = read_run_config(out / RUN_CONFIG)
+        except RunFolderError as exc:
+            raise SystemExit(f"--resume: {exc}") from exc
         if args.steps is not None:
             saved["steps"] = args.steps
-        settings = saved
+        saved["max_bad_steps"] = args.max_bad_steps
+        settings = {**_run_settings(args), **saved}
+    if not args.resume:
+        settings["run_id"] = new_run_id()
     rank, world, local_rank = _init_distributed()
     finished = False
     try:
@@ -235,23 +257,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(d_sae=d_sae)
         activation = settings["activation"]
-        trainer = make_trainer(settings, source, out, device, world, progress=not args.no_progress)
+        trainer = make_trainer(settings, source, out, device, world, not args.no_progress, args.overwrite)
         cfg = trainer.sae.cfg
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
-        if args.resume:
-            if trainer.resume():
-                if rank == 0:
+        try:
+            resumed = args.resume and trainer.resume()
+            if not resumed:
+                trainer.start_run()  # locks --out; refuses a folder holding another run
+            settings["run_id"] = trainer.run_id
+            if rank == 0:
+                from fusedsae.formats import atomic_write
+
+                atomic_write(out / RUN_CONFIG, json.dumps(settings, indent=2) + "\n")
+                if resumed:
                     print(f"resumed {out} at step {trainer.step}/{steps}", flush=True)
-            elif rank == 0:
-                print(f"no checkpoint in {out}; starting a new run", flush=True)
-        elif rank == 0:
-            # a fresh run must not append to an old run's log
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        if rank == 0:
-            add_periodic_evals([trainer], settings, device)
-        metrics = trainer.train()
+                elif args.resume:
+                    print(f"no checkpoint in {out}; starting a new run", flush=True)
+                add_periodic_evals([trainer], settings, device)
+            metrics = trainer.train()
+        except (TrainingDiverged, CheckpointError, RunFolderError) as exc:
+            raise SystemExit(f"fusedsae train: {exc}") from exc
         finished = True
         if rank != 0:
             return 0
@@ -313,7 +337,9 @@ def _is_multi(settings: dict[str, Any], source: Any) -> bool:
     return isinstance(settings["d_sae"], list) or isinstance(settings["k"], list) or "hooks" in info
 
 
-def make_trainer(settings: dict[str, Any], data: Any, out: Path, device: str, world: int, progress: bool) -> Any:
+def make_trainer(
+    settings: dict[str, Any], data: Any, out: Path, device: str, world: int, progress: bool, overwrite: bool
+) -> Any:
     """The SAE and Trainer of one run of ``fusedsae train`` (``settings`` with a single d_sae, None for the default,
     and k) reading ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run)."""
     import torch
@@ -356,8 +382,14 @@ def make_trainer(settings: dict[str, Any], data: Any, out: Path, device: str, wo
         run_dir=str(out),
         seed=settings["seed"],
         progress=progress,
+        max_bad_steps=settings["max_bad_steps"],
+        run_id=settings.get("run_id"),
+        overwrite=overwrite,
     )
-    return Trainer(sae, data, train_cfg)
+    try:
+        return Trainer(sae, data, train_cfg)
+    except ValueError as exc:  # a setting the trainer refuses (e.g. --batch-size too small for AuxK)
+        raise SystemExit(f"fusedsae train: {exc}") from exc
 
 
 def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):

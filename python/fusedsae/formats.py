@@ -10,11 +10,14 @@ round trip; SAELens keeps unknown metadata keys.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +67,66 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# JSON files fusedsae reads (cfg.json, manifests, trainer state) are small: a SAELens cfg.json is ~2 KB, a checkpoint
+# manifest under 1 KB, a cache manifest ~400 bytes per shard (64 MiB = 160k shards, 10T tokens at 65k rows per shard).
+# A larger file is not one of ours; refusing it before reading avoids loading a 2 GiB file whole (+4 GB of memory).
+MAX_JSON_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; once the block has written it, it is fsynced and renamed onto
+    ``path`` (and the folder entry fsynced), so a crash leaves the old file or the new one, never a mix. The one way
+    fusedsae writes a file; on an exception the temporary file is removed and ``path`` is untouched."""
+    final = Path(path)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Writes ``data`` (text as UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """``fig.savefig`` through :func:`atomic_path` (the format from ``path``'s suffix): a crash never leaves a
+    half-written PNG under the final name."""
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=final.suffix.lstrip(".") or "png")
+    return final
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names :func:`atomic_path`, :func:`save_sae` and :func:`replace_dir` use while writing: what a
+    crash can leave behind, safe to delete when no writer holds the folder."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON without its own ``manifest_sha256`` field: checkpoint and cache
+    manifests store it, so an edited or bit-flipped manifest is caught before any of its fields is trusted."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 def write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -143,13 +194,26 @@ def save_sae(sae: Any, path: str | os.PathLike[str], sparsity: Tensor | None = N
     return final
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, error: type[Exception] = SAEFormatError, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """Reads a JSON object; raises ``error`` naming the file for a missing, oversized, truncated or non-object file
+    (the size is checked before anything is read)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc})") from exc
+    if size > max_bytes:
+        raise error(
+            f"{path} is {size:,} bytes, more than the {max_bytes:,} a fusedsae/SAELens config or manifest can be; "
+            "it is not one (or is damaged)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SAEFormatError(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); the file may be truncated") from exc
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc})") from exc
     if not isinstance(data, dict):
-        raise SAEFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -160,6 +224,93 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise SAEFormatError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation of the config files we read: every field fusedsae uses, with the file and field named
+# ---------------------------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _field_error(path: Path, field: str, problem: str) -> SAEFormatError:
+    return SAEFormatError(f"{path}: field {field!r} {problem}")
+
+
+def _check_positive_int(raw: dict[str, Any], name: str, path: Path, prefix: str = "") -> None:
+    value = raw.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise _field_error(path, prefix + name, f"must be a positive integer, got {value!r}")
+
+
+def _check_dtype(raw: dict[str, Any], path: Path, prefix: str = "") -> None:
+    value = raw.get("dtype")
+    if value is not None and str(value).removeprefix("torch.") not in _FLOAT_DTYPES:
+        raise _field_error(path, prefix + "dtype", f"must be one of {', '.join(_FLOAT_DTYPES)}, got {value!r}")
+
+
+def check_sae_lens_cfg(raw: dict[str, Any], path: Path) -> None:
+    """Validates a SAELens (6.x or older) ``cfg.json`` field by field: types and ranges of every field fusedsae
+    reads, ``k`` for TopK, and, when fusedsae's own ``metadata.fusedsae`` is present, that it is a valid config
+    agreeing with the top-level fields (an edited ``d_sae`` must not be silently ignored). Raises
+    :class:`SAEFormatError` naming the file and field."""
+    meta = raw.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise _field_error(path, "metadata", f"must be an object, got {type(meta).__name__}")
+    for name in ("d_in", "d_sae", "k"):
+        _check_positive_int(raw, name, path)
+    _check_dtype(raw, path)
+    for name in ("architecture", "activation_fn", "activation_fn_str", "normalize_activations"):
+        if raw.get(name) is not None and not isinstance(raw[name], (str, bool)):
+            raise _field_error(path, name, f"must be a string, got {raw[name]!r}")
+    for name in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+        if name in raw and not isinstance(raw[name], bool):
+            raise _field_error(path, name, f"must be true or false, got {raw[name]!r}")
+    kwargs = raw.get("activation_fn_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _field_error(path, "activation_fn_kwargs", f"must be an object, got {kwargs!r}")
+    if kwargs:
+        _check_positive_int(kwargs, "k", path, "activation_fn_kwargs.")
+    fused = (meta or {}).get("fusedsae")
+    if fused is None:
+        legacy_topk = (raw.get("activation_fn") or raw.get("activation_fn_str")) == "topk"
+        if raw.get("architecture") == "topk" and raw.get("k") is None and not legacy_topk:
+            raise _field_error(path, "k", "is missing: a topk SAE needs k, the active latents per token")
+        if legacy_topk and raw.get("k") is None and (kwargs or {}).get("k") is None:
+            raise _field_error(path, "activation_fn_kwargs.k", "is missing: a topk SAE needs k")
+        return
+    if not isinstance(fused, dict):
+        raise _field_error(path, "metadata.fusedsae", f"must be an object, got {type(fused).__name__}")
+    for name in ("d_in", "d_sae", "k", "n_heads"):
+        _check_positive_int(fused, name, path, "metadata.fusedsae.")
+    _check_dtype(fused, path, "metadata.fusedsae.")
+    try:
+        cfg = SAEConfig.from_dict({**fused, "metadata": {}})
+    except (TypeError, ValueError) as exc:
+        raise _field_error(path, "metadata.fusedsae", f"is not a valid fusedsae config ({exc})") from exc
+    for name in ("d_in", "d_sae", "k", "dtype"):
+        if name in raw and raw[name] is not None:
+            top = raw[name] if name != "dtype" else str(raw[name]).removeprefix("torch.")
+            if top != getattr(cfg, name):
+                raise _field_error(
+                    path,
+                    name,
+                    f"is {raw[name]!r} but metadata.fusedsae.{name} is {getattr(cfg, name)!r}: the file was edited; "
+                    "make the two agree (or delete metadata.fusedsae to use the SAELens fields)",
+                )
+
+
+_SPARSIFY_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+
+
+def check_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    """Validates a sparsify folder: ``cfg.json``'s ``k`` and the weight names fusedsae reads."""
+    if "k" not in raw:
+        raise _field_error(path, "k", "is missing: a sparsify TopK SAE needs k, the active latents per token")
+    _check_positive_int(raw, "k", path)
+    missing = [name for name in _SPARSIFY_TENSORS if name not in tensors]
+    if missing:
+        raise SAEFormatError(f"{path.parent / SPARSIFY_WEIGHTS_FILE} lacks {', '.join(missing)}")
 
 
 def _version_tuple(version: Any) -> tuple[int, ...]:
@@ -174,6 +325,7 @@ def _version_tuple(version: Any) -> tuple[int, ...]:
 
 def _config_from_sae_lens(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> tuple[SAEConfig, bool]:
     """(config, rescale_by_decoder_norm) from a SAELens cfg.json, 6.x or older."""
+    check_sae_lens_cfg(raw, path)
     meta = raw.get("metadata") or {}
     fused = meta.get("fusedsae")
     if isinstance(fused, dict):
@@ -220,6 +372,7 @@ def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> SAEConfig:
+    check_sparsify(raw, tensors, path)
     W = tensors.get("encoder.weight")
     if W is None or W.dim() != 2:
         raise SAEFormatError(f"{path}: sae.safetensors has no 2-D encoder.weight")
@@ -260,11 +413,11 @@ def load_sae(
     rescale = False
     if (folder / WEIGHTS_FILE).exists():
         tensors = read_safetensors(folder / WEIGHTS_FILE)
-        cfg, rescale = _config_from_sae_lens(raw, tensors, cfg_path)
+        cfg, rescale = _named(cfg_path, lambda: _config_from_sae_lens(raw, tensors, cfg_path))
         weights = dict(tensors)
     elif (folder / SPARSIFY_WEIGHTS_FILE).exists():
         tensors = read_safetensors(folder / SPARSIFY_WEIGHTS_FILE)
-        cfg = _config_from_sparsify(raw, tensors, cfg_path)
+        cfg = _named(cfg_path, lambda: _config_from_sparsify(raw, tensors, cfg_path))
         weights = {
             "W_enc": tensors["encoder.weight"].t(),
             "b_enc": tensors["encoder.bias"],
@@ -285,6 +438,17 @@ def load_sae(
     if rescale:
         sae.fold_W_dec_norm()
     return sae
+
+
+def _named(path: Path, build: Any) -> Any:
+    """Runs ``build``; a config the SAE refuses (ValueError/TypeError from SAEConfig) becomes a SAEFormatError
+    naming the file."""
+    try:
+        return build()
+    except SAEFormatError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SAEFormatError(f"{path}: {exc}") from exc
 
 
 def _assign(sae: Any, weights: dict[str, Tensor], folder: Path) -> None:

@@ -8,6 +8,12 @@
 * ``l0``: mean number of active latents per token. ``dead_fraction``: latents that have not fired for
   ``dead_tokens`` tokens, over ``d_sae`` (counted by the trainer).
 * ``mmcs``: mean over true features of the max cosine similarity with any decoder row (Sharkey et al.).
+
+Small batches: ``mse`` and ``l0`` are means over tokens, defined for any batch of at least one token. ``fvu``,
+``explained_variance`` and ``explained_variance_legacy`` divide by the batch's variance, which a batch of one token
+(or of identical tokens) does not have: they are NaN there, never a number divided by a clamp (one token used to
+report FVU 8e37). The AuxK loss follows the same rule (0 without residual variance) and the trainer refuses the
+batch sizes at which it would be meaningless (:func:`fusedsae.training.check_batch_size`).
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ def _total_variance(x: Tensor) -> Tensor:
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained over the batch ``x, x_hat [N, d]`` (scalar)."""
+    """Fraction of variance unexplained over the batch ``x, x_hat [N, d]`` (scalar; NaN when the batch has no
+    variance, e.g. N = 1)."""
     residual = (x.float() - x_hat.float()).pow(2).sum()
-    return residual / _total_variance(x).clamp_min(torch.finfo(torch.float32).tiny)
+    return divide_by_variance(residual, _total_variance(x))
+
+
+def divide_by_variance(value: Tensor, variance: Tensor) -> Tensor:
+    """``value / variance`` where ``variance > 0``, NaN where it is 0 (the small-batch rule above); no host sync."""
+    safe = variance.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(variance > 0, value / safe, torch.full_like(safe, float("nan")))
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -40,7 +53,8 @@ def explained_variance_legacy(x: Tensor, x_hat: Tensor) -> Tensor:
     x = x.float()
     per_token_residual = (x - x_hat.float()).pow(2).sum(-1)
     per_token_variance = (x - x.mean(0)).pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-    return (1.0 - per_token_residual / per_token_variance).mean()
+    ratio = (1.0 - per_token_residual / per_token_variance).mean()
+    return torch.where(_total_variance(x) > 0, ratio, torch.full_like(ratio, float("nan")))
 
 
 def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:

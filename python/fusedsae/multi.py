@@ -110,7 +110,6 @@ class MultiTrainer:
         for t in self.trainers:
             if t.run_dir is None:
                 raise ValueError("resume needs a run_dir for every trainer")
-            ckpt.remove_partial(t.run_dir)
             steps = {int(p.name.removeprefix("step-")) for p in ckpt.list_checkpoints(t.run_dir)}
             common = steps if common is None else common & steps
         if not common:
@@ -233,36 +232,42 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
     from pathlib import Path
 
     from fusedsae import plots
+    from fusedsae.checkpoint import CheckpointError, RunFolderError
     from fusedsae.cli import RUN_CONFIG, add_periodic_evals, make_trainer
-    from fusedsae.evals import EVAL_FILE
+    from fusedsae.training import TrainingDiverged
 
     out = Path(settings["out"])
     runs = plan_runs(settings, source)
     trainers = []
     for i, run in enumerate(runs):
         view = SharedView(source, run["columns"], run["info"])
-        one = {**settings, "d_sae": run["d_sae"], "k": run["k"]}
+        # each SAE's folder is its own run (its own run id; a resume adopts the checkpoint's)
+        one = {**settings, "d_sae": run["d_sae"], "k": run["k"], "run_id": None}
         # one progress bar: the first SAE's (they all step together)
         progress = i == 0 and rank == 0 and not args.no_progress
-        trainers.append(make_trainer(one, view, out / run["name"], device, world, progress=progress))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        trainers.append(make_trainer(one, view, out / run["name"], device, world, progress, args.overwrite))
     driver = MultiTrainer(trainers, source)
-    if args.resume:
-        step = driver.resume()
-        if rank == 0:
-            print(f"resumed {len(trainers)} SAEs at step {step}" if step is not None else "no checkpoint; a new run")
-    elif rank == 0:
+    try:
+        step = driver.resume() if args.resume else None
         for t in trainers:
-            t.run_dir.mkdir(parents=True, exist_ok=True)
-            (t.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            (t.run_dir / EVAL_FILE).unlink(missing_ok=True)
-    if rank == 0:
-        add_periodic_evals(trainers, settings, device)
-    start = time.perf_counter()
-    step0 = trainers[0].step
-    results = driver.train()
+            if step is None:
+                t.start_run()  # locks each folder; refuses one holding another run (unless --overwrite)
+        if rank == 0:
+            from fusedsae.formats import atomic_write
+
+            atomic_write(out / RUN_CONFIG, json.dumps(settings, indent=2) + "\n")
+            if args.resume:
+                print(f"resumed {len(trainers)} SAEs at step {step}" if step is not None else "no checkpoint; new run")
+            add_periodic_evals(trainers, settings, device)
+        start = time.perf_counter()
+        step0 = trainers[0].step
+        results = driver.train()
+    except BaseException as exc:
+        for t in trainers:
+            t.close()  # the folders locked before the failure (train() releases its own)
+        if isinstance(exc, (TrainingDiverged, CheckpointError, RunFolderError)):
+            raise SystemExit(f"fusedsae train: {exc}") from exc
+        raise
     seconds = time.perf_counter() - start
     if rank != 0:
         return True

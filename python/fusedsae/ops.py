@@ -14,13 +14,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedsae import backends
+from fusedsae import backends, reference
 
 _LIB = "fusedsae"
 
 
 def _int64(*shape: Any, like: Tensor) -> Tensor:
     return torch.empty(*shape, dtype=torch.int64, device=like.device)
+
+
+# One sort per step: the decoder's and the encoder's backward both group the same TopK indices by latent. The
+# decoder's backward runs first and leaves its segments here; the encoder's finds them if it is handed the same
+# index tensor, unchanged (same storage, same version counter; the entry holds a reference, so the storage cannot
+# be freed and reused by another tensor while it is cached). One entry: the next step's indices replace it.
+_segments_memo: list[Any] = []
+
+
+def latent_segments(indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(order, keys, offsets)`` of :func:`fusedsae.reference.latent_segments`, computed once per index tensor."""
+    try:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("traced")
+        key = (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.dtype, indices.device)
+    except RuntimeError:  # traced or fake tensors have no storage to compare: sort as the graph says
+        return tuple(reference.latent_segments(indices, n_latents))  # type: ignore[return-value]
+    if _segments_memo and _segments_memo[1] == (key, n_latents):
+        return _segments_memo[2]
+    segments = tuple(reference.latent_segments(indices, n_latents))
+    _segments_memo[:] = [indices, (key, n_latents), segments]
+    return segments  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +157,10 @@ def _selection_backward(ctx, grad_values, _gi, grad_aux, _gai, *, padded: bool):
         grad = torch.cat([grad, grad_aux], dim=1)
         idx = torch.cat([idx, aux_indices], dim=1)
     need = ctx.needs_input_grad
+    idx = idx.contiguous()
+    order, keys, offsets = latent_segments(idx, W_enc.shape[1])
     dx, dW_enc, db_enc, db_dec = torch.ops.fusedsae.sparse_encode_backward(
-        grad.contiguous(), idx.contiguous(), x, W_enc, b_dec, need[0]
+        grad.contiguous(), idx, x, W_enc, b_dec, need[0], order, keys, offsets
     )
     return (
         dx if need[0] else None,
@@ -163,15 +187,24 @@ torch.library.register_autograd(f"{_LIB}::batchtopk_encode", _batchtopk_backward
 
 @torch.library.custom_op(f"{_LIB}::sparse_encode_backward", mutates_args=())
 def sparse_encode_backward(
-    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from the gradient at
-    the active entries; see :func:`fusedsae.reference.sparse_encode_backward`."""
-    return backends.call("sparse_encode_backward", grad, indices, x, W_enc, b_dec, need_dx)
+    the active entries; see :func:`fusedsae.reference.sparse_encode_backward`. ``order, keys, offsets``: the
+    entries already grouped by latent (:func:`latent_segments` of ``indices``), or None to sort here."""
+    return backends.call("sparse_encode_backward", grad, indices, x, W_enc, b_dec, need_dx, order, keys, offsets)
 
 
 @sparse_encode_backward.register_fake
-def _(grad, indices, x, W_enc, b_dec, need_dx):
+def _(grad, indices, x, W_enc, b_dec, need_dx, order=None, keys=None, offsets=None):
     dx = x.new_empty(x.shape) if need_dx else grad.new_empty(0)
     db_dec = grad.new_empty(W_enc.shape[0]) if b_dec is not None else grad.new_empty(0)
     return dx, W_enc.new_empty(W_enc.shape), grad.new_empty(W_enc.shape[1]), db_dec
@@ -204,7 +237,11 @@ def _sparse_decode_backward(ctx, grad):
     need = ctx.needs_input_grad
     d_values = dW_dec = None
     if need[0] or need[2]:
-        d_values, dW_dec = torch.ops.fusedsae.sparse_decode_backward(grad.contiguous(), values, indices, W_dec)
+        indices = indices.contiguous()
+        order, keys, offsets = latent_segments(indices, W_dec.shape[0])
+        d_values, dW_dec = torch.ops.fusedsae.sparse_decode_backward(
+            grad.contiguous(), values, indices, W_dec, order, keys, offsets
+        )
     db_dec = grad.sum(0) if (ctx.has_b_dec and need[3]) else None
     return d_values if need[0] else None, None, dW_dec if need[2] else None, db_dec
 
@@ -213,13 +250,22 @@ torch.library.register_autograd(f"{_LIB}::sparse_decode", _sparse_decode_backwar
 
 
 @torch.library.custom_op(f"{_LIB}::sparse_decode_backward", mutates_args=())
-def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
-    """``(d_values [N, m], dW_dec [d_sae, d_in])``; see :func:`fusedsae.reference.sparse_decode_backward`."""
-    return backends.call("sparse_decode_backward", grad_out, values, indices, W_dec)
+def sparse_decode_backward(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(d_values [N, m], dW_dec [d_sae, d_in])``; see :func:`fusedsae.reference.sparse_decode_backward`.
+    ``order, keys, offsets`` as for :func:`sparse_encode_backward`."""
+    return backends.call("sparse_decode_backward", grad_out, values, indices, W_dec, order, keys, offsets)
 
 
 @sparse_decode_backward.register_fake
-def _(grad_out, values, indices, W_dec):
+def _(grad_out, values, indices, W_dec, order=None, keys=None, offsets=None):
     return values.new_empty(values.shape), W_dec.new_empty(W_dec.shape)
 
 

@@ -14,6 +14,7 @@ latent (a stable sort) and reduce each group with ``embedding_bag``, which is de
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,17 +87,27 @@ def _order_by_value_then_index(values: Tensor, indices: Tensor) -> tuple[Tensor,
     return values, indices.gather(1, perm)
 
 
+# Whether the reference may read a CPU tensor's values on the host (one check of the TopK tie condition). On the
+# CPU that read waits for nothing and saves two passes over the scores; on an accelerator it would stall the queue,
+# so there the tie fix-up runs on the device. tests/test_sync.py turns it off to count what a GPU would run.
+CPU_HOST_READS = True
+
+
 def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row, ties broken by the lower index, sorted by value then index.
 
     ``scores [N, M] -> (values [N, k], indices [N, k] int64)``. ``torch.topk`` promises no order among ties, so
-    this takes k+1 candidates: a row whose (k+1)-th value equals its k-th has a tie across the cut-off and is
-    redone with a stable sort (rare on real data: all-equal rows, quantised inputs).
+    entries equal to the k-th value may be the wrong ones. On the CPU this takes k+1 candidates and redoes rows
+    whose (k+1)-th value equals their k-th with a stable sort (rare on real data: all-equal rows, quantised
+    inputs); elsewhere (no host read) the slots holding the k-th value are refilled on the device with the
+    lowest-index entries equal to it.
     """
     width = scores.shape[1]
     if k >= width:
         values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
         return values[:, :k], indices[:, :k]
+    if not (CPU_HOST_READS and scores.device.type == "cpu"):
+        return _row_topk_on_device(scores, k)
     values, indices = torch.topk(scores, k + 1, dim=1, largest=True, sorted=True)
     tied = values[:, k] == values[:, k - 1]
     values, indices = values[:, :k], indices[:, :k]
@@ -107,6 +118,25 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         indices = indices.clone()
         values[rows] = v[:, :k]
         indices[rows] = i[:, :k]
+    return _order_by_value_then_index(values, indices)
+
+
+def _row_topk_on_device(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`row_topk` with static shapes and no host read. Every entry above the k-th value ``t`` is in any
+    top-k set (the first ``n_gt`` slots of the sorted result); the other slots hold ``t`` and go to the
+    lowest-index entries equal to ``t``, found by a second ``topk`` on ``where(s == t, M - column, 0)`` (distinct
+    keys among the ties). Three extra passes over the scores."""
+    width = scores.shape[1]
+    values, indices = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    t = values[:, k - 1 :]
+    n_gt = (values > t).sum(1, keepdim=True)
+    reversed_cols = torch.arange(width, 0, -1, device=scores.device)
+    first_tied = width - torch.topk(torch.where(scores == t, reversed_cols, 0), k, dim=1, sorted=True).values
+    slots = torch.arange(k, device=scores.device).expand_as(indices)
+    tied_slot = slots >= n_gt
+    refill = first_tied.gather(1, (slots - n_gt).clamp_min(0))
+    # t is NaN when a row holds NaNs among its top k: nothing equals it, so keep topk's choice in that row
+    indices = torch.where(tied_slot & ~torch.isnan(t), refill, indices)
     return _order_by_value_then_index(values, indices)
 
 
@@ -170,35 +200,31 @@ def batchtopk_select(pre: Tensor, k: int) -> Tensor:
 def batch_active(scores: Tensor, budget: int) -> Tensor:
     """The ``budget`` largest positive entries of ``scores [N, M]`` over the whole tensor, ties broken by the lower
     flat (row-major) index: ``bool [N, M]``. The triton backend runs it on its per-row candidates, which are in
-    flat-index order among equal values."""
+    flat-index order among equal values. No host read: the entries equal to the cut-off are ranked by a running
+    count in flat order, and a cut-off at or below 0 leaves just the positive entries."""
     flat = scores.reshape(-1)
     if budget >= flat.numel():
         return scores > 0
     cutoff = torch.topk(flat, budget, sorted=False).values.min()
-    if cutoff <= 0:
-        return scores > 0
-    active = scores > cutoff
-    missing = budget - int(active.sum())
-    if missing > 0:
-        tied = (flat == cutoff).nonzero().squeeze(1)[:missing]
-        active.view(-1)[tied] = True
-    return active
+    above = flat > cutoff
+    missing = budget - above.sum()
+    tied = flat == cutoff
+    active = (above | (tied & (torch.cumsum(tied, 0) <= missing))) & (flat > 0)
+    return active.view(scores.shape)
 
 
 def _pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """Padded sparse form of ``pre`` at ``active``: each row's active entries in latent order, then padding
-    (value 0, index 0). Width = the largest row count (at least 1)."""
-    n = pre.shape[0]
+    (value 0, index 0). Width = the largest row count (at least 1): the one host read of a BatchTopK encode."""
+    n, m = pre.shape
     counts = active.sum(1)
     width = max(1, int(counts.max())) if n else 1
-    rows, cols = active.nonzero(as_tuple=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(rows.numel(), device=pre.device) - starts[rows]
-    values = pre.new_zeros(n, width)
-    indices = torch.zeros(n, width, dtype=torch.int64, device=pre.device)
-    values[rows, slots] = pre[rows, cols]
-    indices[rows, slots] = cols
-    return values, indices
+    # each active entry's slot is its rank in its row; inactive entries all go to a dropped column `width`
+    slots = torch.where(active, torch.cumsum(active, 1) - 1, width)
+    values = pre.new_zeros(n, width + 1).scatter_(1, slots, torch.where(active, pre, torch.zeros_like(pre)))
+    columns = torch.arange(m, device=pre.device).expand(n, m)
+    indices = torch.zeros(n, width + 1, dtype=torch.int64, device=pre.device).scatter_(1, slots, columns)
+    return values[:, :width], indices[:, :width]
 
 
 def batchtopk_encode(
@@ -234,16 +260,21 @@ def sparse_encode_backward(
     W_enc: Tensor,
     b_dec: Tensor | None,
     need_dx: bool,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of a sparse encoder, given ``grad [N, m]``, the gradient of the loss w.r.t. the pre-activation
-    at the active entries ``indices [N, m]`` (repeated indices add up).
+    at the active entries ``indices [N, m]`` (repeated indices add up). ``order, keys, offsets``: the
+    :func:`latent_segments` of ``indices`` if already computed.
 
     Returns ``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])``. ``dW_enc`` is
     non-zero only at active columns; ``db_dec = -W_enc @ db_enc`` reduces over the batch before the mat-vec.
     """
     d_sae = W_enc.shape[1]
     x_c = center(x, b_dec)
-    dW_enc = transposed(scatter_rows(x_c, indices, grad, d_sae))
+    segments = None if order is None else Segments(order, keys, offsets)  # type: ignore[arg-type]
+    dW_enc = transposed(scatter_rows(x_c, indices, grad, d_sae, segments))
     db_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
     db_enc.index_add_(0, indices.reshape(-1).long(), grad.reshape(-1))
     db_dec = -(W_enc @ db_enc) if b_dec is not None else grad.new_empty(0)
@@ -279,31 +310,60 @@ def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
     return out.view(n, m)
 
 
-def scatter_rows(src: Tensor, indices: Tensor, weights: Tensor, n_out: int) -> Tensor:
+class Segments(NamedTuple):
+    """The active entries of an ``[N, m]`` index array grouped by latent: one stable sort, shared by every per-latent
+    sum of a step (the decoder's ``d W_dec`` and the encoder's ``d W_enc``/``d b_enc``).
+
+    ``order [N*m]`` int64: flat entry positions ``n * m + j`` by latent, then by position; ``keys [N*m]`` int32: the
+    latent of each (sorted); ``offsets [n_latents + 1]`` int64: latent ``i`` owns ``order[offsets[i]:offsets[i+1]]``.
+    """
+
+    order: Tensor
+    keys: Tensor
+    offsets: Tensor
+
+
+def latent_segments(indices: Tensor, n_latents: int) -> Segments:
+    """:class:`Segments` of ``indices [N, m]`` (values in ``[0, n_latents)``, ``n_latents < 2**31``). int32 keys
+    halve the sort's traffic; ``searchsorted`` finds the offsets on the device (``bincount`` would read its range
+    back to the host on CUDA)."""
+    keys, order = torch.sort(indices.reshape(-1).to(torch.int32), stable=True)
+    bounds = torch.arange(n_latents + 1, dtype=torch.int32, device=indices.device)
+    return Segments(order, keys, torch.searchsorted(keys, bounds))
+
+
+def scatter_rows(src: Tensor, indices: Tensor, weights: Tensor, n_out: int, segments: Segments | None = None) -> Tensor:
     """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * src[n]``: ``[n_out, d]``.
 
-    Deterministic: entries are grouped by ``i`` with a stable sort and each group is summed in token order by
-    ``embedding_bag`` (no float atomics).
+    Deterministic: entries are grouped by ``i`` with a stable sort (``segments``, computed here if not given) and
+    each group is summed in token order by ``embedding_bag`` (no float atomics).
     """
     m = indices.shape[1]
-    flat = indices.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
+    order, _, offsets = segments if segments is not None else latent_segments(indices, n_out)
     tokens = torch.div(order, m, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=n_out)
-    offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(
-        tokens, src, offsets, per_sample_weights=weights.reshape(-1)[order].to(src.dtype), mode="sum"
+        tokens, src, offsets[:-1], per_sample_weights=weights.reshape(-1)[order].to(src.dtype), mode="sum"
     )
 
 
-def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`sparse_decode` given ``grad_out [N, d_in]``: ``(d_values [N, m], dW_dec [d_sae, d_in])``.
+def sparse_decode_backward(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`sparse_decode` given ``grad_out [N, d_in]``: ``(d_values [N, m], dW_dec [d_sae, d_in])``;
+    ``order, keys, offsets`` as for :func:`sparse_encode_backward`.
 
     ``d_values`` is a gather-dot over the active rows only; ``dW_dec`` sums ``value * grad_out[token]`` per
     latent, deterministically. (``d b_dec = grad_out.sum(0)``.)
     """
     d_values = gather_dot(W_dec, indices, grad_out)
-    dW_dec = scatter_rows(grad_out, indices, values, W_dec.shape[0])
+    segments = None if order is None else Segments(order, keys, offsets)  # type: ignore[arg-type]
+    dW_dec = scatter_rows(grad_out, indices, values, W_dec.shape[0], segments)
     return d_values, dW_dec
 
 

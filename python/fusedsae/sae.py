@@ -32,7 +32,9 @@ class TrainingOutput:
         sae_out: reconstruction ``[N, d_in]``.
         values, indices: sparse activations ``[N, m]`` (TopK: m = k; BatchTopK: padded) or None for dense SAEs.
         dense_acts: ``[N, d_sae]`` activations of dense SAEs (ReLU, JumpReLU), else None.
-        n_dead: dead latents the AuxK loss could use (TopK family; 0 otherwise).
+        n_dead: dead latents the AuxK loss could use (TopK family with a dead mask: a device tensor, so that the
+            step never waits for the host; 0 otherwise).
+        nonfinite: with ``defer_checks``, the number of NaN/Inf input values (int64 device tensor), else None.
     """
 
     loss: Tensor
@@ -42,8 +44,9 @@ class TrainingOutput:
     values: Tensor | None = None
     indices: Tensor | None = None
     dense_acts: Tensor | None = None
-    n_dead: int = 0
+    n_dead: int | Tensor = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    nonfinite: Tensor | None = None
 
     @property
     def feature_acts(self) -> Tensor:
@@ -165,7 +168,7 @@ class SparseAutoencoder(nn.Module):
     def _b_dec_in(self) -> Tensor | None:
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
-    def _flatten(self, x: Tensor) -> Tensor:
+    def _flatten(self, x: Tensor, check_finite: bool = True) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_in:
@@ -177,7 +180,7 @@ class SparseAutoencoder(nn.Module):
             raise TypeError(f"x must be floating point, got {x.dtype}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.device}; use sae.to(x.device)")
-        if self.check_finite:
+        if self.check_finite and check_finite:
             F.check_finite(x, "x")
         return x.reshape(-1, self.cfg.d_in).to(self.dtype)
 
@@ -250,6 +253,9 @@ class SparseAutoencoder(nn.Module):
         x: Tensor,
         dead_mask: Tensor | None = None,
         coefficient_scale: float = 1.0,
+        *,
+        dead_capacity: int | None = None,
+        defer_checks: bool = False,
     ) -> TrainingOutput:
         """Forward pass with the training loss.
 
@@ -257,38 +263,55 @@ class SparseAutoencoder(nn.Module):
             x: ``[..., d_in]`` activations.
             dead_mask: ``[d_sae]`` bool, latents counted as dead; enables the AuxK loss (TopK/BatchTopK).
             coefficient_scale: multiplier of the sparsity coefficient (the trainer's warm-up, 0 → 1).
+            dead_capacity: an upper bound on ``dead_mask.sum()`` known without reading the mask
+                (:meth:`fusedsae.Trainer.dead_capacity` derives an exact one); AuxK then works on that many
+                columns instead of all ``d_sae``. A bound that is too small leaves dead latents out of AuxK.
+            defer_checks: count NaN/Inf inputs on the device (``out.nonfinite``) instead of raising, so that the
+                step issues no host synchronisation; the caller reads the count when it syncs anyway.
 
         Loss = MSE (summed over d_in, mean over tokens) + one of: ``l1_coefficient`` × L1 of the activations
         weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
-        ``aux_loss_coefficient`` × AuxK (TopK family): the top ``aux_k`` dead latents reconstruct the detached
-        residual, normalised by the residual's variance and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.).
+        ``aux_loss_coefficient`` × AuxK (TopK family, whenever ``dead_mask`` is given, 0 when nothing is dead):
+        the top ``aux_k`` dead latents reconstruct the detached residual, normalised by the residual's variance
+        and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`auxk_reconstruction`.
+
+        A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
+        static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
         """
         cfg = self.cfg
-        x2 = self._flatten(x)
+        x2 = self._flatten(x, check_finite=not defer_checks)
+        nonfinite = (~torch.isfinite(x2)).sum() if (defer_checks and self.check_finite) else None
         b_dec_in = self._b_dec_in
         losses: dict[str, Tensor] = {}
         extras: dict[str, Any] = {"d_sae": cfg.d_sae}
         values = indices = dense = None
-        n_dead = 0
+        n_dead: int | Tensor = 0
         if cfg.activation in SPARSE_ACTIVATIONS:
-            aux_k = 0
-            if dead_mask is not None and cfg.aux_k:
-                n_dead = int(dead_mask.sum())
-                aux_k = min(cfg.aux_k, n_dead)
             op = ops.topk_encode if cfg.activation == "topk" else ops.batchtopk_encode
             assert cfg.k is not None
-            pre_v, indices, aux_pre, aux_idx = op(
-                x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, aux_k, dead_mask if aux_k else None
-            )
+            pre_v, indices, _, _ = op(x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, 0, None)
             values = torch.relu(pre_v)
             sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            if aux_k:
+            if dead_mask is not None and cfg.aux_k:
+                n_dead = dead_mask.sum()
                 residual = (x2 - sae_out).detach()
-                aux_out = ops.sparse_decode(torch.relu(aux_pre), aux_idx, self.W_dec, None)
-                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-                scale = min(n_dead / cfg.aux_k, 1.0)
-                aux = scale * (aux_out - residual).pow(2).sum(-1).mean() / variance
+                aux_out = auxk_reconstruction(
+                    x2,
+                    self.W_enc,
+                    self.b_enc,
+                    b_dec_in,
+                    self.W_dec,
+                    dead_mask,
+                    min(cfg.aux_k, cfg.d_sae),
+                    dead_capacity,
+                )
+                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+                scale = (n_dead / cfg.aux_k).clamp(max=1.0)
+                # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
+                # error over a 1e-12 clamp (loss 6e10 at batch size 1)
+                error = (aux_out - residual).pow(2).sum(-1).mean()
+                aux = scale * torch.where(variance > 0, error / variance.clamp_min(1e-12), torch.zeros_like(error))
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
@@ -307,20 +330,21 @@ class SparseAutoencoder(nn.Module):
             losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
-        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras)
+        return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras, nonfinite)
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
         """BatchTopK inference threshold: EMA (rate ``topk_threshold_lr``) of the smallest positive activation
-        of each training batch; the first batch sets it."""
-        positive = values[values > 0]
-        if positive.numel() == 0:
+        of each training batch; the first batch sets it, a batch without positive activations leaves it. On the
+        device, no host read."""
+        if values.numel() == 0:
             return
-        smallest = positive.min().to(self.threshold.dtype)
+        smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin()
+        smallest = smallest.to(self.threshold.dtype)
         current = self.threshold[0]
         lr = self.cfg.topk_threshold_lr
-        new = smallest if bool(current <= 0) else (1 - lr) * current + lr * smallest
-        self.threshold.fill_(float(new))
+        new = torch.where(current <= 0, smallest, (1 - lr) * current + lr * smallest)
+        self.threshold.copy_(torch.where(torch.isinf(smallest), current, new).expand_as(self.threshold))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -332,9 +356,14 @@ class SparseAutoencoder(nn.Module):
         g -= (g * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
-    def normalize_decoder_rows(self) -> None:
-        """Rescales decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def normalize_decoder_rows(self, skip: Tensor | None = None) -> None:
+        """Rescales decoder rows to unit norm. ``skip``: a 0-dim bool tensor; where true the rows are left exactly
+        as they are (the trainer's skipped steps: renormalising unit rows would still change their last bits),
+        decided on the device without a host sync."""
+        norms = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if skip is not None:
+            norms = torch.where(skip, torch.ones_like(norms), norms)
+        self.W_dec /= norms
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
@@ -372,6 +401,63 @@ class SparseAutoencoder(nn.Module):
         k = f", k={cfg.k}" if cfg.k is not None else ""
         heads = f", n_heads={cfg.n_heads}" if cfg.n_heads else ""
         return f"d_in={cfg.d_in}, d_sae={cfg.d_sae}, activation={cfg.activation}{k}{heads}, dtype={cfg.dtype}"
+
+
+# AuxK decodes densely over its columns (a GEMM over the possibly dead latents, zeros where not selected) while
+# there are at most this many columns per selected slot, else sparsely (aux_k gathers per token). Tensor cores do
+# about 200x more multiply-adds per second than a gather moves bf16 elements (~600 TFLOP/s vs ~3 TB/s from L2), so
+# dense wins up to far wider; 16 keeps the dense path's [N, width] activations within 16x the sparse form's
+# [N, aux_k] values and indices, and also suits fp32 without TF32 (~60 TFLOP/s on FMA units).
+AUX_DENSE_RATIO = 16
+
+
+def auxk_reconstruction(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    W_dec: Tensor,
+    dead_mask: Tensor,
+    aux_k: int,
+    capacity: int | None = None,
+) -> Tensor:
+    """AuxK's reconstruction ``[N, d_in]`` (no ``b_dec``): the ``aux_k`` largest pre-activations among the latents
+    where ``dead_mask [d_sae]`` is true, ReLU'd and decoded; differentiable in every weight.
+
+    Static shapes, no host read, whatever the dead count. ``capacity`` (an upper bound on the dead count, or None
+    for ``d_sae``) sets the work: a stable sort of the mask lists the dead latents first, and AuxK runs over the
+    first ``width = capacity`` columns, the live ones among them given a bias of -inf (never selected, ReLU 0, no
+    gradient). When ``width <= aux_k`` every dead latent is selected and no selection runs. The decode is dense over
+    those columns while ``width <= AUX_DENSE_RATIO * aux_k`` (its cost follows the dead count), sparse beyond.
+    Slots beyond the dead count select live latents at -inf: they add 0, so the result equals the reference's
+    top-``min(aux_k, n_dead)``.
+    """
+    d_sae = W_enc.shape[1]
+    width = d_sae if capacity is None else max(1, min(d_sae, capacity))
+    if width < d_sae:
+        cols = torch.sort((~dead_mask).to(torch.uint8), stable=True).indices[:width]
+        W_enc, b_enc, dead_mask = (
+            W_enc.index_select(1, cols),
+            b_enc.index_select(0, cols),
+            dead_mask.index_select(0, cols),
+        )
+        W_dec_cols = W_dec.index_select(0, cols)
+    else:
+        cols, W_dec_cols = None, W_dec
+    bias = torch.where(dead_mask, b_enc, torch.full_like(b_enc, float("-inf")))
+    aux_k = min(aux_k, width)
+    if width <= AUX_DENSE_RATIO * aux_k:
+        pre = torch.addmm(bias, x if b_dec is None else x - b_dec, W_enc)
+        acts = torch.relu(pre)
+        if aux_k < width:
+            _, chosen = ops.row_topk(pre.detach(), aux_k)
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, chosen, True)
+            acts = torch.where(keep, acts, torch.zeros_like(acts))
+        return acts @ W_dec_cols
+    pre_v, chosen, _, _ = ops.topk_encode(x, W_enc, bias, b_dec, aux_k, 0, None)
+    if cols is not None:
+        chosen = cols[chosen]
+    return ops.sparse_decode(torch.relu(pre_v), chosen, W_dec, None)
 
 
 def geometric_median(x: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:

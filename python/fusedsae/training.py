@@ -1,14 +1,22 @@
 """Trainer and TrainConfig: Adam with LR warm-up/decay, sparsity-coefficient warm-up, dead latents counted in
 tokens, the metrics of :mod:`fusedsae.metrics`, a progress bar, a JSONL log, atomic checkpoints that resume
-exactly, and data parallelism over ``torch.distributed``."""
+exactly, and data parallelism over ``torch.distributed``.
+
+Divergence guard: every step checks its inputs, loss terms and gradients for NaN/Inf on the device and, when one
+is found, skips the update (fused Adam's ``found_inf``: the weights and Adam's moments stay as they were), without
+a host synchronisation. The trainer reads the guard's device counters only at log and checkpoint steps: a
+non-finite loss in ``max_bad_steps`` consecutive steps, or a non-finite weight at any time, stops training with
+:class:`TrainingDiverged` (one line: the step, the term, the last good checkpoint, what to try); isolated skipped
+steps are reported with a warning. No checkpoint or SAE folder holding a non-finite value is ever written.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
-import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +28,53 @@ from torch import Tensor
 
 from fusedsae import checkpoint as ckpt
 from fusedsae import metrics as M
-from fusedsae.config import SAEConfig
+from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderError
+from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+from fusedsae.formats import atomic_write, read_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_SAE_DIR = "sae"
+
+# What the divergence guard watches, in the order of its device-side flag vector: the inputs, each loss term by its
+# SAELens name ("loss" collects any other term), then the gradients.
+GUARD_TERMS = ("inputs", "mse_loss", "l1_loss", "l0_loss", "auxiliary_reconstruction_loss", "loss", "gradients")
+# A log whose FVU is above FVU_WARNING for FVU_WARNING_LOGS logs in a row is warned about (a finite divergence:
+# --lr 10 gave FVU 9.7e10; a healthy run stays below 1).
+FVU_WARNING = 1e3
+FVU_WARNING_LOGS = 3
+# Train-config fields that may change when a run is resumed: they do not change the weights up to the resumed
+# step (bookkeeping) or follow the run's length (--steps may extend a finished run; its decay follows the new end).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "total_tokens",
+        "lr_decay_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "run_dir",
+        "progress",
+        "run_id",
+        "overwrite",
+        "max_bad_steps",
+    }
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped because the loss stayed non-finite or a weight became non-finite.
+
+    Attributes: ``step`` (the trainer's step when it stopped), ``term`` (what went non-finite: one of
+    :data:`GUARD_TERMS` or ``"weights"``), ``checkpoint`` (the last good checkpoint, or None).
+    """
+
+    def __init__(self, message: str, step: int, term: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.term = term
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -49,6 +98,10 @@ class TrainConfig:
         run_dir: where metrics.jsonl, checkpoints/, sae/ and summary.json go (None: nothing is written).
         seed: seeds torch's global RNG at the start of training.
         progress: show a tqdm progress bar.
+        max_bad_steps: stop when this many consecutive steps had a non-finite loss or gradient (their updates are
+            skipped; an isolated one is only reported).
+        run_id: the run's identity (None: a fresh one for a new run, the checkpoint's when resuming).
+        overwrite: a new run may replace another run's files in ``run_dir`` (otherwise it is refused).
     """
 
     steps: int = 2000
@@ -72,10 +125,15 @@ class TrainConfig:
     run_dir: str | None = None
     seed: int = 0
     progress: bool = True
+    max_bad_steps: int = 10
+    run_id: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros", "keep"):
             raise ValueError(f"b_dec_init must be geometric_median, mean, zeros or keep, got {self.b_dec_init!r}")
         if self.lr <= 0:
@@ -102,6 +160,10 @@ class Trainer:
     folder, input scale folded in) to ``sae/``; :meth:`resume` continues a killed run bit-for-bit on the same
     machine. Under ``torch.distributed`` every rank runs a Trainer on its own share of the data; gradients and
     firing statistics are averaged/combined across ranks and rank 0 writes the files.
+
+    The run folder belongs to one run (``run_id``) and is locked while the trainer writes it: a new run refuses a
+    folder holding another run (:class:`fusedsae.checkpoint.RunFolderError`; ``cfg.overwrite`` replaces it), and
+    a resume refuses checkpoints of another run or of settings that would change the result.
     """
 
     def __init__(
@@ -117,31 +179,44 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         if int(data.d_in) != sae.cfg.d_in:
             raise ValueError(f"the data has d_in={data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
+        check_batch_size(sae.cfg, int(getattr(data, "batch_size", self.cfg.batch_size)))
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = sae.device
         params = [p for p in sae.parameters() if p.requires_grad]
         # The fused kernel updates each tensor in one pass: on 2 CPU threads at d_in=768, d_sae=16384 it took
-        # 10 ms against 97 ms for the default foreach path; it runs on CPU and CUDA tensors.
-        fused = self.device.type in ("cpu", "cuda")
+        # 10 ms against 97 ms for the default foreach path; it runs on CPU and CUDA tensors. It also takes the
+        # divergence guard's found_inf flag and skips the whole update on the device when it is set.
+        self.fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(
             params,
             lr=self.cfg.lr,
             betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
             eps=self.cfg.adam_eps,
-            fused=fused or None,
+            fused=self.fused or None,
         )
         d_sae = sae.cfg.d_sae
         self.step = 0
         self.tokens = 0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
+        # NaN/Inf input values counted on the device by training_forward (defer_checks), read at log steps
+        self.nonfinite_inputs = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._dead_capacity: tuple[int, int, int, int] | None = None  # (first step, end step, tokens/step, bound)
         self.window_steps = 0
         self.window_tokens = 0
         self.act_scale: float | None = None
         self.last_metrics: dict[str, Any] = {}
         self.run_dir = Path(self.cfg.run_dir) if self.cfg.run_dir else None
+        self.run_id = self.cfg.run_id
+        self.last_checkpoint: Path | None = None
+        self._lock = ckpt.RunLock(self.run_dir) if self.run_dir is not None else None
+        self._claimed = False
+        self._resumed_empty = False
+        self._fvu_high_logs = 0
+        self.skipped_before = 0  # updates skipped before this session (restored by resume)
+        self._reset_guard()
 
     # -------------------------------------------------------------------------------------------------------------
     # schedules
@@ -165,6 +240,40 @@ class Trainer:
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def dead_capacity(self, step_tokens: int) -> int:
+        """An upper bound on the number of dead latents at this step and every step up to the next refresh, for
+        AuxK's static shapes (``training_forward(dead_capacity=...)``), with one host read per refresh.
+
+        Refreshed every ``min(log_every, dead window / 4)`` steps (dead window: ``dead_tokens / step_tokens``
+        steps): at the defaults (10M tokens, 4096-token batches, log every 50) that is once per log interval, at
+        the step after a log step, whose metrics were read back anyway; a short dead window refreshes more often so
+        that the bound stays tight (it admits latents idle for three quarters of the window). Exact:
+        ``tokens_since_fired`` grows by ``step_tokens`` per step or drops to 0, so a latent that can be dead within
+        the next ``j`` steps already has ``tokens_since_fired >= dead_tokens - j * step_tokens``. Rounded up to a
+        multiple of 128 so that the shapes rarely change."""
+        cached = self._dead_capacity
+        if cached is not None and cached[0] <= self.step < cached[1] and cached[2] == step_tokens:
+            return cached[3]
+        window = max(1, self.cfg.dead_tokens // max(1, step_tokens))
+        interval = min(max(1, self.cfg.log_every), max(1, window // 4))
+        steps = interval - self.step % interval  # this step and those before the next refresh
+        threshold = self.cfg.dead_tokens - (steps - 1) * step_tokens
+        bound = int((self.tokens_since_fired >= threshold).sum())
+        bound = min(self.sae.cfg.d_sae, 128 * math.ceil(bound / 128))
+        self._dead_capacity = (self.step, self.step + steps, step_tokens, bound)
+        return bound
+
+    def check_inputs_finite(self) -> None:
+        """Raises ValueError if the inputs of the steps since the last call held NaN or Inf: counted on the device
+        by ``training_forward``, read here at log steps, so that a step never waits for the host."""
+        count = int(self.nonfinite_inputs)
+        if count:
+            self.nonfinite_inputs.zero_()
+            raise ValueError(
+                f"the training inputs held {count} non-finite value(s) (NaN or Inf) in the steps up to step "
+                f"{self.step}; check the activations you feed the SAE"
+            )
 
     # -------------------------------------------------------------------------------------------------------------
     # the loop
@@ -191,29 +300,183 @@ class Trainer:
     def _scale(self, x: Tensor) -> Tensor:
         return x if self.act_scale is None else x * self.act_scale
 
-    def _all_reduce_grads(self) -> None:
+    def _all_reduce_grads(self, flags: Tensor) -> Tensor:
+        """Averages the gradients over ranks; the guard's ``flags`` ride along in the same all-reduce (summed), so
+        every rank skips the same steps without a second collective. Returns the summed flags."""
         grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([*(g.reshape(-1) for g in grads), flags.to(grads[0].dtype)])
         dist.all_reduce(flat)
-        flat /= self.world_size
+        flags = flat[-flags.numel() :].float()
+        flat = flat[: -flags.numel()] / self.world_size
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+        return flags
+
+    # -------------------------------------------------------------------------------------------------------------
+    # divergence guard (device-side; read at log and checkpoint steps only)
+    # -------------------------------------------------------------------------------------------------------------
+
+    def _reset_guard(self) -> None:
+        dev = self.device
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=dev)  # fused Adam's skip flag
+        self._one = torch.ones((), dtype=torch.float32, device=dev)
+        self._dev_step = torch.full((), self.step, dtype=torch.int64, device=dev)
+        self._bad_run = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps, now
+        self._bad_max = torch.zeros((), dtype=torch.int64, device=dev)  # longest such streak
+        self._bad_total = torch.zeros((), dtype=torch.int64, device=dev)  # skipped steps in this session
+        self._bad_step = torch.zeros((), dtype=torch.int64, device=dev)  # the latest skipped step (1-based)
+        # flags of GUARD_TERMS at the latest skipped step, then its largest |input|
+        self._bad_info = torch.zeros(len(GUARD_TERMS) + 1, dtype=torch.float32, device=dev)
+        self._bad_reported = 0
+        self._slot_index: dict[tuple[str, ...], Tensor] = {}
+
+    def _step_flags(self, x: Tensor, out: TrainingOutput) -> tuple[Tensor, Tensor]:
+        """``(flags [len(GUARD_TERMS) - 1] float32, absmax [] float32)``: > 0 where the inputs or a loss term are
+        non-finite (the gradients' flag is added after the all-reduce); the batch's largest ``|x|`` (NaN/Inf when
+        an input is). Four small kernels whatever the number of terms (stack, isfinite, scatter), no host sync."""
+        absmax = x.detach().abs().amax().float()
+        names = tuple(out.losses)
+        slots = self._slot_index.get(names)
+        if slots is None:  # which flag slot each watched value goes to; one small host->device copy per loss set
+            other = GUARD_TERMS.index("loss")
+            index = [0, *(GUARD_TERMS.index(n) if n in GUARD_TERMS else other for n in names), other]
+            slots = self._slot_index[names] = torch.tensor(index, device=self.device)
+        watched = torch.stack([absmax, *(t.detach().float() for t in out.losses.values()), out.loss.detach().float()])
+        bad = (~torch.isfinite(watched)).float()
+        flags = torch.zeros(len(GUARD_TERMS) - 1, dtype=torch.float32, device=self.device)
+        return flags.index_add_(0, slots, bad), absmax  # counts of 0/1 (exact in any order); > 0 means bad
+
+    def _guard_update(self, flags: Tensor, absmax: Tensor) -> Tensor:
+        """Sets ``_found_inf`` from the loss flags and the (reduced) gradients and updates the skip counters;
+        returns the step's "bad" flag (0-dim bool)."""
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        self._found_inf.zero_()
+        # Sets found_inf to 1 if any gradient holds a NaN/Inf (multiplying by 1 leaves them bit-identical); the
+        # op GradScaler uses, one fused pass over the gradients on CUDA.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+        grad_bad = self._found_inf.clone()
+        self._found_inf.copy_(torch.maximum(self._found_inf, (flags > 0).float().amax()))
+        bad = self._found_inf > 0
+        self._dev_step += 1
+        self._bad_run = (self._bad_run + 1) * bad
+        self._bad_max = torch.maximum(self._bad_max, self._bad_run)
+        self._bad_total += bad
+        self._bad_step = torch.where(bad, self._dev_step, self._bad_step)
+        info = torch.cat([(flags > 0).float(), grad_bad.view(1), absmax.view(1)])
+        self._bad_info = torch.where(bad, info, self._bad_info)
+        return bad
+
+    def check_divergence(self) -> None:
+        """Reads the guard's counters and checks every weight for NaN/Inf (one host synchronisation: the trainer
+        calls it at log and checkpoint steps). Raises :class:`TrainingDiverged` past the threshold; warns about
+        newly skipped steps below it."""
+        tensors = [
+            (n, t) for n, t in [*self.sae.named_parameters(), *self.sae.named_buffers()] if t.is_floating_point()
+        ]
+        finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).float()
+        counters = torch.stack([self._bad_max, self._bad_total, self._bad_step]).float()
+        values = torch.cat([counters, self._bad_info, finite]).tolist()
+        bad_max, bad_total, bad_step = (int(v) for v in values[:3])
+        info = values[3 : 4 + len(GUARD_TERMS)]
+        broken = [name for (name, _), ok in zip(tensors, values[4 + len(GUARD_TERMS) :]) if not ok]
+        if broken:
+            raise self._diverged(
+                f"the weights became non-finite ({', '.join(broken)}) by step {self.step}", "weights", info
+            )
+        if bad_max >= self.cfg.max_bad_steps:
+            term = self._bad_term(info)
+            raise self._diverged(
+                f"{term} was non-finite (NaN/Inf) in {bad_max} consecutive steps, the last at step {bad_step} "
+                "(their updates were skipped)",
+                term,
+                info,
+            )
+        if bad_total > self._bad_reported and self.rank == 0:
+            warnings.warn(
+                f"skipped {bad_total - self._bad_reported} update(s) whose {self._bad_term(info)} was non-finite, "
+                f"the latest at step {bad_step} (largest |input| {info[-1]:.3g}); training continues, and stops "
+                f"after {self.cfg.max_bad_steps} such steps in a row",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._bad_reported = bad_total
+
+    @staticmethod
+    def _bad_term(info: list[float]) -> str:
+        names = [name for name, flag in zip(GUARD_TERMS, info) if flag]
+        if "inputs" in names:
+            return "the input batch"
+        terms = [n for n in names if n != "gradients"]
+        if terms:
+            return " and ".join(t for t in terms if t != "loss" or len(terms) == 1)
+        return "the gradient" if names else "the loss"
+
+    def _diverged(self, what: str, term: str, info: list[float]) -> TrainingDiverged:
+        absmax = info[-1]
+        if term == "the input batch":
+            advice = "the data holds NaN/Inf values: check or re-create it"
+        elif not math.isfinite(absmax) or absmax > 1e15:
+            advice = f"the inputs hold huge values (largest |x| {absmax:.3g}): clean or rescale the data"
+        elif self.sae.cfg.dtype == "float16":
+            advice = "float16 overflowed: train in bfloat16 or float32 (--dtype)"
+        else:
+            advice = f"lower the learning rate (--lr, now {self.cfg.lr:g}) or clip gradients (max_grad_norm)"
+        where = (
+            f"last good checkpoint {self.last_checkpoint} (continue from it with --resume)"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written"
+        )
+        return TrainingDiverged(
+            f"training diverged at step {self.step}: {what}; {where}; try: {advice}",
+            self.step,
+            term,
+            self.last_checkpoint,
+        )
+
+    def _watch_fvu(self, metrics: dict[str, Any]) -> None:
+        fvu = metrics.get("fvu", 0.0)
+        self._fvu_high_logs = self._fvu_high_logs + 1 if fvu > FVU_WARNING else 0
+        if self._fvu_high_logs == FVU_WARNING_LOGS and self.rank == 0:
+            warnings.warn(
+                f"fvu has been above {FVU_WARNING:g} for {FVU_WARNING_LOGS} logs (now {fvu:.3g} at step "
+                f"{self.step}): the reconstruction is diverging; try a lower learning rate (--lr, now "
+                f"{self.cfg.lr:g})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def train_step(self, x: Tensor) -> TrainingOutput:
-        """One optimizer step on batch ``x [batch, d_in]`` (already on the device)."""
+        """One optimizer step on batch ``x [batch, d_in]`` (already on the device).
+
+        A step whose inputs, loss or gradients hold a NaN/Inf changes nothing (weights, Adam's moments, firing
+        counters); the guard counts it on the device (see :meth:`check_divergence`).
+        """
         sae, cfg = self.sae, self.cfg
         if self.step == 0 and self.tokens == 0:
             self._first_batch(x)
         x = self._scale(x)
         sae.train()
-        dead = self.dead_mask() if sae.cfg.aux_k else None
-        out = sae.training_forward(x, dead_mask=dead, coefficient_scale=self.coefficient_scale(self.step))
+        dead = capacity = None
+        if sae.cfg.aux_k:
+            dead = self.dead_mask()
+            capacity = self.dead_capacity(x.shape[0] * self.world_size)
+        out = sae.training_forward(
+            x,
+            dead_mask=dead,
+            coefficient_scale=self.coefficient_scale(self.step),
+            dead_capacity=capacity,
+            defer_checks=True,
+        )
+        if out.nonfinite is not None:
+            self.nonfinite_inputs += out.nonfinite
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        flags, absmax = self._step_flags(x, out)
         if self.distributed:
-            self._all_reduce_grads()
+            flags = self._all_reduce_grads(flags)
+        bad = self._guard_update(flags, absmax)
         if sae.cfg.normalize_decoder:
             sae.remove_parallel_decoder_grad()
         if cfg.max_grad_norm is not None:
@@ -221,9 +484,13 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.fused:
+            self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
+            self.optimizer.step()
+        elif not bool(bad):  # other devices: the unfused Adam has no found_inf, so this one check syncs
+            self.optimizer.step()
         if sae.cfg.normalize_decoder:
-            sae.normalize_decoder_rows()
+            sae.normalize_decoder_rows(skip=bad)
         if sae.cfg.activation == "jumprelu":
             with torch.no_grad():
                 sae.threshold.clamp_(min=0.0)
@@ -232,8 +499,9 @@ class Trainer:
             if self.distributed:
                 dist.all_reduce(counts)
             global_tokens = x.shape[0] * self.world_size
-            self.tokens_since_fired = torch.where(counts > 0, 0, self.tokens_since_fired + global_tokens)
-            self.fire_counts += counts
+            fired = torch.where(counts > 0, 0, self.tokens_since_fired + global_tokens)
+            self.tokens_since_fired = torch.where(bad, self.tokens_since_fired, fired)
+            self.fire_counts += torch.where(bad, 0, counts)
         self.window_steps += 1
         self.window_tokens += global_tokens
         self.step += 1
@@ -262,17 +530,21 @@ class Trainer:
         if ground_truth is not None:
             result["mmcs"] = float(M.mmcs(ground_truth.to(self.device), self.sae.W_dec))
         result.update(step=self.step, tokens=self.tokens, lr=self.lr_at(max(0, self.step - 1)))
+        result["skipped_steps"] = self.skipped_before + self._bad_reported
         return result
 
     def train(self) -> dict[str, Any]:
-        """Trains until ``cfg.total_steps()``; returns the last metrics (plus ``tokens_per_s``)."""
+        """Trains until ``cfg.total_steps()``; returns the last metrics (plus ``tokens_per_s``).
+
+        Raises :class:`TrainingDiverged` when the divergence guard stops the run, and
+        :class:`fusedsae.checkpoint.RunFolderError` when ``run_dir`` holds another run or is locked.
+        """
         cfg = self.cfg
         total = cfg.total_steps(self.world_size)
         if self.step == 0:  # a resumed run keeps the RNG state its checkpoint restored
             torch.manual_seed(cfg.seed + self.rank)
-        if self.run_dir is not None and self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial(self.run_dir)
+        if self.run_dir is not None:
+            self.start_run()  # before anything is written (a no-op after resume)
         bar = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -289,10 +561,15 @@ class Trainer:
                 out = self.train_step(x)
                 session_tokens += x.shape[0] * self.world_size
                 last = self.step == total
+                checkpoint = self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                if self.step % cfg.log_every == 0 or last or checkpoint:
+                    self.check_divergence()
                 if self.step % cfg.log_every == 0 or last:
+                    self.check_inputs_finite()
                     metrics = self.batch_metrics(out)
                     metrics["tokens_per_s"] = session_tokens / max(1e-9, time.perf_counter() - session_start)
                     self._log(metrics)
+                    self._watch_fvu(metrics)
                     if bar is not None:
                         bar.set_postfix(
                             l0=f"{metrics['l0']:.1f}",
@@ -301,22 +578,24 @@ class Trainer:
                         )
                 if bar is not None:
                     bar.update(1)
-                if (
-                    self.run_dir is not None
-                    and cfg.checkpoint_every
-                    and self.step % cfg.checkpoint_every == 0
-                    and not last
-                ):
+                if checkpoint and not last:
                     self.save_checkpoint()
+            if self.run_dir is not None:
+                if out is not None:
+                    self.save_checkpoint()
+                # also when resumed at the last step: a run killed between its last checkpoint and its SAE folder
+                # gets the folder (and summary.json) now
+                self.save_final()
         finally:
             if bar is not None:
                 bar.close()
-        if out is None:  # already finished (a resumed run at its last step)
-            return self.last_metrics
-        if self.run_dir is not None:
-            self.save_checkpoint()
-            self.save_final()
+            self.close()
         return self.last_metrics
+
+    def close(self) -> None:
+        """Releases the run folder's lock (``train`` does it when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _reset_window(self) -> None:
         self.fire_counts.zero_()
@@ -334,6 +613,53 @@ class Trainer:
             callback(metrics)
 
     # -------------------------------------------------------------------------------------------------------------
+    # the run folder
+    # -------------------------------------------------------------------------------------------------------------
+
+    def _on_rank0(self, action: Callable[[], None]) -> None:
+        """Runs ``action`` on rank 0; under torch.distributed every rank then raises rank 0's error (a folder or
+        checkpoint problem), so no rank is left waiting at the next collective."""
+        error: Exception | None = None
+        if self.rank == 0:
+            try:
+                action()
+            except (RunFolderError, CheckpointError) as exc:
+                error = exc
+        if self.distributed:
+            box: list[Any] = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                kind = {"RunFolderError": RunFolderError, "CheckpointMismatch": CheckpointMismatch}
+                error = kind.get(box[0][0], CheckpointError)(box[0][1])
+        if error is not None:
+            raise error
+
+    def start_run(self) -> None:
+        """Claims ``run_dir`` for a new run (idempotent; :meth:`train` calls it): locks it, removes what a crash
+        left, and refuses a folder holding another run unless ``cfg.overwrite``."""
+        if self._claimed or self.run_dir is None:
+            return
+        if self.run_id is None:
+            self.run_id = ckpt.new_run_id()
+        run_dir, run_id = self.run_dir, self.run_id
+
+        def claim() -> None:
+            assert self._lock is not None
+            self._lock.acquire()
+            try:
+                ckpt.claim_run_dir(run_dir, run_id, self.cfg.overwrite, own_log=self._resumed_empty)
+            except BaseException:
+                self._lock.release()
+                raise
+
+        self._on_rank0(claim)
+        if self.distributed:  # every rank uses rank 0's run id
+            box = [self.run_id]
+            dist.broadcast_object_list(box, src=0)
+            self.run_id = box[0]
+        self._claimed = True
+
+    # -------------------------------------------------------------------------------------------------------------
     # files
     # -------------------------------------------------------------------------------------------------------------
 
@@ -349,21 +675,30 @@ class Trainer:
             sae.fold_activation_norm_scaling_factor(self.act_scale)
         return sae
 
+    def _refuse_nonfinite(self, tensors: dict[str, Tensor], what: str) -> None:
+        bad = ckpt.nonfinite_tensors(tensors)
+        if bad:
+            raise self._diverged(
+                f"refusing to write {what}: {', '.join(bad)} hold NaN/Inf", "weights", [0.0] * (len(GUARD_TERMS) + 1)
+            )
+
     def save_final(self) -> Path | None:
+        """Writes ``sae/`` and ``summary.json`` (rank 0); refuses (TrainingDiverged) an SAE with a NaN/Inf."""
         if self.run_dir is None or self.rank != 0:
             return None
+        sae = self.inference_sae()
+        self._refuse_nonfinite(dict(sae.state_dict()), f"{self.run_dir / FINAL_SAE_DIR}")
         sparsity = torch.log10(self.feature_density().cpu() + 1e-10).float()
-        path = self.inference_sae().save(self.run_dir / FINAL_SAE_DIR, sparsity=sparsity)
+        path = sae.save(self.run_dir / FINAL_SAE_DIR, sparsity=sparsity)
         summary = {
+            "run_id": self.run_id,
             "metrics": self.last_metrics,
             "sae": self.sae.cfg.to_dict(),
             "train": asdict(self.cfg),
             "data": self.data.describe() if hasattr(self.data, "describe") else {},
             "act_scale": self.act_scale,
         }
-        tmp = self.run_dir / f".{SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        os.replace(tmp, self.run_dir / SUMMARY_FILE)
+        atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
         return path
 
     def state_contents(self) -> dict[str, Any]:
@@ -387,51 +722,106 @@ class Trainer:
                 "train_config": asdict(self.cfg),
                 "optimizer": opt_meta,
                 "world_size": self.world_size,
+                "skipped_steps": self.skipped_before + self._bad_reported,
             },
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Writes a checkpoint of the current state (rank 0; other ranks wait for it)."""
+        """Writes a checkpoint of the current state (rank 0; other ranks wait for it). A state holding a NaN/Inf
+        is never written (:class:`TrainingDiverged`)."""
         if self.run_dir is None:
             raise ValueError("TrainConfig.run_dir is not set: there is nowhere to write checkpoints")
+        self.start_run()
         path = None
         if self.rank == 0:
-            path = ckpt.write_checkpoint(self.run_dir, self.step, self.state_contents(), keep=self.cfg.keep_checkpoints)
+            contents = self.state_contents()
+            state = {**contents["model.safetensors"], **contents["optimizer.safetensors"]}
+            self._refuse_nonfinite(state, f"the step {self.step} checkpoint")
+            path = ckpt.write_checkpoint(
+                self.run_dir, self.step, contents, keep=self.cfg.keep_checkpoints, run_id=self.run_id
+            )
+            self.last_checkpoint = path
         if self.distributed:
             dist.barrier()
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Restores the newest intact checkpoint of ``run_dir`` (or ``path``). Returns False if there is none.
+        """Restores the newest usable checkpoint of ``run_dir`` (or ``path``). Returns False if the run has none.
 
-        Raises :class:`fusedsae.checkpoint.CheckpointError` if ``path`` is broken or belongs to another SAE.
+        A checkpoint that is damaged, edited or holds a NaN/Inf is skipped (with a warning) for the next older one;
+        when none is usable, :class:`fusedsae.checkpoint.CheckpointError` names each one and its problem.
+        :class:`fusedsae.checkpoint.CheckpointMismatch` (no fallback): the checkpoint belongs to another run id or
+        was written with settings that would change the result (it lists them). The folder is locked from here
+        until :meth:`train` ends (:class:`fusedsae.checkpoint.RunFolderError` if another trainer holds it).
         """
-        if path is None:
-            if self.run_dir is None:
-                raise ValueError("resume needs TrainConfig.run_dir or a checkpoint path")
-            ckpt.remove_partial(self.run_dir)
-            found = ckpt.latest_checkpoint(self.run_dir)
-            if found is None:
-                return False
-            path = found
-        contents = ckpt.read_checkpoint(path)
+        if path is None and self.run_dir is None:
+            raise ValueError("resume needs TrainConfig.run_dir or a checkpoint path")
+        if self.run_dir is not None:
+
+            def lock() -> None:
+                assert self._lock is not None and self.run_dir is not None
+                self._lock.acquire()
+                ckpt.remove_partial(self.run_dir)
+
+            self._on_rank0(lock)
         try:
-            state = contents["trainer.json"]
+            if path is None:
+                assert self.run_dir is not None
+                found = ckpt.newest_usable(self.run_dir, self._load_checkpoint)
+                if found is None:
+                    self._resumed_empty = True
+                    return False
+                folder, contents = found
+            else:
+                folder = Path(path)
+                contents = self._load_checkpoint(folder)
+            self._restore(contents)
+        except BaseException:
+            self.close()
+            raise
+        self.last_checkpoint = folder
+        self._claimed = self.run_dir is not None
+        return True
+
+    def _load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Reads and checks one checkpoint (files, fields, run id, settings, finiteness); raises CheckpointError or
+        CheckpointMismatch (see :meth:`resume`)."""
+        manifest = ckpt.read_manifest(folder)
+        contents = ckpt.read_checkpoint(folder)
+        state = check_trainer_state(contents, folder)
+        owner = manifest.get("run_id")
+        if self.run_id is not None and owner != self.run_id:
+            raise CheckpointMismatch(
+                f"{folder} belongs to run {owner}, not to this run {self.run_id}: it is another run's checkpoint "
+                "(start a new run in another --out, or --overwrite this folder)"
+            )
+        try:
             saved_cfg = SAEConfig.from_dict(state["sae_config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ckpt.CheckpointError(f"{path}: trainer.json is not a fusedsae trainer state ({exc})") from exc
-        mine = self.sae.cfg
-        for name in ("d_in", "d_sae", "activation", "k", "dtype"):
-            if getattr(saved_cfg, name) != getattr(mine, name):
-                raise ckpt.CheckpointError(
-                    f"{path} was written for an SAE with {name}={getattr(saved_cfg, name)!r}, "
-                    f"but this SAE has {name}={getattr(mine, name)!r}"
-                )
-        if state.get("world_size", 1) != self.world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was written by {state.get('world_size')} rank(s); resuming with {self.world_size} would "
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{folder}/trainer.json: field 'sae_config' is not an SAE config ({exc})") from exc
+        differences = setting_differences(saved_cfg, state["train_config"], self.sae.cfg, self.cfg)
+        if differences:
+            raise CheckpointMismatch(f"{folder} was written for " + "; ".join(differences))
+        if state["world_size"] != self.world_size:
+            raise CheckpointMismatch(
+                f"{folder} was written by {state['world_size']} rank(s); resuming with {self.world_size} would "
                 "change the data order"
             )
+        bad = [
+            f"{file}: {name}"
+            for file in ("model.safetensors", "optimizer.safetensors")
+            for name in ckpt.nonfinite_tensors(contents[file])
+        ]
+        if bad:
+            raise CheckpointError(
+                f"{folder} holds NaN/Inf ({', '.join(bad[:4])}): it was written after training diverged"
+            )
+        if self.run_id is None:
+            self.run_id = owner
+        return contents
+
+    def _restore(self, contents: dict[str, Any]) -> None:
+        state = contents["trainer.json"]
         model = {k: v.to(self.device) for k, v in contents["model.safetensors"].items()}
         self.sae.load_state_dict(model)
         opt_tensors = {
@@ -440,6 +830,7 @@ class Trainer:
         ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
         counters = contents["counters.safetensors"]
         self.tokens_since_fired = counters["tokens_since_fired"].to(self.device)
+        self._dead_capacity = None  # bounded from the restored counters at the next step
         self.fire_counts = counters["fire_counts"].to(self.device)
         ckpt.set_rng_state({k.removeprefix("rng."): v for k, v in counters.items() if k.startswith("rng.")})
         self.step = int(state["step"])
@@ -448,13 +839,15 @@ class Trainer:
         self.window_tokens = int(state["window_tokens"])
         self.act_scale = state["act_scale"]
         self.data.load_state_dict(state["data"])
+        skipped = state.get("skipped_steps", 0)
+        self.skipped_before = skipped if isinstance(skipped, int) else 0
+        self._reset_guard()
         if self.run_dir is not None and self.rank == 0:
             self._truncate_log(self.step)
             lines = (
                 (self.run_dir / METRICS_FILE).read_text().splitlines() if (self.run_dir / METRICS_FILE).exists() else []
             )
             self.last_metrics = json.loads(lines[-1]) if lines else {}
-        return True
 
     def _truncate_log(self, step: int) -> None:
         """Drops log lines written after the checkpoint, so a resumed run's log matches an uninterrupted one."""
@@ -467,8 +860,88 @@ class Trainer:
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 continue  # a line cut off by the crash
-        tmp = log.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, log)
+        atomic_write(log, "".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks shared by the trainer and the CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRAINER_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "tokens": (int,),
+    "window_steps": (int,),
+    "window_tokens": (int,),
+    "act_scale": (float, int, type(None)),
+    "data": (dict,),
+    "sae_config": (dict,),
+    "train_config": (dict,),
+    "optimizer": (dict,),
+    "world_size": (int,),
+}
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "counters.safetensors", "trainer.json")
+
+
+def check_trainer_state(contents: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Validates a checkpoint's files and ``trainer.json`` field by field; returns ``trainer.json``'s data or raises
+    :class:`CheckpointError` naming the file and field."""
+    missing = [name for name in _CHECKPOINT_FILES if name not in contents]
+    if missing:
+        raise CheckpointError(f"{folder}: the manifest lists no {', '.join(missing)}; not a fusedsae trainer state")
+    state = contents["trainer.json"]
+    for name, types in _TRAINER_FIELDS.items():
+        value = state.get(name)
+        if name not in state or not isinstance(value, types) or isinstance(value, bool):
+            raise CheckpointError(
+                f"{folder}/trainer.json: field {name!r} is {'missing' if name not in state else repr(value)[:60]}, "
+                f"expected {' or '.join(t.__name__ for t in types)}; the checkpoint was edited or damaged"
+            )
+    counters = contents["counters.safetensors"]
+    for name in ("tokens_since_fired", "fire_counts", "rng.torch"):
+        if name not in counters:
+            raise CheckpointError(f"{folder}/counters.safetensors lacks {name!r}; the checkpoint was damaged")
+    return state
+
+
+def setting_differences(
+    saved_sae: SAEConfig, saved_train: dict[str, Any], sae: SAEConfig, train: TrainConfig
+) -> list[str]:
+    """The settings in which a checkpoint (its SAE config and train config) differs from this run's, as
+    ``"an SAE with d_sae=64, but this SAE has d_sae=32"`` phrases; the device and :data:`RESUME_MAY_CHANGE` may
+    differ."""
+
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=str))
+
+    out = []
+    mine, theirs = plain(sae.to_dict()), plain(saved_sae.to_dict())
+    for name in mine:
+        if name != "device" and mine[name] != theirs.get(name):
+            out.append(f"an SAE with {name}={theirs.get(name)!r}, but this SAE has {name}={mine[name]!r}")
+    mine_train = plain(asdict(train))
+    for name in mine_train:
+        if name not in RESUME_MAY_CHANGE and name in saved_train and plain(saved_train[name]) != mine_train[name]:
+            out.append(f"{name}={saved_train[name]!r}, but this run has {name}={mine_train[name]!r}")
+    return out
+
+
+def check_batch_size(cfg: SAEConfig, batch_size: int) -> None:
+    """Refuses batch sizes at which a loss term is meaningless, with the reason.
+
+    AuxK normalises its error by the variance of the batch's residuals (Gao et al.), which one token does not have:
+    TopK/BatchTopK with ``aux_k > 0`` need at least 2 tokens per step on each rank (the normaliser is per rank).
+    The other terms are means over tokens, defined for any batch of at least one token; normalised *metrics* of a
+    batch without variance are NaN (:mod:`fusedsae.metrics`).
+    """
+    if cfg.activation in SPARSE_ACTIVATIONS and cfg.aux_k and batch_size < 2:
+        raise ValueError(
+            f"batch size {batch_size} is too small for the AuxK loss of a {cfg.activation} SAE: it divides by the "
+            "variance of the batch's residuals, which needs at least 2 tokens; use a batch size >= 2 (or aux_k=0)"
+        )
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run folder's ``run_config.json`` (size-checked, parsed, an object), or :class:`RunFolderError`."""
+    return read_json(path, error=RunFolderError)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fusedsae.analysis.attribution import head_contributions, source_contributions, weight_head_shares
+from fusedsae.formats import save_figure
 
 if TYPE_CHECKING:
     from fusedsae.sae import SparseAutoencoder
@@ -243,8 +244,7 @@ def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
     ax.set_title(f"feature {report.feature}: per-head contributions ({report.convention}) at top contexts", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    path = folder / f"feature_{report.feature}_heads.png"
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, folder / f"feature_{report.feature}_heads.png")
     plt.close(fig)
     written.append(path)
     top = report.contexts[0]
@@ -264,8 +264,7 @@ def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
         )
         fig.colorbar(image, ax=ax, fraction=0.03)
         fig.tight_layout()
-        path = folder / f"feature_{report.feature}_sources.png"
-        fig.savefig(path, dpi=110)
+        path = save_figure(fig, folder / f"feature_{report.feature}_sources.png")
         plt.close(fig)
         written.append(path)
     return written

@@ -7,7 +7,8 @@ integers. It serves:
 
 * ``sparse_decode``: per token, a gather of ``W_dec`` rows weighted by the values (``gather_rows``).
 * ``sparse_decode_backward``: ``d_values`` as a gather-dot at the active entries (``gather_dot``) and ``dW_dec`` as
-  per-latent sums over the entries sorted by latent (``segment_sum_rows``): deterministic, no float atomics.
+  per-latent sums over the entries sorted by latent (``segment_sum_rows``, in fixed-size chunks so that a hot latent
+  is no slower than spread entries): deterministic, no float atomics.
 * ``sparse_encode_backward``: ``dW_enc`` and ``db_enc`` per latent the same way (``segment_sum_columns``, written in
   ``W_enc``'s ``[d_in, d_sae]`` layout), ``dx`` a gather of ``W_enc`` columns (``gather_rows``), and
   ``db_dec = -W_enc @ db_enc`` as one cuBLAS mat-vec.
@@ -175,7 +176,9 @@ def _supports_sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_de
     )
 
 
-def _supports_sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> str | None:
+def _supports_sparse_decode_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, *_segments: Tensor | None
+) -> str | None:
     return _first(
         _refuse_device(grad_out=grad_out, values=values, indices=indices, W_dec=W_dec),
         _refuse_floats(grad_out=grad_out, values=values, W_dec=W_dec),
@@ -184,7 +187,13 @@ def _supports_sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: 
 
 
 def _supports_sparse_encode_backward(
-    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+    *_segments: Tensor | None,
 ) -> str | None:
     return _first(
         _refuse_device(grad=grad, indices=indices, x=x, W_enc=W_enc, b_dec=b_dec),
@@ -281,15 +290,19 @@ def _latent_rows(W_enc: Tensor, pairs: int) -> tuple[Tensor, int, int]:
     return W_enc, W_enc.stride(1), W_enc.stride(0)
 
 
-def _segments(indices: Tensor, weights: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
-    """The entries of ``indices [N, m]`` grouped by latent, for the segmented-sum kernels: ``order`` (flat
-    positions ``n * m + j``, by latent then position: a stable sort) and ``offsets [n_latents + 1]`` (latent i owns
-    ``order[offsets[i]:offsets[i + 1]]``). Entries with weight exactly 0 get the key ``n_latents`` and so fall
-    outside every segment. int32 keys: half the sort traffic of int64."""
-    keys = indices.reshape(-1).to(torch.int32).masked_fill(weights.reshape(-1) == 0, n_latents)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    bounds = torch.arange(n_latents + 1, dtype=torch.int32, device=keys.device)
-    return order, torch.searchsorted(sorted_keys, bounds)
+def _segments(
+    indices: Tensor, n_latents: int, d: int, order: Tensor | None, keys: Tensor | None, offsets: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The entries of ``indices [N, m]`` grouped by latent (:func:`fusedsae.reference.latent_segments`, unless the
+    caller passes them: one sort per step) and the float32 scratch of the chunked sums: ``(order, keys, offsets,
+    part [chunks, 2, d], part_sum [chunks, 2])``. Zero-weight entries (BatchTopK padding) stay in their segments:
+    the kernels skip their rows, and the chunking keeps a crowded latent 0 cheap."""
+    if order is None or keys is None or offsets is None:
+        order, keys, offsets = reference.latent_segments(indices, n_latents)
+    chunks = -(-order.numel() // _lib().SEGMENT_CHUNK)
+    part = torch.empty(chunks, 2, d, dtype=torch.float32, device=indices.device)
+    part_sum = torch.empty(chunks, 2, dtype=torch.float32, device=indices.device)
+    return order, keys.contiguous(), offsets, part, part_sum
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,16 +329,25 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     return out
 
 
-def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+def sparse_decode_backward(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(d_values [N, m], dW_dec [d_sae, d_in])`` given ``grad_out [N, d_in]``; ``dW_dec`` is bitwise
-    reproducible (per-latent sums in token order)."""
+    reproducible (chunked per-latent sums combined in a fixed order). ``order, keys, offsets``: the latent
+    segments of ``indices`` if the caller has them."""
     grad_out, values, indices = _rowmajor(grad_out), _rowmajor(values), _rowmajor(indices)
     n, m = values.shape
     d_sae, d_in = W_dec.shape
     dtype, index_dtype = FLOAT_CODES[values.dtype], INDEX_CODES[indices.dtype]
     d_values = grad_out.new_empty(n, m)
     dW_dec = grad_out.new_empty(d_sae, d_in)
-    order, offsets = _segments(indices, values, d_sae)
+    order, keys, offsets, part, _ = _segments(indices, d_sae, d_in, order, keys, offsets)
     with _device_guard(values):
         stream = _stream(values)
         _lib().gather_dot(
@@ -338,7 +360,8 @@ def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_
         )  # fmt: skip
         _lib().segment_sum_rows(
             dtype=dtype,
-            out=dW_dec.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
+            out=dW_dec.data_ptr(), order=order.data_ptr(), keys=keys.data_ptr(), offsets=offsets.data_ptr(),
+            n_entries=order.numel(), part=part.data_ptr(),
             weights=values.data_ptr(), weights_stride=values.stride(0), m=m,
             src=grad_out.data_ptr(), src_stride=grad_out.stride(0),
             n_latents=d_sae, d=d_in, stream=stream,
@@ -347,7 +370,15 @@ def sparse_decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_
 
 
 def sparse_encode_backward(
-    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from ``grad [N, m]``,
     the gradient at the active pre-activations ``indices [N, m]``; see
@@ -359,12 +390,13 @@ def sparse_encode_backward(
     dtype, index_dtype = FLOAT_CODES[grad.dtype], INDEX_CODES[indices.dtype]
     dW_enc = x.new_empty(d_in, d_sae)
     db_enc = grad.new_empty(d_sae)
-    order, offsets = _segments(indices, grad, d_sae)
+    order, keys, offsets, part, part_sum = _segments(indices, d_sae, d_in, order, keys, offsets)
     with _device_guard(grad):
         stream = _stream(grad)
         _lib().segment_sum_columns(
             dtype=dtype,
-            out=dW_enc.data_ptr(), out_sum=db_enc.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
+            out=dW_enc.data_ptr(), out_sum=db_enc.data_ptr(), order=order.data_ptr(), keys=keys.data_ptr(),
+            offsets=offsets.data_ptr(), n_entries=order.numel(), part=part.data_ptr(), part_sum=part_sum.data_ptr(),
             weights=grad.data_ptr(), weights_stride=grad.stride(0), m=m,
             src=x.data_ptr(), src_stride=x.stride(0), sub=_ptr(sub),
             n_latents=d_sae, d=d_in, stream=stream,

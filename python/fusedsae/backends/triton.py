@@ -14,7 +14,7 @@ buffer overflows, and larger k, take a two-pass path (the Triton GEMM writes the
 Triton kernel turns it into keys, ``torch.topk`` selects). An AuxK ``aux_k`` beyond the limit is selected from a
 second GEMM over only the masked (dead) columns.
 
-Determinism: ``d W_dec``, ``d W_enc`` and ``d b_enc`` sort the active entries by latent and sum each latent's
+Determinism: ``d W_dec``, ``d W_enc`` and ``d b_enc`` sort the active entries by latent and sum fixed chunks of the
 entries in token order, with no float atomics, so they are bitwise reproducible. :func:`set_deterministic`
 (``False``) or ``FUSEDSAE_DETERMINISTIC=0`` switches them to float32 atomics instead (no sort; results vary in
 the last bits). ``torch.use_deterministic_algorithms(True)`` always wins. Every other kernel is deterministic.
@@ -312,7 +312,8 @@ def _candidate_capacity(kp: int, columns: int, block_n: int) -> int:
 
 
 def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor:
-    """Sorted keys ``[N, k]``: the k best of each row's candidates (``_topk_candidates_kernel``)."""
+    """Sorted keys ``[N, next_pow2(k)]``: the best of each row's candidates (``_topk_candidates_kernel``);
+    ``KEY_NONE`` where a row has fewer candidates."""
     n, n_splits, cap = cand.shape
     kp = triton.next_power_of_2(k)
     block_m, block_n, launch = (32, max(128, kp), {"num_warps": 8}) if _gpu(t) else (16, max(16, kp), {})
@@ -320,7 +321,17 @@ def _select_candidates(cand: Tensor, count: Tensor, k: int, t: Tensor) -> Tensor
     topk._topk_candidates_kernel[(triton.cdiv(n, block_m),)](
         cand, count, keys, n, n_splits, cap, keys.stride(0), KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, **launch
     )
-    return keys[:, :k]
+    return keys
+
+
+# The key below every real key (kernels/topk.py _KEY_NONE): padding, and the sign that a row lacks candidates.
+KEY_NONE = -(2**63)
+
+
+def _needs_redo(keys: Tensor, count: Tensor, cap: int, k: int) -> Tensor:
+    """``[N]`` bool, on the device: rows whose candidates cannot be trusted (a buffer overflowed, so entries above
+    the bound were dropped) or that hold fewer than k candidates (fewer than k entries above -inf)."""
+    return (count > cap).any(dim=1) | (keys[:, k - 1] == KEY_NONE)
 
 
 def _fused_topk_keys(
@@ -352,9 +363,8 @@ def _fused_topk_keys(
     cap_aux = 1
     if aux_k:
         assert aux_mask is not None
-        # never more slots than dead latents: with few dead ones the buffer holds all of them
-        eligible = int(aux_mask.sum())
-        cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * triton.cdiv(eligible, block_n))
+        # sized like the main buffer, not by the dead count: reading that count would stall the host every step
+        cap_aux = min(_candidate_capacity(kp_aux, columns, block_n), block_n * per_split)
         aux_cand = torch.empty(n, n_splits, cap_aux, dtype=torch.int64, device=x.device)
         aux_count = torch.empty(n, n_splits, dtype=torch.int32, device=x.device)
     encoder._topk_encode_fwd_kernel[(row_blocks, n_splits)](
@@ -389,18 +399,45 @@ def _fused_topk_keys(
         **launch,
     )
     keys = _select_candidates(cand, count, k, x)
-    overflow = (count > cap).any(dim=1)
+    redo = _needs_redo(keys, count, cap, k)
     aux_keys = None
     if aux_cand is not None:
         aux_keys = _select_candidates(aux_cand, aux_count, aux_k, x)
-        overflow |= (aux_count > cap_aux).any(dim=1)
-    if bool(overflow.any()):
-        rows = overflow.nonzero().squeeze(1)
-        exact, exact_aux = _two_pass_topk_keys(x[rows], W_enc, b_enc, b_dec, k, aux_k, aux_mask)
-        keys[rows] = exact
-        if aux_keys is not None:
-            aux_keys[rows] = exact_aux
-    return keys, aux_keys
+        redo |= _needs_redo(aux_keys, aux_count, cap_aux, aux_k)
+    # Rows to redo are redone by a kernel that reads `redo` itself (blocks without one exit at once): no host read,
+    # so the step stays asynchronous and capturable in a CUDA graph.
+    if _gpu(x):
+        block_m, block_n, block_k = 32, 128, 32 if x.dtype == torch.float32 else 64
+        launch = {"num_warps": 8, "num_stages": 2}
+    encoder._topk_encode_redo_kernel[(triton.cdiv(n, block_m),)](
+        x,
+        W_enc,
+        b_enc,
+        b_dec,
+        None if aux_keys is None else aux_mask.view(torch.uint8),
+        redo,
+        keys,
+        aux_keys,
+        n,
+        d_in,
+        d_sae,
+        x.stride(0),
+        x.stride(1),
+        W_enc.stride(0),
+        W_enc.stride(1),
+        keys.stride(0),
+        0 if aux_keys is None else aux_keys.stride(0),
+        HAS_B_DEC=b_dec is not None,
+        HAS_AUX=aux_keys is not None,
+        KP=kp,
+        KP_AUX=kp_aux,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **_dot_args(x),
+        **launch,
+    )
+    return keys[:, :k], None if aux_keys is None else aux_keys[:, :aux_k]
 
 
 def _launch_row_keys(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -426,7 +463,8 @@ def _two_pass_topk_keys(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int, aux_k: int, aux_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Same result as :func:`_fused_topk_keys` for any k: per row chunk, the Triton GEMM writes the
-    pre-activation, a Triton kernel turns it into keys (masked for AuxK), and ``torch.topk`` selects on them."""
+    pre-activation, a Triton kernel turns it into keys (latents outside ``aux_mask`` keyed as -inf for AuxK), and
+    ``torch.topk`` selects on them. ``k=0`` selects only the AuxK keys (``[N, 0]`` main keys)."""
     n = x.shape[0]
     d_sae = W_enc.shape[1]
     keys = torch.empty(n, k, dtype=torch.int64, device=x.device)
@@ -435,7 +473,8 @@ def _two_pass_topk_keys(
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         pre = _launch_encode_dense(x[rows], W_enc, b_enc, b_dec, None, "none")
-        keys[rows] = torch.topk(_launch_row_keys(pre, None), k, dim=1, sorted=True).values
+        if k:
+            keys[rows] = torch.topk(_launch_row_keys(pre, None), k, dim=1, sorted=True).values
         if aux_keys is not None:
             aux_keys[rows] = torch.topk(_launch_row_keys(pre, aux_mask), aux_k, dim=1, sorted=True).values
     return keys, aux_keys
@@ -455,14 +494,11 @@ def _topk_select(
     elif aux_k == 0 or _fits_fused(aux_k):
         keys, aux_keys = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
     else:
+        # A wide AuxK selection takes a second GEMM over all columns (the dead ones are not listed: that needs a
+        # host read). Training does not come here: SparseAutoencoder.training_forward selects AuxK over a
+        # static-size list of the possibly dead columns (fusedsae.sae.auxk_reconstruction).
         keys, _ = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, 0, None)
-        assert aux_mask is not None
-        # A wide AuxK selection runs over the dead columns only: its GEMM costs the dead fraction of the main one.
-        cols = aux_mask.nonzero().squeeze(1)
-        sub_keys, _ = _two_pass_topk_keys(x, W_enc[:, cols], b_enc[cols], b_dec, aux_k, 0, None)
-        aux_values, sub_indices = _decode_keys(sub_keys, x.dtype)
-        values, indices = _decode_keys(keys, x.dtype)
-        return values, indices, aux_values, cols[sub_indices]
+        _, aux_keys = _two_pass_topk_keys(x, W_enc, b_enc, b_dec, 0, aux_k, aux_mask)
     values, indices = _decode_keys(keys, x.dtype)
     if aux_keys is None:
         return values, indices, x.new_empty(n, 0), torch.empty(n, 0, dtype=torch.int64, device=x.device)
@@ -518,7 +554,8 @@ def batchtopk_encode_fwd(
     ``k * N``-th largest candidate is a lower bound of the batch cut-off. A row all of whose candidates end up
     active might have more, so only those rows are selected again with 4x the width (to d_sae at most) until
     no row is saturated; then the candidates hold the exact BatchTopK set (every entry left out of a row ranks
-    below that row's first inactive candidate, hence below the cut-off)."""
+    below that row's first inactive candidate, hence below the cut-off). One host read (the output width, and
+    whether to refine) per step; each refining round adds two (its rows, the next check)."""
     b_enc, b_dec, aux_mask = _contiguous_encoder_args(b_enc, b_dec, aux_mask)
     n = x.shape[0]
     d_sae = W_enc.shape[1]
@@ -533,7 +570,10 @@ def batchtopk_encode_fwd(
     while True:
         active = reference.batch_active(values, k * n)
         saturated = active[:, -1] if width < d_sae else torch.zeros_like(active[:, -1])
-        if not bool(saturated.any()):
+        counts = active.sum(1)
+        # the step's one host read: whether a row needs refining and the output width, packed in one integer
+        code = int(2 * counts.max() + saturated.any())
+        if not code & 1:
             break
         rows = saturated.nonzero().squeeze(1)
         new_width = min(d_sae, 4 * width)
@@ -544,8 +584,7 @@ def batchtopk_encode_fwd(
         values[rows] = more_values.float()
         indices[rows] = more_indices
         width = new_width
-    counts = active.sum(1)
-    m = max(1, int(counts.max()))
+    m = max(1, code >> 1)
     # each row's active entries are a prefix of its candidates: sort that prefix by latent
     order_key = torch.where(active, indices, torch.full_like(indices, d_sae))
     order_key, perm = torch.sort(order_key[:, :m], dim=1)
@@ -643,10 +682,13 @@ def _latent_sums(
     n_out: int,
     out_strides: tuple[int, int],
     sums: Tensor | None,
+    segments: tuple[Tensor, Tensor, Tensor] | None,
 ) -> None:
     """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * (src[n] - shift)`` for every latent
     ``i < n_out`` (zero rows for unused latents), stored through ``out_strides = (latent, column)``; with ``sums``,
-    also ``sums[i] = sum of those weights``. Deterministic (sorted) unless :func:`deterministic` is off."""
+    also ``sums[i] = sum of those weights``. Deterministic (sorted; ``segments`` are
+    :func:`fusedsae.reference.latent_segments` of ``indices`` if the caller has them) unless :func:`deterministic`
+    is off."""
     d = src.shape[1]
     m = indices.shape[1]
     flat = indices.reshape(-1)
@@ -677,24 +719,30 @@ def _latent_sums(
         if sums is not None:
             sums.copy_(acc_sums)
         return
-    # Group entries by latent: a stable sort of the N*m ids (0.5 M keys at 16384 x 32, tens of microseconds on a
-    # GPU) and integer counts; within a latent, entries stay in token order.
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_out)
-    offsets = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    # 16 latents x 128 columns per program: coalesced 16-wide stores when d W_enc is written transposed; about
-    # N*k/d_sae = 16 entries per latent at 16384 x 32 / 32768, so the in-step walk wastes little on uneven lists.
-    block_l, block_d, launch = (16, 128, {"num_warps": 4}) if gpu else (16, 16, {})
-    sparse._segment_sum_kernel[(triton.cdiv(n_out, block_l), triton.cdiv(d, block_d))](
+    # Group entries by latent (one stable int32 sort per step, shared with the other backward when the caller
+    # passes it), then sum fixed chunks of the sorted list and combine the pieces of latents that cross chunks.
+    order, keys, offsets = segments if segments is not None else reference.latent_segments(indices, n_out)
+    n_entries = flat.numel()
+    # 64 entries x 128 columns per program: a [64, 128] float32 tile gathered at once, then a segmented scan. About
+    # 16 entries per latent at 16384 x 32 / 32768, so a chunk holds a few latents; a latent firing on all 16384
+    # tokens is 256 chunks of parallel work plus a 256-step combine, instead of a 16384-step walk.
+    chunk, block_d, launch = (64, 128, {"num_warps": 4}) if gpu else (16, 16, {})
+    n_chunks = triton.cdiv(n_entries, chunk)
+    part = torch.empty(n_chunks, 2, d, dtype=torch.float32, device=out.device)
+    part_sums = None if sums is None else torch.empty(n_chunks, 2, dtype=torch.float32, device=out.device)
+    col_blocks = triton.cdiv(d, block_d)
+    sparse._segment_chunk_kernel[(n_chunks, col_blocks)](
         src,
         shift,
         order,
+        keys,
         weights.reshape(-1),
         offsets,
         out,
         sums,
-        n_out,
+        part,
+        part_sums,
+        n_entries,
         d,
         m,
         src.stride(0),
@@ -702,6 +750,23 @@ def _latent_sums(
         out_strides[1],
         HAS_SHIFT=shift is not None,
         WRITE_SUMS=sums is not None,
+        CHUNK=chunk,
+        BLOCK_D=block_d,
+        **launch,
+    )
+    block_l = 16
+    sparse._segment_combine_kernel[(triton.cdiv(n_out, block_l), col_blocks)](
+        offsets,
+        part,
+        part_sums,
+        out,
+        sums,
+        n_out,
+        d,
+        out_strides[0],
+        out_strides[1],
+        WRITE_SUMS=sums is not None,
+        CHUNK=chunk,
         BLOCK_L=block_l,
         BLOCK_D=block_d,
         **launch,
@@ -724,7 +789,15 @@ def _sparse_refusal(values: Tensor, indices: Tensor, *floats: Tensor | None) -> 
 
 @_on_device
 def sparse_encode_backward_fwd(
-    grad: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor | None, need_dx: bool
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from the gradient at
     the active entries (repeated indices add up). Only the ``N*m`` active entries are touched: ``dW_enc`` is a
@@ -739,7 +812,8 @@ def sparse_encode_backward_fwd(
         dW_enc.zero_()
         db_enc.zero_()
     else:
-        _latent_sums(x, b_dec, indices, grad, dW_enc, d_sae, (dW_enc.stride(1), dW_enc.stride(0)), db_enc)
+        segments = None if order is None else (order, keys, offsets)
+        _latent_sums(x, b_dec, indices, grad, dW_enc, d_sae, (dW_enc.stride(1), dW_enc.stride(0)), db_enc, segments)
     db_dec = _launch_matvec(W_enc, db_enc, -1.0) if b_dec is not None else grad.new_empty(0)
     if need_dx:
         table, stride_tr, stride_td = _latent_rows(W_enc, grad.numel())
@@ -762,7 +836,13 @@ def sparse_decode_fwd(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Ten
 
 @_on_device
 def sparse_decode_backward_fwd(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(d_values [N, m], dW_dec [d_sae, d_in])``: a gather-dot at the active rows, and per-latent sums of
     ``value * grad_out[token]`` (deterministic unless :func:`set_deterministic` is off)."""
@@ -772,7 +852,8 @@ def sparse_decode_backward_fwd(
     if values.numel() == 0:
         dW_dec.zero_()
     else:
-        _latent_sums(grad_out, None, indices, values, dW_dec, W_dec.shape[0], (dW_dec.stride(0), 1), None)
+        segments = None if order is None else (order, keys, offsets)
+        _latent_sums(grad_out, None, indices, values, dW_dec, W_dec.shape[0], (dW_dec.stride(0), 1), None, segments)
     return d_values, dW_dec
 
 
@@ -827,11 +908,22 @@ def row_topk_fwd(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         **launch,
     )
     keys = _select_candidates(cand, count, k, scores)
-    overflow = (count > cap).any(dim=1)
-    if bool(overflow.any()):
-        rows = overflow.nonzero().squeeze(1)
-        keys[rows] = _keys_by_torch_topk(scores[rows], k)
-    return _decode_keys(keys, scores.dtype)
+    redo = _needs_redo(keys, count, cap, k)
+    block_m, block_n, launch = (16, max(128, kp), {"num_warps": 8}) if _gpu(scores) else (16, max(16, kp), {})
+    topk._row_topk_redo_kernel[(triton.cdiv(n, block_m),)](
+        scores,
+        redo,
+        keys,
+        n,
+        width,
+        scores.stride(0),
+        keys.stride(0),
+        KP=kp,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **launch,
+    )
+    return _decode_keys(keys[:, :k], scores.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -976,11 +1068,11 @@ def _decode_supports(values, indices, W_dec, b_dec) -> str | None:
     return _sparse_refusal(values, indices, W_dec, b_dec)
 
 
-def _decode_backward_supports(grad_out, values, indices, W_dec) -> str | None:
+def _decode_backward_supports(grad_out, values, indices, W_dec, *_segments) -> str | None:
     return _sparse_refusal(values, indices, grad_out, W_dec)
 
 
-def _encode_backward_supports(grad, indices, x, W_enc, b_dec, need_dx) -> str | None:
+def _encode_backward_supports(grad, indices, x, W_enc, b_dec, need_dx, *_segments) -> str | None:
     return _sparse_refusal(grad, indices, x, W_enc, b_dec)
 
 
