@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check python kernels tests benchmarks
 	$(BIN)/ruff format --check python kernels tests benchmarks
 
-# Side-by-side measurements (not tests): CPU here; the DESIGN §9 shapes on a GPU. --bench-save writes results/.
+# Side-by-side measurements (not tests): CPU here; the docs/architecture.md#targets shapes on a GPU. --bench-save writes results/.
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-disable-gc $(BENCH_ARGS)
 

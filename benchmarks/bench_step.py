@@ -2,8 +2,9 @@
 (AuxK at its default aux_k, normalised decoder, finite check, fused Adam, clipping) on a batch with power-law firing
 rates; the table reports time, x GEMM, tokens/s, host syncs per step and peak memory.
 
-Targets (DESIGN §9, issue 8): on an H100, <= 1.7x the GEMM, >= 5x faster than torch-unfused, >= 2x faster than
-sparsify, zero host syncs, peak memory <= 0.5x sparsify's; a step with 20% dead latents <= 1.2x one with none."""
+Targets (docs/architecture.md#targets, issue 8): on an H100, <= 1.7x the GEMM, >= 5x faster than torch-unfused,
+>= 2x faster than sparsify, zero host syncs, peak memory <= 0.5x sparsify's; a step with 20% dead latents <= 1.2x one
+with none."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ end writes the side-by-side table (ratios to the GEMM floor and to the unfused b
 JSON + markdown under benchmarks/results/ with the device, versions and commit.
 
     .venv/bin/python -m pytest benchmarks                     # CPU: the foundation's step benchmark, 2 threads
-    python -m pytest benchmarks --bench-save                  # on a GPU: the DESIGN §9 shapes, results committed
+    python -m pytest benchmarks --bench-save                  # on a GPU: the reference shapes, results committed
+                                                              # (docs/architecture.md#targets)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Per-head attribution at selected (token, latent) pairs (DESIGN §4): for SAEs on concatenated attention heads,
+// Per-head attribution at selected (token, latent) pairs (docs/architecture.md#attribution): for SAEs on concatenated attention heads,
 // out[n, j, h] = (x[n] - b_dec)_h . W_enc[h-block, indices[n, j]], which sums over heads to the pre-activation
 // minus b_enc. N*m*d_in multiply-adds, the cost of one decoder pass, instead of n_heads dense GEMMs.
 //

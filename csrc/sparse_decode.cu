@@ -1,6 +1,6 @@
 // The sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec (gather_rows), and its backward:
 // d_values = (grad_out @ W_dec^T) at the active entries (gather_dot) and dW_dec per latent (segment_sum_rows).
-// All three are bandwidth-bound gathers at about 1 multiply-add per element loaded (DESIGN §3, gpu_limits §3).
+// All three are bandwidth-bound gathers at about 1 multiply-add per element loaded (docs/architecture.md#sparse-gathers).
 #include <algorithm>
 
 #include "common.cuh"

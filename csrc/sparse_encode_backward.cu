@@ -1,4 +1,4 @@
-// The sparse encoder's weight gradients (DESIGN §3): the loss reaches the pre-activation only at the N*m active
+// The sparse encoder's weight gradients (docs/architecture.md#maths): the loss reaches the pre-activation only at the N*m active
 // entries, so dW_enc[:, i] = sum over latent i's entries of grad * (x[token] - b_dec) and db_enc[i] = sum of grad,
 // reduced per latent from sorted segments (no float atomics, no [N*m, d_in] temporary). dx is gather_rows over
 // W_enc's columns and db_dec = -W_enc @ db_enc a dense mat-vec, both launched by the Python backend.

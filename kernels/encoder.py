@@ -3,11 +3,11 @@ that works on the accumulator while it is still in registers: ReLU / JumpReLU ma
 selection (a running per-row bound filters each tile into a small candidate buffer, optionally a second one among
 AuxK latents) so that the ``[N, d_sae]`` pre-activation is never written.
 
-Cost model (gpu_limits.md §1.3, §2.3): at 16384 x 768 x 32768 the GEMM is 825 GFLOP, about 1.03 ms at the
-800 TFLOP/s an H100 sustains, while writing the bf16 pre-activation alone is 1.07 GB (0.36 ms) before torch.topk
-reads it back several times (1-2 ms). The fused TopK kernel writes only candidate keys, int64: about 760 per row
-and column split for random data at k = 32, 16384 columns per split, so about 19% of the bf16 pre-activation's
-bytes at 32768 latents (the launcher's buffers, with headroom, hold 31%).
+Cost model (docs/architecture.md#encoder-gemm, #fused-topk): at 16384 x 768 x 32768 the GEMM is 825 GFLOP, about 1.03 ms
+at the 800 TFLOP/s an H100 sustains, while writing the bf16 pre-activation alone is 1.07 GB (0.36 ms) before torch.topk
+reads it back several times (1-2 ms). The fused TopK kernel writes only candidate keys, int64: about 760 per row and
+column split for random data at k = 32, 16384 columns per split, so about 19% of the bf16 pre-activation's bytes at
+32768 latents (the launcher's buffers, with headroom, hold 31%).
 """
 
 import triton
@@ -99,7 +99,7 @@ def _encode_dense_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``out [N, d_sae] = act((x - b_dec) @ W_enc + b_enc)``, act = none | relu | jumprelu (``pre * (pre > θ)``).
+    """``out [N, d_sae] = act((x - b_dec) @ W_enc + b_enc)``, act = none | relu | jumprelu (``relu(pre) * (pre > θ)``).
 
     Programs are grouped GROUP_M row blocks at a time along the columns, so a column block of W_enc is read from
     HBM once per group and from L2 by the others. The activation compares the pre-activation after rounding it to
@@ -141,7 +141,7 @@ def _encode_dense_fwd_kernel(
         pre = tl.maximum(pre, 0.0)
     elif ACTIVATION == ACT_JUMPRELU:
         theta = tl.load(threshold_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        pre = tl.where(pre > theta[None, :], pre, 0.0)
+        pre = tl.where((pre > theta[None, :]) & (pre > 0.0), pre, 0.0)
     mask = (rows < N)[:, None] & col_mask[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :]
     tl.store(out_ptrs, pre.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,9 +1,9 @@
-"""Per-head partial sums of the pre-activation at selected latents (DESIGN §4).
+"""Per-head partial sums of the pre-activation at selected latents (docs/architecture.md#attribution).
 
 For head-major inputs (head h owns columns ``h * d_head : (h + 1) * d_head``), ``out[n, j, h] = (x[n] - b_dec)_h ·
 W_enc[h-block, indices[n, j]]``. Summed over heads and added to the constant term it is the pre-activation exactly,
 so it attributes every active latent's activation to heads. Only the selected ``(token, latent)`` pairs are
-computed: ``N * m * d_in`` multiply-adds, the cost of one decoder pass (gpu_limits.md §2.4), instead of
+computed: ``N * m * d_in`` multiply-adds, the cost of one decoder pass (docs/architecture.md#head-partials), instead of
 ``n_heads`` accumulators per output of the full ``[N, d_sae]`` GEMM.
 """
 

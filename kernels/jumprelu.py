@@ -1,4 +1,5 @@
-"""JumpReLU (Rajamanoharan et al. 2024) elementwise kernels: ``pre * (pre > θ)``, the Heaviside step, and their
+"""JumpReLU (Rajamanoharan et al. 2024) elementwise kernels: ``relu(pre) * (pre > θ)`` (SAELens's maths: no
+negative activation even where θ < 0), the Heaviside step, and their
 straight-through backward with a rectangle kernel of width ``bandwidth``.
 
 Everything is computed in float32 after loading, with the roundings PyTorch applies at the input precision
@@ -26,7 +27,8 @@ def _jumprelu_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``out = pre * (pre > θ)`` (or ``(pre > θ)`` as pre's dtype with STEP), θ ``[D]`` broadcast over rows."""
+    """``out = relu(pre) * (pre > θ)`` (or ``(pre > θ)`` as pre's dtype with STEP), θ ``[D]`` broadcast over
+    rows."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < D
@@ -38,7 +40,7 @@ def _jumprelu_fwd_kernel(
     if STEP:
         out = above.to(tl.float32)
     else:
-        out = tl.where(above, p, 0.0)
+        out = tl.where(above & (p > 0.0), p, 0.0)
     tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +65,8 @@ def _jumprelu_bwd_kernel(
 ):
     """Straight-through backward over rows ``[pid_1 * ROWS_PER_PROGRAM, ...)`` and columns of block ``pid_0``.
 
-    JumpReLU: ``d_pre = grad * (pre > θ)`` and the partial ``sum_rows -(θ / bandwidth) * K(u) * grad``; STEP (the
+    JumpReLU: ``d_pre = grad * (pre > θ) * (pre > 0)`` and the partial ``sum_rows -(relu(θ) / bandwidth) * K(u) *
+    grad`` (relu(θ): the jump's height, 0 where the ReLU hides it); STEP (the
     L0 term) has no ``d_pre`` and the partial ``sum_rows -(1 / bandwidth) * K(u) * grad``. Each product is
     rounded to the input dtype before the float32 sum, as PyTorch forms it."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -76,7 +79,7 @@ def _jumprelu_bwd_kernel(
     if STEP:
         coef = (tl.zeros([BLOCK_C], dtype=tl.float32) - inv_bandwidth).to(dtype).to(tl.float32)
     else:
-        coef = -(tl.math.div_rn(theta, bw).to(dtype).to(tl.float32))
+        coef = -(tl.math.div_rn(tl.maximum(theta, 0.0), bw).to(dtype).to(tl.float32))
     partial = tl.zeros([BLOCK_C], dtype=tl.float32)
     last = tl.minimum(first + ROWS_PER_PROGRAM, N)
     rs = tl.arange(0, BLOCK_R)
@@ -87,7 +90,7 @@ def _jumprelu_bwd_kernel(
         g = tl.load(grad_ptr + rows64[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         p = tl.load(pre_ptr + rows64[:, None] * stride_pn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if not STEP:
-            d_pre = tl.where(p > theta[None, :], g, 0.0)
+            d_pre = tl.where((p > theta[None, :]) & (p > 0.0), g, 0.0)
             tl.store(d_pre_ptr + rows64[:, None] * stride_dn + cols[None, :], d_pre.to(dtype), mask=mask)
         diff = (p - theta[None, :]).to(dtype).to(tl.float32)
         u = tl.math.div_rn(diff, bw[None, :]).to(dtype).to(tl.float32)

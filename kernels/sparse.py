@@ -15,9 +15,9 @@ With ``values``/``indices [N, m]``:
 * ``_scatter_add_kernel``: the same sums with float32 atomics, token-major (no sort); opt-in, not deterministic.
 * ``_matvec_kernel``: ``out = scale * W @ v``, the ``d b_dec = -W_enc @ d b_enc`` that reduces over the batch first.
 
-All are gather-bandwidth bound (about 1 FLOP per byte, gpu_limits.md §3): at 16384 tokens, k = 32 and d_in = 768
-one pass gathers 0.8 GB of bf16 rows. Loads use int64 offsets (rows times strides pass 2**31 at real sizes) and
-accumulate in float32. A value of exactly 0 (BatchTopK padding) skips its row load.
+All are gather-bandwidth bound (about 1 FLOP per byte, docs/architecture.md#sparse-gathers): at 16384 tokens, k = 32 and
+d_in = 768 one pass gathers 0.8 GB of bf16 rows. Loads use int64 offsets (rows times strides pass 2**31 at real sizes)
+and accumulate in float32. A value of exactly 0 (BatchTopK padding) skips its row load.
 """
 
 import triton

@@ -54,14 +54,25 @@ def sparse_to_dense(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
 
 
 def jumprelu_threshold_grad(p: Tensor, threshold: Tensor, bandwidth: float, grad: Tensor, l0: bool) -> Tensor:
-    """STE threshold gradient written element by element (Rajamanoharan et al. 2024, eq. 11-12)."""
+    """STE threshold gradient written element by element (Rajamanoharan et al. 2024, eq. 11-12). The JumpReLU
+    scale is the jump's height relu(threshold) (SAELens trains only positive thresholds, where it is threshold)."""
     out = torch.zeros_like(threshold)
     for n in range(p.shape[0]):
         for i in range(p.shape[1]):
             u = (float(p[n, i]) - float(threshold[i])) / bandwidth
             if -0.5 < u < 0.5:
-                scale = 1.0 if l0 else float(threshold[i])
+                scale = 1.0 if l0 else max(float(threshold[i]), 0.0)
                 out[i] -= scale / bandwidth * grad[n, i]
+    return out
+
+
+def jumprelu(p: Tensor, threshold: Tensor) -> Tensor:
+    """SAELens's JumpReLU, element by element: relu(p) where p > threshold, else 0."""
+    out = torch.zeros_like(p)
+    for n in range(p.shape[0]):
+        for i in range(p.shape[1]):
+            if float(p[n, i]) > float(threshold[i]):
+                out[n, i] = max(float(p[n, i]), 0.0)
     return out
 
 

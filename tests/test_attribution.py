@@ -1,7 +1,7 @@
-"""Exact per-head attribution on MiniLM-L6's real layer-3 z (DESIGN §4), for ReLU, JumpReLU, TopK and BatchTopK SAEs
-trained on it: contributions + constant reproduce every active feature's activation to float32 rounding, each
-head's term matches a float64 recomputation, per-source sums equal per-head sums, zeroing a head moves the
-pre-activation by exactly minus its contribution, and single-head ablations do not add up.
+"""Exact per-head attribution on MiniLM-L6's real layer-3 z (docs/architecture.md#attribution), for ReLU, JumpReLU, TopK
+and BatchTopK SAEs trained on it: contributions + constant reproduce every active feature's activation to float32
+rounding, each head's term matches a float64 recomputation, per-source sums equal per-head sums, zeroing a head moves
+the pre-activation by exactly minus its contribution, and single-head ablations do not add up.
 
 Tolerances are worst-case float32 rounding bounds (Higham's gamma_n = n u / (1 - n u) times the sum of the
 magnitudes of the terms, computed in float64 from the same inputs), plus STYLE §10's rule that our error against

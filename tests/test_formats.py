@@ -133,7 +133,7 @@ def test_missing_and_non_sae_folders(tmp_path):
     with pytest.raises(SAEFormatError, match="is not a folder"):
         fusedsae.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SAEFormatError, match="has no cfg.json: it is not a SAELens, sparsify or fusedsae SAE folder"):
+    with pytest.raises(SAEFormatError, match="has no cfg.json: it is not a SAELens, sparsify, dictionary_learning"):
         fusedsae.load(tmp_path / "empty")
     (tmp_path / "cfgonly").mkdir()
     (tmp_path / "cfgonly" / "cfg.json").write_text("{}")
@@ -177,7 +177,16 @@ def test_unsupported_architecture(tmp_path):
     cfg_path = tmp_path / "sae" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
     del cfg["metadata"]["fusedsae"]
-    cfg["architecture"] = "gated"
+    cfg["architecture"] = "skip_transcoder"
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(SAEFormatError, match="architecture 'gated' is not supported"):
+    with pytest.raises(SAEFormatError, match="architecture 'skip_transcoder' is not supported"):
         fusedsae.load(tmp_path / "sae")
+
+
+def test_cfg_dtype_and_device_follow_the_parameters(tmp_path):
+    sae = trained_like("topk").to(torch.bfloat16)
+    assert sae.cfg.dtype == "bfloat16" and sae.cfg.device == "cpu"
+    sae.save(tmp_path / "sae")
+    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["dtype"] == "bfloat16"
+    assert fusedsae.load(tmp_path / "sae").W_enc.dtype == torch.bfloat16
+    assert sae.double().cfg.dtype == "float64"

@@ -244,7 +244,7 @@ def test_encode_dense_and_gradients(backend, activation, center):
     dt = torch.float64
     x = torch.randn(n, d_in, dtype=dt)
     W_enc, b_enc, b_dec, _ = make_weights(d_in, d_sae, dt)
-    threshold = 0.2 * torch.rand(d_sae, dtype=dt)
+    threshold = 0.4 * torch.rand(d_sae, dtype=dt) - 0.1  # partly negative: the ReLU in JumpReLU matters
     g = torch.randn(n, d_sae, dtype=dt)
     b = b_dec if center else None
     inputs = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)] + ([b.clone().requires_grad_()] if center else [])
@@ -254,7 +254,7 @@ def test_encode_dense_and_gradients(backend, activation, center):
 
     ref = [t.clone().requires_grad_() for t in inputs]
     p = naive.pre(ref[0], ref[1], ref[2], ref[3] if center else None)
-    expected_out = {"none": p, "relu": torch.relu(p), "jumprelu": p * (p > threshold)}[activation]
+    expected_out = {"none": p, "relu": torch.relu(p), "jumprelu": torch.relu(p) * (p > threshold)}[activation]
     expected = torch.autograd.grad((expected_out * g).sum(), ref)
     torch.testing.assert_close(out, expected_out.detach())
     for a, b_ in zip(ours, expected):
@@ -266,19 +266,20 @@ def test_jumprelu_straight_through_threshold_gradient(backend, op):
     n, d_sae, bandwidth = 7, 9, 0.5
     dt = torch.float64
     p = torch.randn(n, d_sae, dtype=dt)
-    threshold = torch.rand(d_sae, dtype=dt)
+    threshold = torch.rand(d_sae, dtype=dt) - 0.4  # partly negative thresholds (SAELens files can hold them)
     g = torch.randn(n, d_sae, dtype=dt)
     pre = p.clone().requires_grad_()
     thr = threshold.clone().requires_grad_()
     fn = F.jumprelu if op == "jumprelu" else F.step
     out = fn(pre, thr, bandwidth)
     d_pre, d_thr = torch.autograd.grad((out * g).sum(), (pre, thr), allow_unused=True)
-    expected_out = p * (p > threshold) if op == "jumprelu" else (p > threshold).to(dt)
+    expected_out = naive.jumprelu(p, threshold) if op == "jumprelu" else (p > threshold).to(dt)
     torch.testing.assert_close(out, expected_out)
+    assert (out >= 0).all()
     expected_thr = naive.jumprelu_threshold_grad(p, threshold, bandwidth, g, l0=op == "step")
     torch.testing.assert_close(d_thr, expected_thr)
     if op == "jumprelu":
-        torch.testing.assert_close(d_pre, g * (p > threshold))
+        torch.testing.assert_close(d_pre, g * ((p > threshold) & (p > 0)))
     else:
         assert d_pre is None or (d_pre == 0).all()
 

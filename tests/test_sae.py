@@ -297,3 +297,12 @@ def test_functional_validation_messages():
 def test_extra_repr_mentions_shape():
     text = repr(make_sae("topk"))
     assert "d_in=12" in text and "d_sae=40" in text and "k=4" in text
+
+
+def test_training_forward_validates_the_dead_mask():
+    sae = make_sae("topk")
+    x = torch.randn(6, sae.cfg.d_in)
+    with pytest.raises(ValueError, match="aux_mask must be a bool tensor of shape"):
+        sae.training_forward(x, dead_mask=torch.ones(sae.cfg.d_sae))
+    with pytest.raises(ValueError, match="aux_mask must be a bool tensor of shape"):
+        sae.training_forward(x, dead_mask=torch.ones(sae.cfg.d_sae + 1, dtype=torch.bool))

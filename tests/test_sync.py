@@ -15,7 +15,7 @@ import fusedsae
 from conftest import requires_cuda
 from fusedsae import backends, reference
 from fusedsae.data import TensorSource
-from fusedsae.sae import auxk_reconstruction
+from fusedsae.functional import auxk_reconstruction
 
 # Ops whose CUDA implementation copies a value to the host (or sizes its output by the data, hence does):
 # item()/bool()/int() all end in _local_scalar_dense.

@@ -556,7 +556,7 @@ def test_encode_dense_and_gradients(activation, center):
     n, d_in, d_sae = 20, 13, 37
     x = randn(n, d_in)
     W_enc, b_enc, b_dec, _ = make_weights(d_in, d_sae)
-    threshold = 0.2 * torch.rand(d_sae, device=DEVICE)
+    threshold = 0.4 * torch.rand(d_sae, device=DEVICE) - 0.1  # partly negative: the ReLU in JumpReLU matters
     g = randn(n, d_sae)
     b = b_dec if center else None
     inputs = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)] + ([b.clone().requires_grad_()] if center else [])
@@ -568,7 +568,7 @@ def test_encode_dense_and_gradients(activation, center):
     torch.testing.assert_close(out, reference.encode_dense(x, W_enc, b_enc, b, threshold, activation))
     ref = [t.detach().double().requires_grad_() for t in inputs]
     p = naive.pre(ref[0], ref[1], ref[2], ref[3] if center else None)
-    expected_out = {"none": p, "relu": torch.relu(p), "jumprelu": p * (p > threshold)}[activation]
+    expected_out = {"none": p, "relu": torch.relu(p), "jumprelu": torch.relu(p) * (p > threshold)}[activation]
     expected = torch.autograd.grad((expected_out * g.double()).sum(), ref)
     for a, e in zip(ours, expected):
         torch.testing.assert_close(a, e.float())
@@ -612,18 +612,18 @@ def test_row_topk_gradient_and_float_scores():
 @pytest.mark.parametrize("op", ["jumprelu", "step"])
 def test_jumprelu_forward_and_straight_through_gradient(op):
     n, d_sae, bandwidth = 37, 45, 0.5
-    p, threshold, g = randn(n, d_sae), torch.rand(d_sae, device=DEVICE), randn(n, d_sae)
+    p, threshold, g = randn(n, d_sae), torch.rand(d_sae, device=DEVICE) - 0.4, randn(n, d_sae)  # partly < 0
     pre, thr = p.clone().requires_grad_(), threshold.clone().requires_grad_()
     fn = F.jumprelu if op == "jumprelu" else F.step
     with on_triton():
         out = fn(pre, thr, bandwidth)
         d_pre, d_thr = torch.autograd.grad((out * g).sum(), (pre, thr), allow_unused=True)
-    expected_out = p * (p > threshold) if op == "jumprelu" else (p > threshold).float()
-    assert torch.equal(out, expected_out)
+    expected_out = naive.jumprelu(p.cpu(), threshold.cpu()) if op == "jumprelu" else (p > threshold).float().cpu()
+    assert torch.equal(out.cpu(), expected_out)
     expected_thr = naive.jumprelu_threshold_grad(p.cpu(), threshold.cpu(), bandwidth, g.cpu(), l0=op == "step")
     torch.testing.assert_close(d_thr.cpu(), expected_thr)
     if op == "jumprelu":
-        assert torch.equal(d_pre, g * (p > threshold))
+        assert torch.equal(d_pre, g * ((p > threshold) & (p > 0)))
     else:
         assert d_pre is None or (d_pre == 0).all()
 
@@ -631,7 +631,7 @@ def test_jumprelu_forward_and_straight_through_gradient(op):
 @pytest.mark.parametrize("dtype", LOWP)
 def test_jumprelu_backward_low_precision(dtype):
     n, d_sae, bandwidth = 40, 33, 0.25
-    p, threshold, g = (t.to(dtype) for t in (randn(n, d_sae), torch.rand(d_sae, device=DEVICE), randn(n, d_sae)))
+    p, threshold, g = (t.to(dtype) for t in (randn(n, d_sae), torch.rand(d_sae, device=DEVICE) - 0.3, randn(n, d_sae)))
     with on_triton():
         out = torch.ops.fusedsae.jumprelu(p, threshold, bandwidth)
         d_pre, d_thr = backends.call("jumprelu_backward", g, p, threshold, bandwidth)
@@ -640,8 +640,8 @@ def test_jumprelu_backward_low_precision(dtype):
     assert torch.equal(d_pre, reference.jumprelu_backward(g, p, threshold, bandwidth)[0])
     # the rectangle's membership is computed at the input precision, so the baseline and exact sums differ only
     # by the per-product rounding
-    inside = reference._rectangle(p, threshold, bandwidth).double()
-    exact = (-(threshold.double() / bandwidth) * inside * g.double()).sum(0)
+    inside = reference.rectangle(p, threshold, bandwidth).double()
+    exact = (-(threshold.double().clamp_min(0) / bandwidth) * inside * g.double()).sum(0)
     exact_l0 = (-(1.0 / bandwidth) * inside * g.double()).sum(0)
     assert_close_lowp(d_thr, reference.jumprelu_backward(g, p, threshold, bandwidth)[1], exact, "d threshold")
     assert_close_lowp(d_thr_l0, reference.step_backward(g, p, threshold, bandwidth), exact_l0, "d threshold (L0)")

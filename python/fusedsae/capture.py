@@ -1,4 +1,4 @@
-"""Activations from Hugging Face transformers, by module path, offline (DESIGN §6).
+"""Activations from Hugging Face transformers, by module path, offline (docs/architecture.md#offline-data).
 
 A :class:`HookSpec` names a module and whether its input or its output is wanted (for an attention SAE: the
 input of the attention output projection, which is z, the head-major concatenation of the per-head outputs).

@@ -72,6 +72,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     sae.add_argument("--l1-coefficient", type=float, default=None, help="ReLU SAEs' L1 weight")
     sae.add_argument("--l0-coefficient", type=float, default=None, help="JumpReLU SAEs' L0 weight")
     sae.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    sae.add_argument(
+        "--matryoshka-widths",
+        type=_widths,
+        default=None,
+        help="Matryoshka prefix widths for topk/batchtopk, e.g. 128,512,2048 (d_sae is appended)",
+    )
 
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
@@ -136,6 +142,17 @@ def _resolve_device(name: str, local_rank: int) -> str:
     if name == "cuda" and local_rank:
         return f"cuda:{local_rank}"
     return name
+
+
+def _widths(text: str) -> list[int]:
+    """``--matryoshka-widths 128,512,2048`` -> [128, 512, 2048] (argparse turns the ValueError into one line)."""
+    try:
+        widths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not widths:
+        raise argparse.ArgumentTypeError("expected at least one width")
+    return widths
 
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -364,6 +381,7 @@ def make_trainer(
         device=device,
         n_heads=getattr(data, "n_heads", None),
         metadata={"dataset_path": settings["data"], **_source_metadata(data)},
+        matryoshka_widths=settings.get("matryoshka_widths"),
         **sae_kwargs,
     )
     torch.manual_seed(settings["seed"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_matryoshka_widths(widths: Any, d_sae: int) -> list[int]:
+    """``widths`` as a list of ints, strictly increasing from >= 1 and ending at ``d_sae``; ``ValueError`` else."""
+    try:
+        checked = [int(w) for w in widths]
+    except (TypeError, ValueError):
+        raise ValueError(f"matryoshka_widths must be a list of integers, got {widths!r}") from None
+    if not checked or checked[0] < 1 or any(b <= a for a, b in itertools.pairwise(checked)) or checked[-1] != d_sae:
+        raise ValueError(f"matryoshka_widths must increase strictly from >= 1 up to d_sae={d_sae}, got {checked}")
+    return checked
+
+
 @dataclass
 class SAEConfig:
     """Configuration of a :class:`fusedsae.SparseAutoencoder`.
@@ -60,6 +72,12 @@ class SAEConfig:
         aux_k: dead latents used by the AuxK loss (TopK/BatchTopK); default ``d_in // 2``; 0 disables it.
         aux_loss_coefficient: weight of the AuxK loss (Gao et al. 2024: 1/32).
         topk_threshold_lr: EMA rate of BatchTopK's inference threshold.
+        matryoshka_widths: Matryoshka SAEs (TopK/BatchTopK; Bussmann et al. 2025, Nabeshima 2025): strictly
+            increasing prefix widths ending at ``d_sae`` (``d_sae`` is appended when missing, as SAELens does). The
+            training loss adds, for every inner width w, the MSE of the reconstruction from the active latents
+            below w (``inner_mse_loss_<w>``, weight 1 each as SAELens sums them). All prefixes share the one
+            selection of the whole dictionary (dictionary_learning's definition; SAELens re-runs BatchTopK within
+            each prefix), so every prefix reconstruction comes from one pass over the active latents.
         dtype, device: of the parameters.
         metadata: free-form provenance written to ``cfg.json`` (``hook_name``, ``model_name``…, SAELens keys).
     """
@@ -79,6 +97,7 @@ class SAEConfig:
     aux_k: int | None = None
     aux_loss_coefficient: float = 1.0 / 32.0
     topk_threshold_lr: float = 0.01
+    matryoshka_widths: list[int] | None = None
     dtype: str = "float32"
     device: str = "cpu"
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +136,13 @@ class SAEConfig:
             raise ValueError(f"aux_k must be >= 0, got {self.aux_k}")
         if self.jumprelu_bandwidth <= 0:
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
+        if self.matryoshka_widths is not None:
+            if self.activation not in SPARSE_ACTIVATIONS:
+                raise ValueError(f"matryoshka_widths need a topk or batchtopk SAE, not activation={self.activation!r}")
+            widths = list(self.matryoshka_widths)
+            if widths and widths[-1] != self.d_sae:
+                widths.append(self.d_sae)  # as SAELens does
+            self.matryoshka_widths = check_matryoshka_widths(widths, self.d_sae) if widths else None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,8 +1,8 @@
 """Toy experiments: which feature bases a TopK SAE can and cannot recover (``fusedsae toy <experiment>``).
 
-Each experiment trains a few small SAEs on toy data with known ground truth (:mod:`fusedsae.toy`) and reports, per
-case, how well the decoder rows match each candidate basis (MMCS, DESIGN §3) beside the usual metrics. Nothing in a
-result is fixed in advance: the ``basis`` column is read off the measured cosines.
+Each experiment trains a few small SAEs on toy data with known ground truth (:mod:`fusedsae.toy`) and reports, per case,
+how well the decoder rows match each candidate basis (MMCS, docs/architecture.md#metrics) beside the usual metrics.
+Nothing in a result is fixed in advance: the ``basis`` column is read off the measured cosines.
 
 * ``composed`` (Anders et al. 2024): two sets of four features, one feature of each set active together. Does the
   SAE learn the 8 atomic features or the 16 combinations? It depends on the amplitudes (independent or shared) and

@@ -1,4 +1,5 @@
-"""SAE folders on disk: SAELens 6.x (read and write) and sparsify (read). safetensors only; no pickle.
+"""SAE folders on disk: SAELens 6.x (read and write), sparsify and dictionary_learning (read). No pickle:
+safetensors, and dictionary_learning's ``ae.pt`` through ``torch.load(weights_only=True)``.
 
 A SAELens 6.x folder holds ``cfg.json`` (``d_in``, ``d_sae``, ``dtype``, ``architecture``, ``apply_b_dec_to_input``,
 ``normalize_activations``, ``reshape_activations``, ``k`` for TopK, and ``metadata`` with ``sae_lens_version`` >=
@@ -323,48 +324,92 @@ def _version_tuple(version: Any) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _config_from_sae_lens(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> tuple[SAEConfig, bool]:
-    """(config, rescale_by_decoder_norm) from a SAELens cfg.json, 6.x or older."""
+def upgrade_sae_lens_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A SAELens ``cfg.json`` dict in the 6.x schema. Older (flat) configs are upgraded as SAELens's
+    ``handle_pre_6_0_config`` does: ``hook_point`` → ``metadata.hook_name``, ``activation_fn_str: "topk"`` with
+    ``activation_fn_kwargs.k`` → architecture ``topk``, a boolean ``normalize_activations`` → none /
+    expected_average_only_in, architecture defaulting to ``standard``."""
+    meta = raw.get("metadata") or {}
+    version = raw.get("sae_lens_version") or meta.get("sae_lens_version")
+    if version is not None and _version_tuple(version) >= (6,):
+        return dict(raw)
+    renamed = {
+        "hook_point": "hook_name",
+        "hook_point_head_index": "hook_head_index",
+        "activation_fn_str": "activation_fn",
+    }
+    flat = {renamed.get(key, key): value for key, value in raw.items()}
+    out: dict[str, Any] = {
+        key: flat[key] for key in ("d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input") if key in flat
+    }
+    out["architecture"] = flat.get("architecture", "standard")
+    if flat.get("activation_fn", "relu") == "topk" and (flat.get("activation_fn_kwargs") or {}).get("k") is not None:
+        out["architecture"] = "topk"
+        out["k"] = flat["activation_fn_kwargs"]["k"]
+    elif "k" in flat:
+        out["k"] = flat["k"]
+    norm = flat.get("normalize_activations", "none")
+    out["normalize_activations"] = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
+    out["reshape_activations"] = "hook_z" if "hook_z" in str(flat.get("hook_name", "")) else "none"
+    out["metadata"] = {
+        key: flat[key]
+        for key in ("model_name", "hook_name", "hook_head_index", "hook_layer", "context_size", "prepend_bos")
+        if key in flat
+    }
+    return out
+
+
+def _config_from_sae_lens(
+    raw: dict[str, Any], tensors: dict[str, Tensor], path: Path
+) -> tuple[SAEConfig, dict[str, Tensor], bool]:
+    """(config, weights by our names, fold decoder norms after loading) from a SAELens cfg.json."""
     check_sae_lens_cfg(raw, path)
     meta = raw.get("metadata") or {}
     fused = meta.get("fusedsae")
     if isinstance(fused, dict):
-        return SAEConfig.from_dict({**fused, "metadata": _user_metadata(meta)}), False
-    version = raw.get("sae_lens_version") or meta.get("sae_lens_version")
-    legacy = version is None or _version_tuple(version) < (6,)
+        return SAEConfig.from_dict({**fused, "metadata": _user_metadata(meta)}), dict(tensors), False
+    raw = upgrade_sae_lens_config(raw)
+    meta = raw.get("metadata") or {}
     architecture = raw.get("architecture", "standard")
-    k = raw.get("k")
-    if legacy:
-        # SAELens < 6 wrote a flat config: activation_fn(_str) + activation_fn_kwargs decide TopK.
-        fn = raw.get("activation_fn") or raw.get("activation_fn_str") or "relu"
-        if fn == "topk":
-            architecture = "topk"
-            k = (raw.get("activation_fn_kwargs") or {}).get("k", k)
-        meta = {key: raw[key] for key in ("model_name", "hook_name", "hook_point", "hook_layer") if key in raw}
-    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(architecture)
+    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(
+        architecture
+    )
     if activation is None:
         raise SAEFormatError(
-            f"{path}: architecture {architecture!r} is not supported (fusedsae reads standard, topk, jumprelu)"
+            f"{path}: architecture {architecture!r} is not supported (fusedsae reads standard, topk, batchtopk, "
+            "jumprelu, and gated for inference)"
         )
-    if raw.get("normalize_activations") not in (None, "none", False):
+    if raw.get("normalize_activations") not in (None, "none"):
         raise SAEFormatError(
             f"{path}: normalize_activations={raw['normalize_activations']!r} needs a run-time input scale that "
-            "this folder does not store; fold it into the weights first"
+            "this folder does not store; fold it into the weights first (or load it with "
+            "fusedsae.compat.sae_lens.SAE.load_from_disk, which applies constant_norm_rescale and layer_norm)"
         )
     W_enc = tensors.get("W_enc")
     if W_enc is None or W_enc.dim() != 2:
         raise SAEFormatError(f"{path}: sae_weights.safetensors has no 2-D W_enc")
+    weights = dict(tensors)
+    k = raw.get("k")
+    rescale = bool(raw.get("rescale_acts_by_decoder_norm", False)) and activation == "topk"
+    if activation == "batchtopk":
+        # A SAELens BatchTopK training checkpoint: the scalar EMA threshold becomes our threshold buffer, which
+        # eval mode uses (JumpReLU maths, as SAELens's own inference save); its training config rescales by the
+        # decoder norms by default, so fold them in (selection on pre * norm == selection after folding).
+        if "topk_threshold" not in weights:
+            raise SAEFormatError(f"{path}: a batchtopk folder must hold topk_threshold (SAELens's BatchTopK state)")
+        weights["threshold"] = torch.full((W_enc.shape[1],), float(weights.pop("topk_threshold")), dtype=W_enc.dtype)
+        rescale = bool(raw.get("rescale_acts_by_decoder_norm", True))
     cfg = SAEConfig(
         d_in=int(raw.get("d_in", W_enc.shape[0])),
         d_sae=int(raw.get("d_sae", W_enc.shape[1])),
         activation=activation,
-        k=int(k) if activation == "topk" else None,
+        k=int(k) if activation in ("topk", "batchtopk") else None,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         dtype=str(raw.get("dtype", "float32")),
         metadata=_user_metadata(meta),
         normalize_decoder=False,
     )
-    return cfg, bool(raw.get("rescale_acts_by_decoder_norm", False)) and activation == "topk"
+    return cfg, weights, rescale
 
 
 def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
@@ -378,8 +423,14 @@ def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path:
         raise SAEFormatError(f"{path}: sae.safetensors has no 2-D encoder.weight")
     if raw.get("activation", "topk") != "topk":
         raise SAEFormatError(f"{path}: sparsify activation {raw['activation']!r} is not supported (topk only)")
-    if raw.get("transcode") or "W_skip" in tensors:
-        raise SAEFormatError(f"{path}: sparsify transcoders are not supported")
+    if raw.get("transcode") or raw.get("skip_connection") or "W_skip" in tensors:
+        kind = "a transcoder (it predicts a module's output from its input" if raw.get("transcode") else "an SAE"
+        skip = " with a skip connection W_skip (output += x @ W_skip^T)" if "W_skip" in tensors else ""
+        raise SAEFormatError(
+            f"{path} is a sparsify {kind}{skip}{')' if raw.get('transcode') else ''}; fusedsae.SparseAutoencoder "
+            "has no such terms. Load it with fusedsae.compat.sparsify.SparseCoder.load_from_disk, which runs it "
+            "exactly on fusedsae's ops"
+        )
     return SAEConfig(
         d_in=int(W.shape[1]),
         d_sae=int(W.shape[0]),
@@ -391,30 +442,149 @@ def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path:
     )
 
 
+def sparsify_layers(root: Path) -> list[str]:
+    """Names of the layer folders (``cfg.json`` + ``sae.safetensors``) under a sparsify multi-layer root, sorted
+    by natural order (``layers.2`` before ``layers.10``)."""
+
+    def natural(name: str) -> list[Any]:
+        return [
+            int(part) if part.isdigit() else part
+            for part in "".join(ch if ch.isdigit() else f" {ch} " for ch in name).split()
+        ]
+
+    names = [
+        child.name
+        for child in Path(root).iterdir()
+        if child.is_dir() and (child / CFG_FILE).is_file() and (child / SPARSIFY_WEIGHTS_FILE).is_file()
+    ]
+    return sorted(names, key=natural)
+
+
+# dictionary_learning class name -> our activation
+_DICTIONARY_LEARNING = {
+    "AutoEncoder": "relu",
+    "AutoEncoderTopK": "topk",
+    "BatchTopKSAE": "batchtopk",
+    "JumpReluAutoEncoder": "jumprelu",
+}
+DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
+DICTIONARY_LEARNING_CONFIG = "config.json"
+
+
+def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """dictionary_learning's ``ae.pt`` (a state dict; read with ``torch.load(weights_only=True)``, which refuses
+    anything but tensors and plain containers) + ``config.json`` ``{"trainer": {"dict_class": ...}}``."""
+    config = read_json(folder / DICTIONARY_LEARNING_CONFIG)
+    trainer = config.get("trainer") or {}
+    dict_class = trainer.get("dict_class")
+    activation = _DICTIONARY_LEARNING.get(dict_class)
+    if activation is None:
+        raise SAEFormatError(
+            f"{folder}: dictionary_learning class {dict_class!r} is not supported (fusedsae reads "
+            f"{', '.join(_DICTIONARY_LEARNING)})"
+        )
+    try:
+        state = torch.load(folder / DICTIONARY_LEARNING_WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling refusal, a truncated zip, a non-torch file: all one message
+        raise SAEFormatError(
+            f"{folder / DICTIONARY_LEARNING_WEIGHTS} is not a plain tensor state dict that torch.load(weights_only="
+            f"True) can read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise SAEFormatError(f"{folder / DICTIONARY_LEARNING_WEIGHTS} must hold a state dict of tensors")
+
+    def need(*names: str) -> list[Tensor]:
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise SAEFormatError(f"{folder / DICTIONARY_LEARNING_WEIGHTS} ({dict_class}) lacks {', '.join(missing)}")
+        return [state[n] for n in names]
+
+    apply_b_dec = True
+    if activation == "jumprelu":
+        W_enc, b_enc, W_dec, b_dec, threshold = need("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+        apply_b_dec = False  # JumpReluAutoEncoder sets apply_b_dec_to_input = False and does not save it
+        weights = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}
+    else:
+        # nn.Linear layouts: encoder.weight [F, d], decoder.weight [d, F]
+        enc_w, enc_b, dec_w = need("encoder.weight", "encoder.bias", "decoder.weight")
+        (b_dec,) = need("bias" if activation == "relu" else "b_dec")
+        weights = {"W_enc": enc_w.t(), "b_enc": enc_b, "W_dec": dec_w.t(), "b_dec": b_dec}
+        if activation == "batchtopk":
+            # BatchTopKSAE encodes with its scalar threshold by default: relu(pre) * (relu(pre) > θ), which is our
+            # eval-mode JumpReLU maths with θ repeated (θ = -1, "unset", keeps every positive activation, as 0 does)
+            (threshold,) = need("threshold")
+            weights["threshold"] = torch.full_like(enc_b, max(float(threshold), 0.0))
+    k = None
+    if activation in ("topk", "batchtopk"):
+        k = int(state["k"]) if "k" in state else trainer.get("k")
+        if k is None:
+            raise SAEFormatError(f"{folder}: a {dict_class} needs k (in ae.pt or config.json's trainer)")
+    W_enc = weights["W_enc"]
+    cfg = SAEConfig(
+        d_in=int(W_enc.shape[0]),
+        d_sae=int(W_enc.shape[1]),
+        activation=activation,
+        k=int(k) if k is not None else None,
+        apply_b_dec_to_input=apply_b_dec,
+        dtype=str(W_enc.dtype).removeprefix("torch."),
+        normalize_decoder=False,
+        metadata={"source": "dictionary_learning", "dict_class": dict_class},
+    )
+    return cfg, weights
+
+
 def load_sae(
     path: str | os.PathLike[str],
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    layer: str | None = None,
 ) -> Any:
-    """Loads an SAE folder written by fusedsae, SAELens (6.x or older) or sparsify.
+    """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu, and
+    gated for inference), sparsify (one layer, or ``layer=`` of a multi-layer root) or dictionary_learning
+    (``ae.pt`` + ``config.json``: AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder).
 
+    Returns a :class:`fusedsae.SparseAutoencoder`, except for SAELens gated folders: a
+    :class:`fusedsae.compat.sae_lens.GatedSAE` (inference only: ``encode``, ``decode``, ``forward``).
     ``device``/``dtype`` override the stored ones. Raises :class:`SAEFormatError` naming the file and the problem
-    for a missing, truncated or inconsistent folder.
+    for a missing, truncated or inconsistent folder, and listing the layers of a multi-layer root.
     """
     from fusedsae.sae import SparseAutoencoder
 
     folder = Path(path)
     if not folder.is_dir():
         raise SAEFormatError(f"{folder} is not a folder; an SAE is a folder with cfg.json and weights")
+    if layer is not None:
+        if not (folder / layer).is_dir():
+            available = sparsify_layers(folder)
+            raise SAEFormatError(
+                f"{folder} has no layer {layer!r}; it holds {', '.join(available) if available else 'no layer folders'}"
+            )
+        return load_sae(folder / layer, device=device, dtype=dtype)
     cfg_path = folder / CFG_FILE
     if not cfg_path.is_file():
-        raise SAEFormatError(f"{folder} has no {CFG_FILE}: it is not a SAELens, sparsify or fusedsae SAE folder")
+        if (folder / DICTIONARY_LEARNING_WEIGHTS).is_file() and (folder / DICTIONARY_LEARNING_CONFIG).is_file():
+            cfg, weights = _from_dictionary_learning(folder)
+            return _build(SparseAutoencoder, cfg, weights, folder, device, dtype, fold=False)
+        layers = sparsify_layers(folder)
+        if layers:
+            raise SAEFormatError(
+                f"{folder} is a multi-layer folder holding {len(layers)} SAEs: {', '.join(layers)}; load one with "
+                f"fusedsae.load({str(folder)!r}, layer={layers[0]!r})"
+            )
+        raise SAEFormatError(
+            f"{folder} has no {CFG_FILE}: it is not a SAELens, sparsify, dictionary_learning (ae.pt + config.json) "
+            "or fusedsae SAE folder"
+        )
     raw = read_json(cfg_path)
-    rescale = False
+    fold = False
     if (folder / WEIGHTS_FILE).exists():
         tensors = read_safetensors(folder / WEIGHTS_FILE)
-        cfg, rescale = _named(cfg_path, lambda: _config_from_sae_lens(raw, tensors, cfg_path))
-        weights = dict(tensors)
+        check_sae_lens_cfg(raw, cfg_path)  # before anything reads a field
+        if upgrade_sae_lens_config(raw).get("architecture") == "gated":
+            from fusedsae.compat.sae_lens import SAE
+
+            return SAE.load_from_disk(folder, device=str(device or "cpu"), dtype=None if dtype is None else str(dtype))
+        cfg, weights, fold = _named(cfg_path, lambda: _config_from_sae_lens(raw, tensors, cfg_path))
     elif (folder / SPARSIFY_WEIGHTS_FILE).exists():
         tensors = read_safetensors(folder / SPARSIFY_WEIGHTS_FILE)
         cfg = _named(cfg_path, lambda: _config_from_sparsify(raw, tensors, cfg_path))
@@ -426,6 +596,18 @@ def load_sae(
         }
     else:
         raise SAEFormatError(f"{folder} has {CFG_FILE} but neither {WEIGHTS_FILE} nor {SPARSIFY_WEIGHTS_FILE}")
+    return _build(SparseAutoencoder, cfg, weights, folder, device, dtype, fold=fold)
+
+
+def _build(
+    sae_cls: Any,
+    cfg: SAEConfig,
+    weights: dict[str, Tensor],
+    folder: Path,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+    fold: bool,
+) -> Any:
     changes: dict[str, Any] = {}
     if device is not None:
         changes["device"] = str(device)
@@ -433,9 +615,9 @@ def load_sae(
         changes["dtype"] = str(dtype_from_name(dtype)).removeprefix("torch.")
     if changes:
         cfg = cfg.replace(**changes)
-    sae = SparseAutoencoder(cfg)
+    sae = sae_cls(cfg)
     _assign(sae, weights, folder)
-    if rescale:
+    if fold:
         sae.fold_W_dec_norm()
     return sae
 

@@ -1,4 +1,5 @@
-"""Stateless SAE ops (DESIGN §10): validated, any leading dims, dispatched to the fastest usable backend.
+"""Stateless SAE ops (docs/architecture.md#public-api): validated, any leading dims, dispatched to the fastest usable
+backend.
 
 Every function takes ``x [..., d_in]`` with any leading dims (flattened to ``[N, d_in]`` and restored) and the
 SAELens weight layout ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``.
@@ -17,9 +18,11 @@ import torch
 from torch import Tensor
 
 from fusedsae import ops, reference
+from fusedsae.config import check_matryoshka_widths
 
 __all__ = [
     "SparseCode",
+    "auxk_reconstruction",
     "batchtopk_encode",
     "check_finite",
     "decode",
@@ -28,6 +31,7 @@ __all__ = [
     "head_partial_sums",
     "jumprelu",
     "jumprelu_encode",
+    "matryoshka_decode",
     "relu_encode",
     "row_topk",
     "sparse_decode",
@@ -116,7 +120,9 @@ def _check_aux(aux_k: int, aux_mask: Tensor | None, d_sae: int, x: Tensor) -> No
         )
 
 
-def _check_sparse(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> None:
+def _check_sparse(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, check_indices: bool = True
+) -> None:
     _check_tensor(values, "values")
     _check_tensor(indices, "indices")
     _check_tensor(W_dec, "W_dec")
@@ -135,7 +141,7 @@ def _check_sparse(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     _check_same(values, {"W_dec": W_dec, "b_dec": b_dec})
     if indices.device != values.device:
         raise ValueError(f"indices are on {indices.device} but values are on {values.device}")
-    if indices.numel() and not torch.compiler.is_compiling():
+    if check_indices and indices.numel() and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= W_dec.shape[0]:
             raise ValueError(f"indices must be in [0, d_sae={W_dec.shape[0]}), got values in [{lo}, {hi}]")
@@ -178,8 +184,10 @@ def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = 
 
 
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float = 0.001) -> Tensor:
-    """JumpReLU ``pre * (pre > threshold)`` on ``[..., d_sae]``; ``threshold [d_sae]`` is trained by the
-    straight-through estimator with a rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024)."""
+    """JumpReLU ``relu(pre) * (pre > threshold)`` on ``[..., d_sae]`` (SAELens's maths, so a negative threshold
+    never yields a negative activation); ``threshold [d_sae]`` is trained by the straight-through estimator with a
+    rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024; see
+    :func:`fusedsae.reference.jumprelu_backward`)."""
     _check_threshold(pre, threshold, bandwidth)
     p2, lead = _flat(pre)
     return ops.jumprelu(p2, threshold, float(bandwidth)).reshape(*lead, -1)
@@ -235,13 +243,15 @@ def topk_encode(
     k: int,
     aux_k: int = 0,
     aux_mask: Tensor | None = None,
+    aux_relu: bool = True,
 ) -> SparseCode:
     """TopK encoder (Gao et al. 2024): per token the k largest pre-activations, then ReLU.
 
     Returns :class:`SparseCode` with ``values [..., k]`` (activations, >= 0), ``indices [..., k]`` (int64, by
     value descending, ties by lower index) and, when ``aux_k > 0``, the AuxK selection: the ``aux_k`` largest
-    pre-activations among latents where ``aux_mask [d_sae]`` is true, ReLU'd. The ``[N, d_sae]`` pre-activation
-    is never returned; gradients reach ``W_enc`` only at the selected columns.
+    pre-activations among latents where ``aux_mask [d_sae]`` is true, ReLU'd (``aux_relu=False`` keeps them raw,
+    as SAELens's AuxK loss uses them). The ``[N, d_sae]`` pre-activation is never returned; gradients reach
+    ``W_enc`` only at the selected columns.
     """
     _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
     _check_k(k, d_sae)
@@ -251,7 +261,7 @@ def topk_encode(
     return SparseCode(
         torch.relu(values).reshape(*lead, -1),
         indices.reshape(*lead, -1),
-        torch.relu(aux_values).reshape(*lead, -1),
+        (torch.relu(aux_values) if aux_relu else aux_values).reshape(*lead, -1),
         aux_indices.reshape(*lead, -1),
     )
 
@@ -265,12 +275,14 @@ def batchtopk_encode(
     k: int,
     aux_k: int = 0,
     aux_mask: Tensor | None = None,
+    aux_relu: bool = True,
 ) -> SparseCode:
     """BatchTopK encoder (Bussmann et al. 2024): the ``k * N`` largest ReLU'd pre-activations over the whole
     batch of N tokens (ties by lower flat index). ``x`` must be ``[N, d_in]`` (the batch is the selection set).
 
     Returns :class:`SparseCode` in padded form ``[N, m]`` (m = the largest count in a row; each row's entries in
-    latent order, then padding with value 0 and index 0), plus the AuxK selection as in :func:`topk_encode`.
+    latent order, then padding with value 0 and index 0), plus the AuxK selection as in :func:`topk_encode`
+    (``aux_relu`` likewise).
     """
     _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
     if x.dim() != 2:
@@ -278,7 +290,7 @@ def batchtopk_encode(
     _check_k(k, d_sae)
     _check_aux(aux_k, aux_mask, d_sae, x)
     values, indices, aux_values, aux_indices = ops.batchtopk_encode(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask)
-    return SparseCode(values, indices, torch.relu(aux_values), aux_indices)
+    return SparseCode(values, indices, torch.relu(aux_values) if aux_relu else aux_values, aux_indices)
 
 
 def encode(
@@ -313,25 +325,113 @@ def encode(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+def sparse_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None = None, *, check_indices: bool = True
+) -> Tensor:
     """``x_hat = sum_j values[..., j] * W_dec[indices[..., j]] + b_dec``: ``[..., m] -> [..., d_in]``.
 
     Only the active rows of ``W_dec`` are read, and the backward touches only them (``d values`` is a gather-dot,
-    ``d W_dec`` a per-latent sum)."""
-    _check_sparse(values, indices, W_dec, b_dec)
+    ``d W_dec`` a per-latent sum). ``check_indices=False`` skips the range check of ``indices`` (a device-to-host
+    synchronisation) for indices a fusedsae encoder produced, which are in range by construction."""
+    _check_sparse(values, indices, W_dec, b_dec, check_indices)
     v2, lead = _flat(values)
     out = ops.sparse_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec)
     return out.reshape(*lead, -1)
 
 
+def matryoshka_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor | None,
+    widths: list[int],
+    check_indices: bool = True,
+) -> Tensor:
+    """Every Matryoshka prefix reconstruction from one pass over the active latents: ``[..., m] -> [..., L, d_in]``,
+    level l summing the active latents with index below ``widths[l]`` (increasing, the last = ``d_sae`` gives the
+    ordinary reconstruction). See :func:`fusedsae.reference.matryoshka_decode`.
+
+    Runs the PyTorch implementation on every device (one ``embedding_bag`` pass, differentiable); a fused
+    triton/cuda kernel is not written yet. ``check_indices=False`` skips the index range check (a host read), for
+    indices that come from our own encoder."""
+    _check_sparse(values, indices, W_dec, b_dec, check_indices)
+    widths = check_matryoshka_widths(widths, W_dec.shape[0])
+    v2, lead = _flat(values)
+    out = reference.matryoshka_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec, widths)
+    return out.reshape(*lead, len(widths), -1)
+
+
 def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """Dense decoder ``acts @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
     _check_tensor(acts, "acts")
+    _check_tensor(W_dec, "W_dec")
     if acts.shape[-1] != W_dec.shape[0]:
         raise ValueError(f"acts has {acts.shape[-1]} latents but W_dec has d_sae={W_dec.shape[0]}")
     _check_same(acts, {"W_dec": W_dec, "b_dec": b_dec})
     out = acts @ W_dec
     return out if b_dec is None else out + b_dec
+
+
+# AuxK decodes densely over its columns (a GEMM over the possibly dead latents, zeros where not selected) while
+# there are at most this many columns per selected slot, else sparsely (aux_k gathers per token). Tensor cores do
+# about 200x more multiply-adds per second than a gather moves bf16 elements (~600 TFLOP/s vs ~3 TB/s from L2), so
+# dense wins up to far wider; 16 keeps the dense path's [N, width] activations within 16x the sparse form's
+# [N, aux_k] values and indices, and also suits fp32 without TF32 (~60 TFLOP/s on FMA units).
+AUX_DENSE_RATIO = 16
+
+
+def auxk_reconstruction(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    W_dec: Tensor,
+    dead_mask: Tensor,
+    aux_k: int,
+    capacity: int | None = None,
+) -> Tensor:
+    """AuxK's reconstruction ``[N, d_in]`` (no ``b_dec``): the ``aux_k`` largest pre-activations among the latents
+    where ``dead_mask [d_sae]`` is true, ReLU'd and decoded; differentiable in every weight.
+
+    Static shapes, no host read, whatever the dead count. ``capacity`` (an upper bound on the dead count, or None
+    for ``d_sae``) sets the work: a stable sort of the mask lists the dead latents first, and AuxK runs over the
+    first ``width = capacity`` columns, the live ones among them given a bias of -inf (never selected, ReLU 0, no
+    gradient). When ``width <= aux_k`` every dead latent is selected and no selection runs. The decode is dense over
+    those columns while ``width <= AUX_DENSE_RATIO * aux_k`` (its cost follows the dead count), sparse beyond.
+    Slots beyond the dead count select live latents at -inf: they add 0, so the result equals the reference's
+    top-``min(aux_k, n_dead)``.
+    """
+    _, d_sae = _check_encoder(x, W_enc, b_enc, b_dec)
+    if dead_mask.shape != (d_sae,) or dead_mask.dtype != torch.bool or dead_mask.device != x.device:
+        raise ValueError(
+            f"aux_mask must be a bool tensor of shape [d_sae={d_sae}] on {x.device}, got {dead_mask.dtype} "
+            f"{tuple(dead_mask.shape)} on {dead_mask.device}"
+        )
+    _check_k(aux_k, d_sae, "aux_k")
+    width = d_sae if capacity is None else max(1, min(d_sae, capacity))
+    if width < d_sae:
+        cols = torch.sort((~dead_mask).to(torch.uint8), stable=True).indices[:width]
+        W_enc, b_enc, dead_mask = (
+            W_enc.index_select(1, cols),
+            b_enc.index_select(0, cols),
+            dead_mask.index_select(0, cols),
+        )
+        W_dec_cols = W_dec.index_select(0, cols)
+    else:
+        cols, W_dec_cols = None, W_dec
+    bias = torch.where(dead_mask, b_enc, torch.full_like(b_enc, float("-inf")))
+    aux_k = min(aux_k, width)
+    if width <= AUX_DENSE_RATIO * aux_k:
+        pre = torch.addmm(bias, x if b_dec is None else x - b_dec, W_enc)
+        acts = torch.relu(pre)
+        if aux_k < width:
+            _, chosen = row_topk(pre.detach(), aux_k)
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, chosen, True)
+            acts = torch.where(keep, acts, torch.zeros_like(acts))
+        return acts @ W_dec_cols
+    code = topk_encode(x, W_enc, bias, b_dec, k=aux_k)
+    chosen = code.indices if cols is None else cols[code.indices]
+    return sparse_decode(code.values, chosen, W_dec, None, check_indices=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +458,7 @@ def to_sparse(acts: Tensor) -> tuple[Tensor, Tensor]:
     """Padded sparse form of dense ``acts [..., d_sae]``: each row's non-zeros in latent order, padded with value
     0 and index 0 to the largest count in a row (at least 1)."""
     a2, lead = _flat(acts)
-    values, indices = reference._pack_rows(a2, a2 != 0)
+    values, indices = reference.pack_rows(a2, a2 != 0)
     return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
 
@@ -369,7 +469,7 @@ def head_partial_sums(
     n_heads: int,
     b_dec: Tensor | None = None,
 ) -> Tensor:
-    """Per-head partial sums of the pre-activation at selected latents (DESIGN §4).
+    """Per-head partial sums of the pre-activation at selected latents (docs/architecture.md#attribution).
 
     ``out[..., j, h] = (x - b_dec)_h · W_enc[h-block, indices[..., j]]`` for x ``[..., d_in]`` (head-major,
     ``d_in = n_heads * d_head``), indices ``[..., m]``: ``[..., m, n_heads]``. Omit ``b_dec`` for the "raw"

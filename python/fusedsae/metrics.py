@@ -1,4 +1,5 @@
-"""Metric definitions (DESIGN §3, contract names), written once and used by the trainer, the CLI and the tests.
+"""Metric definitions (docs/architecture.md#metrics, contract names), written once and used by the trainer, the CLI and
+the tests.
 
 * ``mse``: per-token squared error summed over ``d_in``, mean over tokens (SAELens's training ``mse_loss``).
 * ``fvu``: ``sum ‖x − x̂‖² / sum ‖x − mean(x)‖²`` over the batch (sparsify's FVU; SAELens's train-time

@@ -307,7 +307,7 @@ torch.library.register_autograd(f"{_LIB}::row_topk", _row_topk_backward, setup_c
 
 @torch.library.custom_op(f"{_LIB}::jumprelu", mutates_args=())
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """``pre * (pre > threshold)`` with the STE threshold gradient of kernel width ``bandwidth``."""
+    """``relu(pre) * (pre > threshold)`` with the STE threshold gradient of kernel width ``bandwidth``."""
     return backends.call("jumprelu", pre, threshold)
 
 

@@ -1,7 +1,7 @@
 """The maths of every fusedsae op in plain PyTorch: the CPU backend, the test oracle and the benchmark baseline.
 
-Conventions (DESIGN §3): row-major ``x @ W``; ``x [N, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
-``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. ``b_dec=None`` means the input is not centred
+Conventions (docs/architecture.md#maths): row-major ``x @ W``; ``x [N, d_in]``, ``W_enc [d_in, d_sae]``,
+``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``. ``b_dec=None`` means the input is not centred
 (``apply_b_dec_to_input=False``). Sparse activations are ``values [N, m]`` with ``indices [N, m]`` (int32 or
 int64); padded slots hold value 0 and index 0.
 
@@ -67,7 +67,7 @@ def encode_dense(
     activation: str,
 ) -> Tensor:
     """Dense encoder ``[N, d_in] -> [N, d_sae]``: ``activation`` is "none" (the pre-activation), "relu" or
-    "jumprelu" (``pre * (pre > threshold)``, threshold ``[d_sae]``)."""
+    "jumprelu" (``relu(pre) * (pre > threshold)``, threshold ``[d_sae]``)."""
     pre = encode_pre(x, W_enc, b_enc, b_dec)
     if activation == "none":
         return pre
@@ -213,7 +213,7 @@ def batch_active(scores: Tensor, budget: int) -> Tensor:
     return active.view(scores.shape)
 
 
-def _pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+def pack_rows(pre: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """Padded sparse form of ``pre`` at ``active``: each row's active entries in latent order, then padding
     (value 0, index 0). Width = the largest row count (at least 1): the one host read of a BatchTopK encode."""
     n, m = pre.shape
@@ -243,7 +243,7 @@ def batchtopk_encode(
     latent order, padded with value 0 and index 0.
     """
     pre = encode_pre(x, W_enc, b_enc, b_dec)
-    values, indices = _pack_rows(pre, batchtopk_select(pre, k))
+    values, indices = pack_rows(pre, batchtopk_select(pre, k))
     if aux_k:
         assert aux_mask is not None
         aux_values, aux_indices = row_topk(pre.masked_fill_(~aux_mask, float("-inf")), aux_k)
@@ -293,6 +293,40 @@ def sparse_encode_backward(
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
     """``x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec``: ``[N, m] -> [N, d_in]``."""
     out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    return out if b_dec is None else out + b_dec
+
+
+def matryoshka_decode(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, widths: list[int]
+) -> Tensor:
+    """Every Matryoshka prefix reconstruction in one pass over the active latents.
+
+    ``out[n, l] = sum over j with indices[n, j] < widths[l] of values[n, j] * W_dec[indices[n, j]] + b_dec``:
+    ``([N, m], [N, m], [d_sae, d_in], [d_in] or None, L increasing widths) -> [N, L, d_in]``.
+
+    Each row's entries are put in latent order, so the entries of level l (``widths[l-1] <= index < widths[l]``)
+    form one contiguous bag; a single ``embedding_bag`` gathers every active row of ``W_dec`` once into the
+    per-level partial sums ``[N·L, d_in]``, and a cumulative sum over levels gives the prefixes. No dense
+    ``[N, d_sae]`` tensor and no second decode: the cost is one sparse decode plus ``N·L·d_in`` additions.
+    Differentiable (autograd of ``embedding_bag`` and ``cumsum``); padding entries (value 0) add nothing.
+    """
+    n = indices.shape[0]
+    levels = len(widths)
+    order = indices.argsort(dim=1, stable=True)
+    sorted_idx = indices.gather(1, order)
+    sorted_val = values.gather(1, order)
+    # level = how many inner widths lie at or below the index (entries are < widths[-1] = d_sae); compared with
+    # Python ints, so no host-to-device copy of the widths (a hidden sync on CUDA)
+    level = torch.zeros_like(sorted_idx)
+    for width in widths[:-1]:
+        level += sorted_idx >= width
+    bag = (torch.arange(n, device=indices.device)[:, None] * levels + level).reshape(-1)
+    # bag ids are non-decreasing along the flattened rows; empty bags get an offset equal to the next one's
+    offsets = torch.searchsorted(bag, torch.arange(n * levels, device=indices.device))
+    partial = F.embedding_bag(
+        sorted_idx.reshape(-1), W_dec, offsets, per_sample_weights=sorted_val.reshape(-1), mode="sum"
+    )
+    out = partial.view(n, levels, -1).cumsum(1)
     return out if b_dec is None else out + b_dec
 
 
@@ -373,8 +407,11 @@ def sparse_decode_backward(
 
 
 def jumprelu(pre: Tensor, threshold: Tensor) -> Tensor:
-    """``pre * (pre > threshold)``; ``threshold [d_sae]`` broadcasts over rows."""
-    return pre * (pre > threshold)
+    """``relu(pre) * (pre > threshold)`` (SAELens's maths); ``threshold [d_sae]`` broadcasts over rows.
+
+    The ReLU matters only where a threshold is negative: ``pre`` in ``(threshold, 0]`` gives 0, never a negative
+    activation (docs/architecture.md#jumprelu)."""
+    return torch.relu(pre) * (pre > threshold)
 
 
 def step(pre: Tensor, threshold: Tensor) -> Tensor:
@@ -382,27 +419,32 @@ def step(pre: Tensor, threshold: Tensor) -> Tensor:
     return (pre > threshold).to(pre.dtype)
 
 
-def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """The STE kernel ``K(u) = 1[-1/2 < u < 1/2]`` at ``u = (pre - threshold) / bandwidth``, as pre's dtype
+    (computed at the input precision, so every backend selects the same entries)."""
     u = (pre - threshold) / bandwidth
     return ((u > -0.5) & (u < 0.5)).to(pre.dtype)
 
 
 def jumprelu_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
-    """``(d_pre, d_threshold)`` of :func:`jumprelu`: ``d_pre = grad * (pre > threshold)``; the threshold gets the
-    STE pseudo-gradient ``-(threshold / bandwidth) * K((pre - threshold) / bandwidth) * grad`` summed over rows."""
-    d_pre = grad * (pre > threshold)
-    kernel = _rectangle(pre, threshold, bandwidth)
-    d_threshold = (-(threshold / bandwidth) * kernel * grad).sum(0)
+    """``(d_pre, d_threshold)`` of :func:`jumprelu`: ``d_pre = grad * (pre > threshold) * (pre > 0)``; the
+    threshold gets the STE pseudo-gradient ``-(relu(threshold) / bandwidth) * K((pre - threshold) / bandwidth) *
+    grad`` summed over rows. ``relu(threshold)`` is the height of the jump at ``pre = threshold``: SAELens's
+    ``threshold / bandwidth`` for the positive thresholds it trains (``exp(log_threshold)``), and 0 for a negative
+    one, where the ReLU already hides the jump and moving the threshold changes nothing."""
+    d_pre = grad * ((pre > threshold) & (pre > 0))
+    kernel = rectangle(pre, threshold, bandwidth)
+    d_threshold = (-(threshold.clamp_min(0) / bandwidth) * kernel * grad).sum(0)
     return d_pre, d_threshold
 
 
 def step_backward(grad: Tensor, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """``d_threshold`` of :func:`step` (``d_pre`` is 0): ``-(1 / bandwidth) * K(...) * grad`` summed over rows."""
-    return (-(1.0 / bandwidth) * _rectangle(pre, threshold, bandwidth) * grad).sum(0)
+    return (-(1.0 / bandwidth) * rectangle(pre, threshold, bandwidth) * grad).sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-head attribution (DESIGN §4)
+# Per-head attribution (docs/architecture.md#attribution)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae import ops
-from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig, dtype_name
 
 
 def _check_finite_default() -> bool:
@@ -97,6 +96,13 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
+        if cfg is not None and not isinstance(cfg, SAEConfig):
+            # a SAELens or sparsify config object (issue 10: it used to fail on a missing torch_dtype)
+            raise TypeError(
+                f"cfg must be a fusedsae.SAEConfig, got {type(cfg).__module__}.{type(cfg).__name__}; build SAELens "
+                "configs with fusedsae.compat.sae_lens.SAE(cfg) and sparsify configs with "
+                "fusedsae.compat.sparsify.SparseCoder(d_in, cfg)"
+            )
         if cfg is None:
             cfg = SAEConfig(**kwargs)
         elif kwargs:
@@ -120,7 +126,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0 (DESIGN §3)."""
+        """Decoder rows drawn uniformly on the unit sphere; ``W_enc = W_dec^T``; biases 0
+        (docs/architecture.md#maths)."""
         cfg = self.cfg
         w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -133,7 +140,7 @@ class SparseAutoencoder(nn.Module):
     def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
         """Sets ``b_dec`` from a data sample ``x [..., d_in]``: its ``"mean"`` or ``"geometric_median"``
         (Weiszfeld iterations; robust to outliers, as OpenAI's TopK training does), or ``"zeros"``."""
-        x2 = self._flatten(x).double()  # float64 statistics whatever the SAE's dtype
+        x2 = self.flatten_input(x).double()  # float64 statistics whatever the SAE's dtype
         if method == "zeros":
             center = torch.zeros(self.cfg.d_in)
         elif method == "mean":
@@ -164,11 +171,21 @@ class SparseAutoencoder(nn.Module):
     def device(self) -> torch.device:
         return self.W_enc.device
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseAutoencoder:
+        """Every ``.to()``/``.half()``/``.cuda()`` goes through here: ``cfg.dtype`` and ``cfg.device`` follow the
+        parameters, so ``save()`` writes a cfg.json that matches the weights."""
+        out = super()._apply(fn, recurse)
+        self.cfg.dtype = dtype_name(self.W_enc.dtype)
+        self.cfg.device = str(self.W_enc.device)
+        return out
+
     @property
     def _b_dec_in(self) -> Tensor | None:
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
-    def _flatten(self, x: Tensor, check_finite: bool = True) -> Tensor:
+    def flatten_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
+        """``x [..., d_in]`` validated (width, floating dtype, device, finite unless ``check_finite=False``) and
+        flattened to ``[N, d_in]`` in the SAE's dtype: what every method feeds the ops."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_in:
@@ -187,33 +204,41 @@ class SparseAutoencoder(nn.Module):
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activation ``[..., d_in] -> [..., d_sae]``."""
         lead = x.shape[:-1]
-        return F.encode_pre(self._flatten(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
+        return F.encode_pre(self.flatten_input(x), self.W_enc, self.b_enc, self._b_dec_in).reshape(*lead, -1)
 
-    def _uses_threshold(self) -> bool:
+    def uses_threshold(self) -> bool:
+        """True when activations come from ``threshold`` (JumpReLU; BatchTopK in eval mode) rather than a
+        selection (TopK; BatchTopK in training mode) or ReLU."""
         return self.cfg.activation == "jumprelu" or (self.cfg.activation == "batchtopk" and not self.training)
+
+    def _activate(self, x2: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        """The one activation dispatch of inference, on ``x2 [N, d_in]``: the sparse ``(values, indices)`` of a
+        TopK/BatchTopK selection, or dense ``[N, d_sae]`` activations (ReLU, JumpReLU, thresholded BatchTopK)."""
+        cfg = self.cfg
+        if cfg.activation in SPARSE_ACTIVATIONS and not self.uses_threshold():
+            assert cfg.k is not None
+            select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
+            code = select(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
+            return code.values, code.indices
+        activation = "relu" if cfg.activation == "relu" else "jumprelu"
+        threshold = None if activation == "relu" else self.threshold
+        return F.encode(
+            x2,
+            self.W_enc,
+            self.b_enc,
+            self._b_dec_in,
+            activation=activation,
+            threshold=threshold,
+            bandwidth=cfg.jumprelu_bandwidth,
+        )
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense activations ``[..., d_in] -> [..., d_sae]`` (SAELens ``encode``)."""
         lead = x.shape[:-1]
-        x2 = self._flatten(x)
-        cfg = self.cfg
-        if cfg.activation == "relu":
-            acts = F.relu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in)
-        elif self._uses_threshold():
-            acts = F.jumprelu_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, self.threshold, cfg.jumprelu_bandwidth)
-        else:
-            values, indices = self._encode_sparse_flat(x2)
-            acts = F.to_dense(values, indices, cfg.d_sae)
+        acts = self._activate(self.flatten_input(x))
+        if isinstance(acts, tuple):
+            acts = F.to_dense(*acts, self.cfg.d_sae)
         return acts.reshape(*lead, -1)
-
-    def _encode_sparse_flat(self, x2: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = self.cfg
-        assert cfg.k is not None
-        if cfg.activation == "topk":
-            code = F.topk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
-        else:
-            code = F.batchtopk_encode(x2, self.W_enc, self.b_enc, self._b_dec_in, k=cfg.k)
-        return code.values, code.indices
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse activations ``(values, indices)`` (sparsify-style ``top_acts, top_indices``).
@@ -221,11 +246,8 @@ class SparseAutoencoder(nn.Module):
         TopK: ``[..., k]`` sorted by value. Other activations: padded form ``[..., m]`` (value 0, index 0 pads).
         """
         lead = x.shape[:-1]
-        x2 = self._flatten(x)
-        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
-            values, indices = self._encode_sparse_flat(x2)
-        else:
-            values, indices = F.to_sparse(self.encode(x2))
+        acts = self._activate(self.flatten_input(x))
+        values, indices = acts if isinstance(acts, tuple) else F.to_sparse(acts)
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def decode(self, acts: Tensor) -> Tensor:
@@ -237,12 +259,12 @@ class SparseAutoencoder(nn.Module):
         return F.sparse_decode(values.to(self.dtype), indices, self.W_dec, self.b_dec)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``)."""
+        """Reconstruction ``x_hat [..., d_in]`` (SAELens ``forward``); a selection decodes sparsely."""
         lead = x.shape[:-1]
-        if self.cfg.activation in SPARSE_ACTIVATIONS and not self._uses_threshold():
-            values, indices = self.encode_sparse(x)
-            return self.decode_sparse(values, indices)
-        return self.decode(self.encode(x)).reshape(*lead, -1)
+        acts = self._activate(self.flatten_input(x))
+        if isinstance(acts, tuple):
+            return self.decode_sparse(*acts).reshape(*lead, -1)
+        return self.decode(acts).reshape(*lead, -1)
 
     # -------------------------------------------------------------------------------------------------------------
     # training
@@ -273,13 +295,15 @@ class SparseAutoencoder(nn.Module):
         weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
         ``aux_loss_coefficient`` × AuxK (TopK family, whenever ``dead_mask`` is given, 0 when nothing is dead):
         the top ``aux_k`` dead latents reconstruct the detached residual, normalised by the residual's variance
-        and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`auxk_reconstruction`.
+        and scaled by ``min(n_dead / aux_k, 1)`` (Gao et al.); see :func:`fusedsae.functional.auxk_reconstruction`.
+        Matryoshka SAEs (``cfg.matryoshka_widths``) add ``inner_mse_loss_<w>``, the MSE of the reconstruction from
+        the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
 
         A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
         static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
         """
         cfg = self.cfg
-        x2 = self._flatten(x, check_finite=not defer_checks)
+        x2 = self.flatten_input(x, check_finite=not defer_checks)
         nonfinite = (~torch.isfinite(x2)).sum() if (defer_checks and self.check_finite) else None
         b_dec_in = self._b_dec_in
         losses: dict[str, Tensor] = {}
@@ -287,16 +311,25 @@ class SparseAutoencoder(nn.Module):
         values = indices = dense = None
         n_dead: int | Tensor = 0
         if cfg.activation in SPARSE_ACTIVATIONS:
-            op = ops.topk_encode if cfg.activation == "topk" else ops.batchtopk_encode
+            select = F.topk_encode if cfg.activation == "topk" else F.batchtopk_encode
             assert cfg.k is not None
-            pre_v, indices, _, _ = op(x2, self.W_enc, self.b_enc, b_dec_in, cfg.k, 0, None)
-            values = torch.relu(pre_v)
-            sae_out = ops.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            code = select(x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k)
+            values, indices = code.values, code.indices
+            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
+                levels = F.matryoshka_decode(
+                    values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths, check_indices=False
+                )
+                sae_out = levels[:, -1]
+                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
+                    losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+            else:
+                # our own encoder's indices: skip the range check, a device-to-host sync per call
+                sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if dead_mask is not None and cfg.aux_k:
                 n_dead = dead_mask.sum()
                 residual = (x2 - sae_out).detach()
-                aux_out = auxk_reconstruction(
+                aux_out = F.auxk_reconstruction(
                     x2,
                     self.W_enc,
                     self.b_enc,
@@ -316,17 +349,17 @@ class SparseAutoencoder(nn.Module):
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
         elif cfg.activation == "relu":
-            dense = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "relu")
-            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            dense = F.relu_encode(x2, self.W_enc, self.b_enc, b_dec_in)
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             l1 = (dense * self.W_dec.norm(dim=1)).sum(-1).mean()
             losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
         else:  # jumprelu
-            pre = ops.encode_dense(x2, self.W_enc, self.b_enc, b_dec_in, None, "none")
-            dense = ops.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
-            sae_out = torch.addmm(self.b_dec, dense, self.W_dec)
+            pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
+            dense = F.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
             mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l0 = ops.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+            l0 = F.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
             losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
@@ -401,63 +434,6 @@ class SparseAutoencoder(nn.Module):
         k = f", k={cfg.k}" if cfg.k is not None else ""
         heads = f", n_heads={cfg.n_heads}" if cfg.n_heads else ""
         return f"d_in={cfg.d_in}, d_sae={cfg.d_sae}, activation={cfg.activation}{k}{heads}, dtype={cfg.dtype}"
-
-
-# AuxK decodes densely over its columns (a GEMM over the possibly dead latents, zeros where not selected) while
-# there are at most this many columns per selected slot, else sparsely (aux_k gathers per token). Tensor cores do
-# about 200x more multiply-adds per second than a gather moves bf16 elements (~600 TFLOP/s vs ~3 TB/s from L2), so
-# dense wins up to far wider; 16 keeps the dense path's [N, width] activations within 16x the sparse form's
-# [N, aux_k] values and indices, and also suits fp32 without TF32 (~60 TFLOP/s on FMA units).
-AUX_DENSE_RATIO = 16
-
-
-def auxk_reconstruction(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor | None,
-    W_dec: Tensor,
-    dead_mask: Tensor,
-    aux_k: int,
-    capacity: int | None = None,
-) -> Tensor:
-    """AuxK's reconstruction ``[N, d_in]`` (no ``b_dec``): the ``aux_k`` largest pre-activations among the latents
-    where ``dead_mask [d_sae]`` is true, ReLU'd and decoded; differentiable in every weight.
-
-    Static shapes, no host read, whatever the dead count. ``capacity`` (an upper bound on the dead count, or None
-    for ``d_sae``) sets the work: a stable sort of the mask lists the dead latents first, and AuxK runs over the
-    first ``width = capacity`` columns, the live ones among them given a bias of -inf (never selected, ReLU 0, no
-    gradient). When ``width <= aux_k`` every dead latent is selected and no selection runs. The decode is dense over
-    those columns while ``width <= AUX_DENSE_RATIO * aux_k`` (its cost follows the dead count), sparse beyond.
-    Slots beyond the dead count select live latents at -inf: they add 0, so the result equals the reference's
-    top-``min(aux_k, n_dead)``.
-    """
-    d_sae = W_enc.shape[1]
-    width = d_sae if capacity is None else max(1, min(d_sae, capacity))
-    if width < d_sae:
-        cols = torch.sort((~dead_mask).to(torch.uint8), stable=True).indices[:width]
-        W_enc, b_enc, dead_mask = (
-            W_enc.index_select(1, cols),
-            b_enc.index_select(0, cols),
-            dead_mask.index_select(0, cols),
-        )
-        W_dec_cols = W_dec.index_select(0, cols)
-    else:
-        cols, W_dec_cols = None, W_dec
-    bias = torch.where(dead_mask, b_enc, torch.full_like(b_enc, float("-inf")))
-    aux_k = min(aux_k, width)
-    if width <= AUX_DENSE_RATIO * aux_k:
-        pre = torch.addmm(bias, x if b_dec is None else x - b_dec, W_enc)
-        acts = torch.relu(pre)
-        if aux_k < width:
-            _, chosen = ops.row_topk(pre.detach(), aux_k)
-            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, chosen, True)
-            acts = torch.where(keep, acts, torch.zeros_like(acts))
-        return acts @ W_dec_cols
-    pre_v, chosen, _, _ = ops.topk_encode(x, W_enc, bias, b_dec, aux_k, 0, None)
-    if cols is not None:
-        chosen = cols[chosen]
-    return ops.sparse_decode(torch.relu(pre_v), chosen, W_dec, None)
 
 
 def geometric_median(x: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:

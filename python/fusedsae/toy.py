@@ -1,4 +1,4 @@
-"""Toy models of superposition with known ground-truth features (DESIGN §5).
+"""Toy models of superposition with known ground-truth features (docs/architecture.md#toy-models).
 
 Each dataset draws batch ``i`` from its own seeded generator, so any batch can be regenerated from its index: a
 resumed run sees exactly the data it would have seen. Each exposes ``d_in``, ``ground_truth [n, d_in]`` (unit

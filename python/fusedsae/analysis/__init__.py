@@ -1,4 +1,5 @@
-"""Analysis of trained SAEs: exact per-head and per-source-position attribution for attention SAEs (DESIGN §4)."""
+"""Analysis of trained SAEs: exact per-head and per-source-position attribution for attention SAEs
+(docs/architecture.md#attribution)."""
 
 from fusedsae.analysis.attribution import (
     CONVENTIONS,

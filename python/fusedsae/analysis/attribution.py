@@ -1,4 +1,4 @@
-"""Exact per-head and per-source-position attribution for SAEs on attention outputs (DESIGN §4).
+"""Exact per-head and per-source-position attribution for SAEs on attention outputs (docs/architecture.md#attribution).
 
 For z ``[..., n_heads * d_head]`` (head-major: head h owns columns ``h*d_head:(h+1)*d_head``)::
 
@@ -146,7 +146,8 @@ def head_contributions(
     features: Tensor | list[int] | None = None,
     n_heads: int | None = None,
 ) -> HeadContributions:
-    """Per-head contributions to the SAE's features at each token of ``z [..., d_in]`` (DESIGN §4).
+    """Per-head contributions to the SAE's features at each token of ``z [..., d_in]``
+    (docs/architecture.md#attribution).
 
     Args:
         sae: a :class:`fusedsae.SparseAutoencoder` trained on head-major concatenated attention outputs.
@@ -167,13 +168,13 @@ def head_contributions(
     heads = _n_heads(sae, n_heads)
     _check_mode(sae)
     lead = z.shape[:-1]
-    z2 = sae._flatten(z)
+    z2 = sae.flatten_input(z)
     d_sae = sae.cfg.d_sae
     if features is None:
         values, indices = sae.encode_sparse(z2)
         indices = indices.long()
         active = values != 0
-        if sae.cfg.activation in ("topk", "batchtopk") and not sae._uses_threshold():
+        if sae.cfg.activation in ("topk", "batchtopk") and not sae.uses_threshold():
             valid = torch.ones_like(active)
         else:
             valid = active
@@ -304,7 +305,7 @@ def single_head_ablations(
     if replacement not in ("zero", "b_dec"):
         raise ValueError(f"replacement must be 'zero' or 'b_dec', got {replacement!r}")
     lead = z.shape[:-1]
-    z2 = sae._flatten(z)
+    z2 = sae.flatten_input(z)
     d_sae, d_in = sae.cfg.d_sae, sae.cfg.d_in
     d_head = d_in // heads
     feats = torch.as_tensor(features, dtype=torch.int64, device=z2.device).reshape(-1)

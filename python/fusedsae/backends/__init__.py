@@ -1,4 +1,4 @@
-"""Backends and the per-op dispatcher (DESIGN §2).
+"""Backends and the per-op dispatcher (docs/architecture.md#dispatch).
 
 Three backends may serve each op: ``reference`` (pure PyTorch, any device), ``triton`` (CUDA tensors; CPU tensors
 too when explicitly requested under ``TRITON_INTERPRET=1``) and ``cuda`` (the pybind11 extension ``fusedsae._C``).

@@ -1,4 +1,5 @@
-"""The ``cuda`` backend: hand-written CUDA kernels for the memory-bound sparse work (DESIGN §2, STYLE §5).
+"""The ``cuda`` backend: hand-written CUDA kernels for the memory-bound sparse work (docs/architecture.md#layers:
+csrc/ knows nothing of torch).
 
 The kernels live in ``csrc/`` and reach Python through the pybind11 extension ``fusedsae._C``, which knows nothing
 of torch. This module is their launcher layer: it checks device, dtype, layout and shapes, allocates every output
@@ -453,7 +454,8 @@ def topk_encode(
 
 
 def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
-    """``[N, m, n_heads]``: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h-block, indices[n, j]]`` (DESIGN §4)."""
+    """``[N, m, n_heads]``: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h-block, indices[n, j]]``
+    (docs/architecture.md#attribution)."""
     x, indices = _rowmajor(x), _rowmajor(indices)
     sub = None if b_dec is None else b_dec.contiguous()
     n, m = indices.shape

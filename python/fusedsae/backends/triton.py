@@ -496,7 +496,7 @@ def _topk_select(
     else:
         # A wide AuxK selection takes a second GEMM over all columns (the dead ones are not listed: that needs a
         # host read). Training does not come here: SparseAutoencoder.training_forward selects AuxK over a
-        # static-size list of the possibly dead columns (fusedsae.sae.auxk_reconstruction).
+        # static-size list of the possibly dead columns (fusedsae.functional.auxk_reconstruction).
         keys, _ = _fused_topk_keys(x, W_enc, b_enc, b_dec, k, 0, None)
         _, aux_keys = _two_pass_topk_keys(x, W_enc, b_enc, b_dec, 0, aux_k, aux_mask)
     values, indices = _decode_keys(keys, x.dtype)
@@ -994,7 +994,7 @@ def _launch_threshold_bwd(
 
 @_on_device
 def jumprelu_fwd(pre: Tensor, threshold: Tensor) -> Tensor:
-    """``pre * (pre > threshold)``, threshold ``[d_sae]`` broadcast over rows."""
+    """``relu(pre) * (pre > threshold)``, threshold ``[d_sae]`` broadcast over rows."""
     return _launch_threshold_fwd(pre, threshold, step=False)
 
 
