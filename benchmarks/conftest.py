@@ -35,7 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--bench-shapes",
         choices=("default", "small"),
         default="default",
-        help="default: the DESIGN §9 shapes on a GPU, the foundation's CPU shape on the CPU; small: one quick shape",
+        help="default: the docs/architecture.md#targets shapes on a GPU, the foundation's CPU shape on the CPU; "
+        "small: one quick shape",
     )
 
 

@@ -1,6 +1,6 @@
 """Benchmark results: rows, the environment they were measured in, the side-by-side markdown tables, the ratios
-against DESIGN §9's targets, and the JSON + markdown files under ``benchmarks/results/``. Shared by the pytest
-benchmark session (``conftest.py``) and the one-shot GPU check (``scripts/gpu_check.py``)."""
+against the targets of docs/architecture.md#targets, and the JSON + markdown files under ``benchmarks/results/``.
+Shared by the pytest benchmark session (``conftest.py``) and the one-shot GPU check (``scripts/gpu_check.py``)."""
 
 from __future__ import annotations
 
@@ -156,10 +156,10 @@ def table(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's ratios per case and fusedsae provider, each with its target (DESIGN §9 and issue 8): step and
-    encoder over the GEMM, speed-ups over torch-unfused and sparsify, decoder bandwidth as a share of the copy's,
-    the 20%-dead step over the 0%-dead one, the encoder backward with power-law over uniform latents, the cost of
-    AuxK in the encoder, host syncs per step and peak memory against sparsify's."""
+    """The issue's ratios per case and fusedsae provider, each with its target (docs/architecture.md#targets and issue
+    8): step and encoder over the GEMM, speed-ups over torch-unfused and sparsify, decoder bandwidth as a share of the
+    copy's, the 20%-dead step over the 0%-dead one, the encoder backward with power-law over uniform latents, the cost
+    of AuxK in the encoder, host syncs per step and peak memory against sparsify's."""
     by = {(r["suite"], r["case"], r["provider"]): r for r in rows}
     out: list[dict] = []
 

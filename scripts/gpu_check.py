@@ -79,8 +79,9 @@ DEV = "cpu" if ARGS.dry else "cuda"
 WORK: Path = ARGS.work
 LOG = WORK / "results.jsonl"
 
-# (d_in, d_sae, k) and tokens: DESIGN §9 on a GPU; in the dry run one tiny shape, no multiple of any block (the
-# interpreter runs a Triton training step there in ~6 s of CPU: every row is one call, so CI stays under 2 minutes)
+# (d_in, d_sae, k) and tokens: docs/architecture.md#targets on a GPU; in the dry run one tiny shape, no multiple of any
+# block (the interpreter runs a Triton training step there in ~6 s of CPU: every row is one call, so CI stays under 2
+# minutes)
 SHAPES = [(24, 200, 5)] if ARGS.dry else [(768, 32768, 32), (4096, 131072, 64)]
 TOKENS = 40 if ARGS.dry else 16384
 STEP_PROVIDERS = ("triton", "cuda", "reference", "torch-unfused", "sparsify", "sae-lens")

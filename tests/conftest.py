@@ -96,3 +96,13 @@ def opcheck_cases(dtype: torch.dtype, device="cpu", activation: str = "relu") ->
         "step_backward": (pre, pre, thr, 0.3),
         "head_partial_sums": (x, W_enc, b_dec, indices, 2),
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one CPU thread for the test: tiny models (the toy lab's) only pay for a second thread's
+    synchronisation (9x slower on a loaded 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

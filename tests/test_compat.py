@@ -354,7 +354,7 @@ LIVE_TRAINING = [
 
 
 @pytest.mark.parametrize("cls_name, cfg_name, kwargs, coefficients", LIVE_TRAINING)
-def test_training_forward_pass_matches_installed_sae_lens(cls_name, cfg_name, kwargs, coefficients):
+def test_training_forward_pass_matches_installed_sae_lens(tmp_path, cls_name, cfg_name, kwargs, coefficients):
     sae_lens = peer("sae_lens")
     from sae_lens.saes.sae import TrainStepInput
 
@@ -383,6 +383,14 @@ def test_training_forward_pass_matches_installed_sae_lens(cls_name, cfg_name, kw
         torch.testing.assert_close(mine[name].grad.to(p.grad.dtype), p.grad, msg=name)
     if cls_name == "BatchTopKTrainingSAE":
         torch.testing.assert_close(ours.topk_threshold, theirs.topk_threshold)
+    # the inference form each writes (folded decoder norms, BatchTopK as JumpReLU) serves identically in SAELens
+    theirs.save_inference_model(str(tmp_path / "theirs"))
+    ours.save_inference_model(tmp_path / "ours")
+    a, b = (sae_lens.SAE.load_from_disk(str(tmp_path / name)) for name in ("theirs", "ours"))
+    assert type(a) is type(b)
+    with torch.no_grad():
+        torch.testing.assert_close(b.encode(x.float()), a.encode(x.float()))
+        torch.testing.assert_close(b(x.float()), a(x.float()))
 
 
 @pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
@@ -538,3 +546,32 @@ def test_compat_layers_run_on_the_triton_kernels():
 def test_the_plain_layer_points_peer_configs_to_the_compat_layers():
     with pytest.raises(TypeError, match=r"cfg must be a fusedsae.SAEConfig, got .*TopKSAEConfig; .*compat.sae_lens"):
         fusedsae.SparseAutoencoder(csl.TopKSAEConfig(d_in=4, d_sae=8, k=2))
+
+
+def test_dictionary_learning_folders_match_installed_dictionary_learning(tmp_path):
+    import json
+
+    peer("dictionary_learning")
+    from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    torch.manual_seed(5)
+    x = torch.randn(17, 12)
+    for ae in (AutoEncoder(12, 40), AutoEncoderTopK(12, 40, 4), BatchTopKSAE(12, 40, 4), JumpReluAutoEncoder(12, 40)):
+        name = type(ae).__name__
+        with torch.no_grad():
+            for p in ae.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+            if name == "BatchTopKSAE":
+                ae.threshold.fill_(0.1)
+            if name == "JumpReluAutoEncoder":
+                ae.threshold.uniform_(-0.2, 0.3)
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save(ae.state_dict(), folder / "ae.pt")
+        (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": name, "k": 4}}))
+        ours = fusedsae.load(folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours.encode(x), ae.encode(x), msg=name)
+            torch.testing.assert_close(ours(x), ae(x), msg=name)

@@ -1,7 +1,7 @@
-"""A TopK training step reads nothing back to the host (DESIGN §11): every op that would make the CPU wait for a
-CUDA stream is counted while a Trainer step runs, on the CPU, with the reference backend and with the triton
-backend in the interpreter. The count must be zero. On a GPU the step is also captured in a CUDA graph and
-replayed, which fails outright on any synchronisation, and must reproduce the eager step."""
+"""A TopK training step reads nothing back to the host (docs/architecture.md#sync): every op that would make the CPU
+wait for a CUDA stream is counted while a Trainer step runs, on the CPU, with the reference backend and with the triton
+backend in the interpreter. The count must be zero. On a GPU the step is also captured in a CUDA graph and replayed,
+which fails outright on any synchronisation, and must reproduce the eager step."""
 
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def test_topk_trainer_step_issues_no_host_sync(monkeypatch, backend):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_batchtopk_trainer_step_reads_the_host_once(monkeypatch, backend):
-    # BatchTopK's output width is the largest number of active latents in a row: one read (DESIGN §11). (The
-    # triton backend's per-row candidates, 2k wide, cover all 64 latents at k = 32: no row needs refining, which
+    # BatchTopK's output width is the largest number of active latents in a row: one read (docs/architecture.md#sync).
+    # (The triton backend's per-row candidates, 2k wide, cover all 64 latents at k = 32: no row needs refining, which
     # would cost two more reads per round.)
     monkeypatch.setattr(reference, "CPU_HOST_READS", False)
     if backend == "triton":

@@ -23,6 +23,7 @@ def test_sparse_feature_data_statistics_and_ground_truth():
     assert decaying.probabilities.sum() == pytest.approx(2.0) and decaying.probabilities[0] > decaying.probabilities[-1]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_superposition_toy_model_represents_features_in_superposition():
     data = toy.SuperpositionData(n_features=8, d_hidden=3, sparsity=0.9, toy_steps=1500)
     norms = data.feature_norms
@@ -75,3 +76,73 @@ def test_make_and_sources():
     assert torch.equal(again.next_batch(), nxt)
     with pytest.raises(ValueError, match="cannot fill one batch"):
         TensorSource(acts, batch_size=11)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Anders et al.'s composed toy in two hidden dims, and the analytic expectations of the lab
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_sample_composed_one_feature_per_set_and_the_one_hot_fraction(correlated):
+    q = torch.tensor([0.0, 0.3])
+    f = toy.sample_composed(20000, torch.tensor([correlated, correlated]), q, toy.generator(0, 1))
+    assert f.shape == (2, 20000, 4)
+    per_set = (f.view(2, -1, 2, 2) > 0).sum(-1)  # amplitudes U[0, 1] are > 0 almost surely
+    assert (per_set <= 1).all()  # x1 and x2 (y1 and y2) never together
+    single = (per_set.sum(-1) == 1).float().mean(-1)
+    assert single[0] == 0 and abs(single[1] - 0.3) < 0.015  # 4.6 standard errors
+    if correlated:
+        both = per_set[1].sum(-1) == 2
+        amplitudes = f[1][both].view(-1, 2, 2).sum(-1)
+        torch.testing.assert_close(amplitudes[:, 0], amplitudes[:, 1], rtol=0, atol=0)
+
+
+def test_plus_geometry_bases_and_rotation():
+    W = toy.plus_geometry()
+    geometry = toy.embedding_geometry(W)
+    assert geometry["is_plus"] and geometry["cos_x1_x2"] == -1 and geometry["max_abs_cos_x_y"] == 0
+    true, composed = toy.composed_basis(W)
+    torch.testing.assert_close(true, torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]]))
+    r = 0.5**0.5
+    torch.testing.assert_close(composed, torch.tensor([[r, r], [r, -r], [-r, r], [-r, -r]]))
+    R = toy.rotation(30.0)
+    torch.testing.assert_close(torch.tensor([[1.0, 0.0]]) @ R, torch.tensor([[3**0.5 / 2, 0.5]]))
+    data = toy.ComposedToyData(rotation_degrees=30.0, one_hot_fraction=0.5)
+    torch.testing.assert_close(data.ground_truth[0], torch.tensor([3**0.5 / 2, 0.5]))
+    x = data.sample(0, 1000)
+    coeffs = x @ data.ground_truth[[0, 2]].t()  # the rotated features' axes recover the amplitudes
+    assert coeffs.abs().max() <= 1.0 + 1e-6 and x.shape == (1000, 2)
+    assert not toy.embedding_geometry(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]]))["is_plus"]
+    with pytest.raises(ValueError, match="one_hot_fraction"):
+        toy.ComposedToyData(one_hot_fraction=1.5)
+    with pytest.raises(ValueError, match="embedding"):
+        toy.ComposedToyData(embedding="cross")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_relu_output_toy_model_learns_the_plus():
+    W, _ = toy.train_composed_toy_models(torch.tensor([False, True]), torch.zeros(2), steps=150, batch=128)
+    for w in W:
+        geometry = toy.embedding_geometry(w)
+        assert geometry["is_plus"], geometry  # antipodal within a set, orthogonal across: the idealised "+"
+        assert abs(geometry["norm_mean"] - 1) < 0.1
+
+
+def test_expected_l1_closed_forms():
+    r2 = 2**0.5
+    assert toy.expected_l1(0.0, False, 0.0) == pytest.approx(1.0)
+    assert toy.expected_l1(45.0, False, 0.0) == pytest.approx(2 * r2 / 3)
+    assert toy.expected_l1(45.0, True, 0.0) == pytest.approx(1 / r2)
+    assert toy.expected_l1(0.0, True, 1.0) == pytest.approx(0.5)
+    assert toy.expected_l1(45.0, False, 1.0) == pytest.approx(1 / r2)
+    assert toy.expected_l1(90.0 + 20.0, False, 0.3) == pytest.approx(toy.expected_l1(20.0, False, 0.3))  # period 90
+    assert toy.l1_crossover(True) == pytest.approx(2 - r2)
+    assert toy.l1_crossover(False) == pytest.approx((1 - 2 * r2 / 3) / (0.5 - r2 / 6))
+    for correlated in (False, True):
+        q = toy.l1_crossover(correlated)
+        assert toy.expected_l1(0.0, correlated, q) == pytest.approx(toy.expected_l1(45.0, correlated, q))
+        below, above = q - 0.05, q + 0.05  # below the crossover the compositions are sparser, above the features
+        assert toy.expected_l1(45.0, correlated, below) < toy.expected_l1(0.0, correlated, below)
+        assert toy.expected_l1(0.0, correlated, above) < toy.expected_l1(45.0, correlated, above)
+    assert toy.topk1_crossover(False) == pytest.approx(1 / 3) and toy.topk1_crossover(True) == pytest.approx(2 / 3)

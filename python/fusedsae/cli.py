@@ -95,6 +95,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (default)")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    train.add_argument(
+        "--shard-latents",
+        type=int,
+        default=1,
+        help="under torchrun: this many ranks share the latents (world = shards x data-parallel replicas; default 1)",
+    )
 
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
@@ -256,25 +262,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.steps is not None:
             saved["steps"] = args.steps
         saved["max_bad_steps"] = args.max_bad_steps
+        saved["shard_latents"] = args.shard_latents  # a layout choice: checkpoints hold the whole dictionary
         settings = {**_run_settings(args), **saved}
     if not args.resume:
         settings["run_id"] = new_run_id()
     rank, world, local_rank = _init_distributed()
+    shards = settings.get("shard_latents", 1)
+    if shards < 1 or world % shards:
+        raise SystemExit(f"--shard-latents {shards} must divide the number of processes ({world})")
+    # the ranks of a shard group share every batch: the data is split over the replicas only
+    data_rank, data_world = rank // shards, world // shards
     finished = False
     try:
-        source = _build_data(settings, rank, world)
+        source = _build_data(settings, data_rank, data_world)
         steps = settings["steps"] or 1000
         settings.update(steps=steps)
         device = _resolve_device(settings["device"], local_rank)
         if _is_multi(settings, source):
             from fusedsae import multi
 
+            if shards > 1:
+                raise SystemExit("several SAEs from one pass (a sweep or several hooks) do not take --shard-latents")
+
             finished = multi.train_from_cli(args, settings, source, device, rank, world)
             return 0
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(d_sae=d_sae)
         activation = settings["activation"]
-        trainer = make_trainer(settings, source, out, device, world, not args.no_progress, args.overwrite)
+        trainer = make_trainer(
+            settings, source, out, device, data_world, not args.no_progress, args.overwrite, shards=shards
+        )
         cfg = trainer.sae.cfg
         try:
             resumed = args.resume and trainer.resume()
@@ -294,6 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (TrainingDiverged, CheckpointError, RunFolderError) as exc:
             raise SystemExit(f"fusedsae train: {exc}") from exc
         finished = True
+        W_dec = trainer.full_sae().W_dec  # a latent-sharded run gathers it on every rank
         if rank != 0:
             return 0
         print()
@@ -301,6 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}"
             + (f", k={cfg.k}" if cfg.k else "")
             + f", data={settings['data']}, device={device}, world={world}"
+            + (f" ({trainer.grid.describe()})" if trainer.grid else "")
         )
         print(plots.results_table(metrics))
         if not args.no_plots:
@@ -308,7 +327,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             written = [curves]
             truth = getattr(source, "ground_truth", None)
             if truth is not None:
-                written.append(plots.plot_decoder_vs_truth(trainer.sae.W_dec, truth, out / "decoder_vs_truth.png"))
+                written.append(plots.plot_decoder_vs_truth(W_dec, truth, out / "decoder_vs_truth.png"))
             print("plots: " + ", ".join(str(p) for p in written))
         print(f"SAE (SAELens folder): {out / 'sae'}")
         return 0
@@ -355,10 +374,18 @@ def _is_multi(settings: dict[str, Any], source: Any) -> bool:
 
 
 def make_trainer(
-    settings: dict[str, Any], data: Any, out: Path, device: str, world: int, progress: bool, overwrite: bool
+    settings: dict[str, Any],
+    data: Any,
+    out: Path,
+    device: str,
+    world: int,
+    progress: bool,
+    overwrite: bool,
+    shards: int = 1,
 ) -> Any:
     """The SAE and Trainer of one run of ``fusedsae train`` (``settings`` with a single d_sae, None for the default,
-    and k) reading ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run)."""
+    and k) reading ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run);
+    ``world`` counts the data-parallel replicas, ``shards`` the ranks that share the latents."""
     import torch
 
     from fusedsae.config import SAEConfig
@@ -385,7 +412,12 @@ def make_trainer(
         **sae_kwargs,
     )
     torch.manual_seed(settings["seed"])
-    sae = SparseAutoencoder(cfg)
+    if shards > 1:  # each rank initialises only its slice (the whole SAE may not fit one device)
+        from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
+
+        sae = ShardedAutoencoder(cfg, ProcessGrid(shards))
+    else:
+        sae = SparseAutoencoder(cfg)
     decay = settings["lr_decay_steps"]
     train_cfg = TrainConfig(
         steps=steps,
@@ -403,6 +435,7 @@ def make_trainer(
         max_bad_steps=settings["max_bad_steps"],
         run_id=settings.get("run_id"),
         overwrite=overwrite,
+        shard_latents=shards,
     )
     try:
         return Trainer(sae, data, train_cfg)
@@ -726,14 +759,27 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _add_toy_args(p: argparse.ArgumentParser) -> None:
-    from fusedsae.experiments import EXPERIMENTS
+    from fusedsae.experiments import EXPERIMENTS, LAB, LAB_HELP
 
     p.add_argument(
         "experiment",
-        choices=[*EXPERIMENTS, "all"],
-        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items()),
+        choices=[*EXPERIMENTS, "all", *LAB],
+        help="; ".join(f"{name}: {e.question}" for name, e in EXPERIMENTS.items())
+        + "; all: those three; "
+        + "; ".join(f"{name}: {LAB_HELP[name]}" for name in LAB),
     )
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per SAE (default 600)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per SAE (default 600; the composed lab: 2000)"
+    )
+    p.add_argument("--seeds", type=int, default=8, help="composed lab: SAEs per cell, batched (default 8)")
+    p.add_argument(
+        "--toy",
+        choices=["plus", "trained", "retrained"],
+        default="plus",
+        help="composed lab: the idealised + (default), a toy model trained at q = 0, or one retrained per cell",
+    )
+    p.add_argument("--l1-coefficient", type=float, default=0.1, help="composed lab: ReLU + L1 (default 0.1)")
+    p.add_argument("--quick", action="store_true", help="composed lab: 2 seeds, 300 steps (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, … or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -756,10 +802,13 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.experiment in _lab_names():
+        return _cmd_toy_lab(args, out)
+    args.steps = 600 if args.steps is None else args.steps
     device = _resolve_device(args.device, 0)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
@@ -778,6 +827,45 @@ def cmd_toy(args: argparse.Namespace) -> int:
         if not args.no_plots:
             written.append(plots.plot_experiment(result, out / f"{name}.png"))
         print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
+    return 0
+
+
+def _lab_names() -> list[str]:
+    from fusedsae.experiments import LAB
+
+    return list(LAB)
+
+
+def _cmd_toy_lab(args: argparse.Namespace, out: Path) -> int:
+    """``fusedsae toy onehot|rotation|authors|width|l0|hierarchy``: the composed-features lab (CPU)."""
+    import torch
+
+    from fusedsae import experiments
+
+    if not args.threads:
+        torch.set_num_threads(1)  # tiny batched SAEs: more threads only synchronise (9x slower on a busy 2-core box)
+    try:
+        cfg = experiments.LabConfig(
+            seeds=2 if args.quick else args.seeds,
+            steps=args.steps or (300 if args.quick else 2000),
+            embedding=args.toy,
+            l1_coefficient=args.l1_coefficient,
+            seed=args.seed,
+            probe_steps=100 if args.quick else 200,
+        )
+    except ValueError as e:
+        raise SystemExit(f"fusedsae toy {args.experiment}: {e}") from None
+    result = experiments.LAB[args.experiment](cfg)
+    print(f"{result.name}: {result.question}")
+    print(result.table(experiments.headline_columns(result)))
+    if result.notes.get("crossovers"):
+        print("\ncrossovers (one-hot fraction q):")
+        for note in result.notes["crossovers"]:
+            print("  " + ", ".join(f"{k}={experiments.format_value(v)}" for k, v in note.items()))
+    written = result.write(out)
+    if not args.no_plots:
+        written += experiments.lab_figures(result, out, cfg.seeds)
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
     return 0
 
 

@@ -45,6 +45,24 @@ def divide_by_variance(value: Tensor, variance: Tensor) -> Tensor:
     return torch.where(variance > 0, value / safe, torch.full_like(safe, float("nan")))
 
 
+def fvu_moments(x: Tensor, x_hat: Tensor) -> Tensor:
+    """The per-token means that :func:`fvu_from_moments` needs, in float64: ``[mean ‖x−x̂‖², mean ‖x‖², mean(x)…]``
+    (``[2 + d]``). Averaging these over ranks with equal batches gives the global batch's moments."""
+    x64, x_hat64 = x.double(), x_hat.double()
+    return torch.cat(
+        [
+            torch.stack([(x64 - x_hat64).pow(2).sum(-1).mean(), x64.pow(2).sum(-1).mean()]),
+            x64.mean(0),
+        ]
+    )
+
+
+def fvu_from_moments(moments: Tensor) -> Tensor:
+    """:func:`fvu` of a batch from its :func:`fvu_moments` (possibly averaged over the ranks that hold its parts):
+    ``mean ‖x−x̂‖² / (mean ‖x‖² − ‖mean(x)‖²)``."""
+    return divide_by_variance(moments[0], moments[1] - moments[2:].pow(2).sum())
+
+
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1.0 - fvu(x, x_hat)
 

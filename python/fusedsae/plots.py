@@ -131,3 +131,8 @@ def results_table(metrics: dict[str, Any], keys: list[str] | None = None) -> str
         text = f"{value:,.0f}" if key in ("tokens_per_s", "tokens", "step") else f"{value:.4f}"
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend, for other modules' figures (the toy lab's)."""
+    return _pyplot()

@@ -300,7 +300,8 @@ class SparseAutoencoder(nn.Module):
         the active latents below each inner width w, all prefixes from one pass of the sparse decoder.
 
         A TopK step (this, backward, and the Trainer's optimizer step) reads nothing back to the host: shapes are
-        static and the dead count stays on the device. BatchTopK reads its output width back (DESIGN §11).
+        static and the dead count stays on the device. BatchTopK reads its output width back
+        (docs/architecture.md#sync).
         """
         cfg = self.cfg
         x2 = self.flatten_input(x, check_finite=not defer_checks)
@@ -344,7 +345,10 @@ class SparseAutoencoder(nn.Module):
                 # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
                 # error over a 1e-12 clamp (loss 6e10 at batch size 1)
                 error = (aux_out - residual).pow(2).sum(-1).mean()
-                aux = scale * torch.where(variance > 0, error / variance.clamp_min(1e-12), torch.zeros_like(error))
+                # exactly 0 (not 0 x a NaN from a bad batch) when no latent is dead or the residual has no variance
+                aux = torch.where(
+                    (variance > 0) & (n_dead > 0), scale * error / variance.clamp_min(1e-12), torch.zeros_like(error)
+                )
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)

@@ -32,6 +32,7 @@ from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderEr
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
 from fusedsae.formats import atomic_write, read_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
+from fusedsae.sharding import LATENT_DIM, ProcessGrid, ShardedAutoencoder
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -48,6 +49,7 @@ FVU_WARNING_LOGS = 3
 # step (bookkeeping) or follow the run's length (--steps may extend a finished run; its decay follows the new end).
 RESUME_MAY_CHANGE = frozenset(
     {
+        "shard_latents",  # checkpoints hold the whole dictionary
         "steps",
         "total_tokens",
         "lr_decay_steps",
@@ -102,6 +104,9 @@ class TrainConfig:
             skipped; an isolated one is only reported).
         run_id: the run's identity (None: a fresh one for a new run, the checkpoint's when resuming).
         overwrite: a new run may replace another run's files in ``run_dir`` (otherwise it is refused).
+        shard_latents: under ``torch.distributed``, this many ranks share the latents (each holds a contiguous
+            slice; :mod:`fusedsae.sharding`); the world is ``shard_latents × data-parallel replicas``. 1: pure data
+            parallelism. Checkpoints hold the whole dictionary, so a run resumes under another ``shard_latents``.
     """
 
     steps: int = 2000
@@ -128,6 +133,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     run_id: str | None = None
     overwrite: bool = False
+    shard_latents: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -140,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.steps < 1 and self.total_tokens is None:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.shard_latents < 1:
+            raise ValueError(f"shard_latents must be >= 1, got {self.shard_latents}")
 
     def total_steps(self, world_size: int = 1) -> int:
         if self.total_tokens is not None:
@@ -159,7 +167,11 @@ class Trainer:
     ``cfg.run_dir`` it logs to ``metrics.jsonl``, checkpoints to ``checkpoints/`` and writes the SAE (SAELens
     folder, input scale folded in) to ``sae/``; :meth:`resume` continues a killed run bit-for-bit on the same
     machine. Under ``torch.distributed`` every rank runs a Trainer on its own share of the data; gradients and
-    firing statistics are averaged/combined across ranks and rank 0 writes the files.
+    firing statistics are averaged/combined across ranks and rank 0 writes the files. With
+    ``cfg.shard_latents = S > 1`` each group of S ranks shares one batch and splits the latents: ``trainer.sae``
+    is then this rank's :class:`~fusedsae.sharding.ShardedAutoencoder` slice and :meth:`full_sae` gathers the
+    whole SAE; the data source must give the S ranks of a group the same batches (rank = ``grid.replica_rank``,
+    world = ``grid.replicas``).
 
     The run folder belongs to one run (``run_id``) and is locked while the trainer writes it: a new run refuses a
     folder holding another run (:class:`fusedsae.checkpoint.RunFolderError`; ``cfg.overwrite`` replaces it), and
@@ -182,7 +194,19 @@ class Trainer:
         check_batch_size(sae.cfg, int(getattr(data, "batch_size", self.cfg.batch_size)))
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
-        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.grid: ProcessGrid | None = None
+        if self.cfg.shard_latents > 1 or isinstance(sae, ShardedAutoencoder):
+            self.grid = sae.grid if isinstance(sae, ShardedAutoencoder) else ProcessGrid(self.cfg.shard_latents)
+            if not isinstance(sae, ShardedAutoencoder):
+                sae = ShardedAutoencoder.from_full(sae, self.grid)
+            self.sae = sae
+        if self.grid is not None:  # a rank started with other settings would train another model, or hang
+            train = {k: v for k, v in asdict(self.cfg).items() if k != "run_id"}  # rank 0's id names the run
+            settings = {"sae": sae.full_cfg.to_dict(), "train": train}
+            self.grid.assert_same("the SAE or training config", json.dumps(settings, sort_keys=True).encode())
+        # Ranks that see different data: all of them, or the data-parallel replicas of a latent-sharded run.
+        self.world_size = self.grid.replicas if self.grid else (dist.get_world_size() if self.distributed else 1)
+        self.data_rank = self.grid.replica_rank if self.grid else self.rank
         self.device = sae.device
         params = [p for p in sae.parameters() if p.requires_grad]
         # The fused kernel updates each tensor in one pass: on 2 CPU threads at d_in=768, d_sae=16384 it took
@@ -291,8 +315,12 @@ class Trainer:
         if self.cfg.b_dec_init != "keep":
             sae.init_b_dec(self._scale(x), self.cfg.b_dec_init)
         if self.distributed:
-            for tensor in [*sae.parameters(), *sae.buffers()]:
-                dist.broadcast(tensor.data, src=0)
+            for name, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
+                if self.grid is not None and self.grid.replicas > 1 and name in LATENT_DIM:
+                    # a latent slice: its owner in replica 0 is the global rank equal to the slice index
+                    dist.broadcast(tensor.data, src=self.grid.shard_rank, group=self.grid.replica_group)
+                elif self.grid is None or name not in LATENT_DIM:
+                    dist.broadcast(tensor.data, src=0)
             scale = torch.tensor([self.act_scale or 0.0], dtype=torch.float64, device=self.device)
             dist.broadcast(scale, src=0)
             self.act_scale = float(scale) or None
@@ -305,7 +333,10 @@ class Trainer:
         every rank skips the same steps without a second collective. Returns the summed flags."""
         grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
         flat = torch.cat([*(g.reshape(-1) for g in grads), flags.to(grads[0].dtype)])
-        dist.all_reduce(flat)
+        if self.grid is not None:  # a slice's gradient is averaged over the replicas holding the same slice
+            self.grid.sum_over_replicas(flat)
+        else:
+            dist.all_reduce(flat)
         flags = flat[-flags.numel() :].float()
         flat = flat[: -flags.numel()] / self.world_size
         offset = 0
@@ -356,6 +387,8 @@ class Trainer:
         # Sets found_inf to 1 if any gradient holds a NaN/Inf (multiplying by 1 leaves them bit-identical); the
         # op GradScaler uses, one fused pass over the gradients on CUDA.
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+        if self.grid is not None:  # a slice's bad gradient must skip the step on every slice
+            self.grid.sum_over_shards(self._found_inf)
         grad_bad = self._found_inf.clone()
         self._found_inf.copy_(torch.maximum(self._found_inf, (flags > 0).float().amax()))
         bad = self._found_inf > 0
@@ -455,6 +488,9 @@ class Trainer:
         """
         sae, cfg = self.sae, self.cfg
         if self.step == 0 and self.tokens == 0:
+            if self.grid is not None:  # the ranks sharing the latents must share every batch
+                batch = x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                self.grid.assert_same("the first batch", batch, over_shards=True)
             self._first_batch(x)
         x = self._scale(x)
         sae.train()
@@ -480,7 +516,10 @@ class Trainer:
         if sae.cfg.normalize_decoder:
             sae.remove_parallel_decoder_grad()
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
+            if isinstance(sae, ShardedAutoencoder):
+                sae.clip_grad_norm_(cfg.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.max_grad_norm)
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -496,7 +535,9 @@ class Trainer:
                 sae.threshold.clamp_(min=0.0)
         with torch.no_grad():
             counts = out.firing_counts()
-            if self.distributed:
+            if self.grid is not None:
+                self.grid.sum_over_replicas(counts)
+            elif self.distributed:
                 dist.all_reduce(counts)
             global_tokens = x.shape[0] * self.world_size
             fired = torch.where(counts > 0, 0, self.tokens_since_fired + global_tokens)
@@ -516,19 +557,28 @@ class Trainer:
                 **{k: v.detach().float() for k, v in out.losses.items()},
                 "l0": out.l0(),
                 "mse": M.mse(out.sae_in, out.sae_out),
-                "fvu": M.fvu(out.sae_in, out.sae_out),
                 "explained_variance_legacy": M.explained_variance_legacy(out.sae_in, out.sae_out),
             }
-            stacked = torch.stack([v.to(self.device) for v in values.values()])
-            if self.distributed:
+            # FVU is a ratio: average its moments over the ranks, not the ranks' ratios (the global batch's FVU)
+            moments = M.fvu_moments(out.sae_in, out.sae_out)
+            stacked = torch.cat([torch.stack([v.to(self.device).double() for v in values.values()]), moments])
+            if self.grid is not None:  # the ranks of a shard group hold the same values: average the replicas
+                self.grid.sum_over_replicas(stacked)
+                stacked /= self.world_size
+            elif self.distributed:
                 dist.all_reduce(stacked)
                 stacked /= self.world_size
             result = {k: float(v) for k, v in zip(values, stacked.tolist())}
+            result["fvu"] = float(M.fvu_from_moments(stacked[len(values) :]))
         result["explained_variance"] = 1.0 - result["fvu"]
-        result["dead_fraction"] = float(self.dead_mask().float().mean())
+        dead = self.dead_mask().sum().reshape(1)
+        if self.grid is not None:
+            self.grid.sum_over_shards(dead)
+        result["dead_fraction"] = float(dead) / self.full_d_sae
         ground_truth = getattr(self.data, "ground_truth", None)
         if ground_truth is not None:
-            result["mmcs"] = float(M.mmcs(ground_truth.to(self.device), self.sae.W_dec))
+            W_dec = self.sae.W_dec if self.grid is None else self.sae.gather_tensor("W_dec", self.sae.W_dec.detach())
+            result["mmcs"] = float(M.mmcs(ground_truth.to(self.device), W_dec))
         result.update(step=self.step, tokens=self.tokens, lr=self.lr_at(max(0, self.step - 1)))
         result["skipped_steps"] = self.skipped_before + self._bad_reported
         return result
@@ -542,7 +592,7 @@ class Trainer:
         cfg = self.cfg
         total = cfg.total_steps(self.world_size)
         if self.step == 0:  # a resumed run keeps the RNG state its checkpoint restored
-            torch.manual_seed(cfg.seed + self.rank)
+            torch.manual_seed(cfg.seed + self.data_rank)
         if self.run_dir is not None:
             self.start_run()  # before anything is written (a no-op after resume)
         bar = None
@@ -668,9 +718,18 @@ class Trainer:
         SAELens's ``sparsity.safetensors`` stores, as log10(frequency + 1e-10))."""
         return self.fire_counts.double() / max(1, self.window_tokens)
 
+    @property
+    def full_d_sae(self) -> int:
+        return self.sae.full_cfg.d_sae if isinstance(self.sae, ShardedAutoencoder) else self.sae.cfg.d_sae
+
+    def full_sae(self) -> SparseAutoencoder:
+        """The whole SAE being trained (a latent-sharded run gathers it: every rank must call this)."""
+        return self.sae.full_sae() if isinstance(self.sae, ShardedAutoencoder) else self.sae
+
     def inference_sae(self) -> SparseAutoencoder:
-        """A copy of the SAE with the input scale folded in: it takes raw activations."""
-        sae = copy.deepcopy(self.sae).eval()
+        """A copy of the SAE with the input scale folded in: it takes raw activations (a latent-sharded run
+        gathers it: every rank must call this)."""
+        sae = copy.deepcopy(self.full_sae()).eval()
         if self.act_scale is not None:
             sae.fold_activation_norm_scaling_factor(self.act_scale)
         return sae
@@ -683,17 +742,23 @@ class Trainer:
             )
 
     def save_final(self) -> Path | None:
-        """Writes ``sae/`` and ``summary.json`` (rank 0); refuses (TrainingDiverged) an SAE with a NaN/Inf."""
-        if self.run_dir is None or self.rank != 0:
+        """Writes ``sae/`` and ``summary.json`` (rank 0); refuses (TrainingDiverged) an SAE with a NaN/Inf. A
+        latent-sharded run gathers the SAE on every rank first (every rank must call this)."""
+        if self.run_dir is None:
             return None
+        density = self.feature_density()
         sae = self.inference_sae()
+        if self.grid is not None:
+            density = self.grid.gather_slices(density, 0, self.full_d_sae)
+        if self.rank != 0:
+            return None
         self._refuse_nonfinite(dict(sae.state_dict()), f"{self.run_dir / FINAL_SAE_DIR}")
-        sparsity = torch.log10(self.feature_density().cpu() + 1e-10).float()
+        sparsity = torch.log10(density.cpu() + 1e-10).float()
         path = sae.save(self.run_dir / FINAL_SAE_DIR, sparsity=sparsity)
         summary = {
             "run_id": self.run_id,
             "metrics": self.last_metrics,
-            "sae": self.sae.cfg.to_dict(),
+            "sae": self.full_sae_config().to_dict(),
             "train": asdict(self.cfg),
             "data": self.data.describe() if hasattr(self.data, "describe") else {},
             "act_scale": self.act_scale,
@@ -701,14 +766,32 @@ class Trainer:
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
         return path
 
+    def full_sae_config(self) -> SAEConfig:
+        return self.sae.full_cfg if isinstance(self.sae, ShardedAutoencoder) else self.sae.cfg
+
+    def _param_names(self) -> list[str]:
+        """Optimizer parameter ids → names (the optimizer's order)."""
+        return [name for name, p in self.sae.named_parameters() if p.requires_grad]
+
     def state_contents(self) -> dict[str, Any]:
+        """The whole training state, layout-independent: a latent-sharded run gathers every slice (every rank must
+        call this), so the checkpoint is the one a single process would write."""
         opt_tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
+        model = dict(self.sae.state_dict())
+        counters = {"tokens_since_fired": self.tokens_since_fired, "fire_counts": self.fire_counts}
+        if isinstance(self.sae, ShardedAutoencoder):
+            sae, names = self.sae, self._param_names()
+            model = sae.full_state_dict()
+            opt_tensors = {
+                key: sae.gather_tensor(names[int(key.split(".")[1])], t) if t.dim() else t
+                for key, t in opt_tensors.items()
+            }
+            counters = {key: self.grid.gather_slices(t, 0, self.full_d_sae) for key, t in counters.items()}
         return {
-            "model.safetensors": dict(self.sae.state_dict()),
+            "model.safetensors": model,
             "optimizer.safetensors": opt_tensors,
             "counters.safetensors": {
-                "tokens_since_fired": self.tokens_since_fired,
-                "fire_counts": self.fire_counts,
+                **counters,
                 **{f"rng.{k}": v for k, v in ckpt.rng_state().items()},
             },
             "trainer.json": {
@@ -718,7 +801,7 @@ class Trainer:
                 "window_tokens": self.window_tokens,
                 "act_scale": self.act_scale,
                 "data": self.data.state_dict(),
-                "sae_config": self.sae.cfg.to_dict(),
+                "sae_config": self.full_sae_config().to_dict(),
                 "train_config": asdict(self.cfg),
                 "optimizer": opt_meta,
                 "world_size": self.world_size,
@@ -733,8 +816,9 @@ class Trainer:
             raise ValueError("TrainConfig.run_dir is not set: there is nowhere to write checkpoints")
         self.start_run()
         path = None
+        contents = self.state_contents() if (self.rank == 0 or self.grid is not None) else None
         if self.rank == 0:
-            contents = self.state_contents()
+            assert contents is not None
             state = {**contents["model.safetensors"], **contents["optimizer.safetensors"]}
             self._refuse_nonfinite(state, f"the step {self.step} checkpoint")
             path = ckpt.write_checkpoint(
@@ -799,13 +883,13 @@ class Trainer:
             saved_cfg = SAEConfig.from_dict(state["sae_config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{folder}/trainer.json: field 'sae_config' is not an SAE config ({exc})") from exc
-        differences = setting_differences(saved_cfg, state["train_config"], self.sae.cfg, self.cfg)
+        differences = setting_differences(saved_cfg, state["train_config"], self.full_sae_config(), self.cfg)
         if differences:
             raise CheckpointMismatch(f"{folder} was written for " + "; ".join(differences))
         if state["world_size"] != self.world_size:
             raise CheckpointMismatch(
-                f"{folder} was written by {state['world_size']} rank(s); resuming with {self.world_size} would "
-                "change the data order"
+                f"{folder} was written by {state['world_size']} data-parallel rank(s); resuming with "
+                f"{self.world_size} would change the data order (the number of latent shards may change)"
             )
         bad = [
             f"{file}: {name}"
@@ -823,15 +907,26 @@ class Trainer:
     def _restore(self, contents: dict[str, Any]) -> None:
         state = contents["trainer.json"]
         model = {k: v.to(self.device) for k, v in contents["model.safetensors"].items()}
-        self.sae.load_state_dict(model)
         opt_tensors = {
             k: v.to(self.device) if not k.endswith(".step") else v for k, v in contents["optimizer.safetensors"].items()
         }
-        ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
         counters = contents["counters.safetensors"]
-        self.tokens_since_fired = counters["tokens_since_fired"].to(self.device)
+        tokens_since_fired, fire_counts = counters["tokens_since_fired"], counters["fire_counts"]
+        if isinstance(self.sae, ShardedAutoencoder):  # the checkpoint holds the whole dictionary: take our slice
+            sae, names = self.sae, self._param_names()
+            sae.load_full_state_dict(model)
+            opt_tensors = {
+                key: sae.slice_tensor(names[int(key.split(".")[1])], t) if t.dim() else t
+                for key, t in opt_tensors.items()
+            }
+            tokens_since_fired = sae.slice_tensor("b_enc", tokens_since_fired)
+            fire_counts = sae.slice_tensor("b_enc", fire_counts)
+        else:
+            self.sae.load_state_dict(model)
+        ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
+        self.tokens_since_fired = tokens_since_fired.to(self.device)
         self._dead_capacity = None  # bounded from the restored counters at the next step
-        self.fire_counts = counters["fire_counts"].to(self.device)
+        self.fire_counts = fire_counts.to(self.device)
         ckpt.set_rng_state({k.removeprefix("rng."): v for k, v in counters.items() if k.startswith("rng.")})
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])

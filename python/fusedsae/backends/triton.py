@@ -723,10 +723,11 @@ def _latent_sums(
     # passes it), then sum fixed chunks of the sorted list and combine the pieces of latents that cross chunks.
     order, keys, offsets = segments if segments is not None else reference.latent_segments(indices, n_out)
     n_entries = flat.numel()
-    # 64 entries x 128 columns per program: a [64, 128] float32 tile gathered at once, then a segmented scan. About
-    # 16 entries per latent at 16384 x 32 / 32768, so a chunk holds a few latents; a latent firing on all 16384
-    # tokens is 256 chunks of parallel work plus a 256-step combine, instead of a 16384-step walk.
-    chunk, block_d, launch = (64, 128, {"num_warps": 4}) if gpu else (16, 16, {})
+    # 64 entries x 64 columns per program: a [64, 64] float32 tile gathered at once, then a segmented scan (offline
+    # sm_90 build at 64 x 128: 252-255 registers, 120 B spilled with the weight sums; at 64 x 64 half the tile).
+    # About 16 entries per latent at 16384 x 32 / 32768, so a chunk holds a few latents; a latent firing on all
+    # 16384 tokens is 256 chunks of parallel work plus a 256-step combine, instead of a 16384-step walk.
+    chunk, block_d, launch = (64, 64, {"num_warps": 4}) if gpu else (16, 16, {})
     n_chunks = triton.cdiv(n_entries, chunk)
     part = torch.empty(n_chunks, 2, d, dtype=torch.float32, device=out.device)
     part_sums = None if sums is None else torch.empty(n_chunks, 2, dtype=torch.float32, device=out.device)

@@ -1,0 +1,341 @@
+"""Latent sharding (fusedsae.sharding): the exact distributed TopK and a latent-sharded (and 2-D) Trainer run
+against one process on the same data, over gloo with several processes on this machine.
+
+Sums are taken in another order when the latents are split (each rank's partial decoder sum, then the all-reduce),
+so float64 runs agree to rounding (see RTOL), not bit for bit; the *selections* are compared exactly, ties across
+shard boundaries included."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fusedsae
+from fusedsae import reference
+from fusedsae.sharding import ProcessGrid, ShardedAutoencoder, merge_candidates, shard_bounds
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, BATCH, D_IN, D_SAE = 10, 24, 12, 41  # 41 latents: slices of unequal size
+# Float64 weights after STEPS Adam steps. Adam divides each gradient entry by its own running RMS, so an entry
+# whose gradient is mostly rounding noise (1e-16 relative from the other summation order) can step differently:
+# ten steps leave ~1e-9 relative on the odd entry; 1e-8 bounds that with margin, while a wrong selection or a
+# missed reduction is off by 1e-3 or more.
+RTOL, ATOL = 1e-8, 1e-11
+
+# One script per launch: every rank checks the sharded selections against the whole-dictionary reference, then
+# trains with --shard-latents and saves; rank 0 writes the SAE's state and the metric log.
+RANK_SCRIPT = textwrap.dedent(
+    f"""
+    import json, sys, torch, torch.distributed as dist, fusedsae
+    from safetensors.torch import save_file
+    from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    shards, activation, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    grid = ProcessGrid(shards)
+
+    # 1. selections equal the single-device ones exactly, on integer-valued inputs full of ties
+    torch.manual_seed(1)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation=activation, k=4, dtype="float64", aux_k=6)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randint(-2, 3, sae.W_enc.shape).double())
+        sae.b_enc.zero_(); sae.b_dec.zero_()
+    x = torch.randint(-2, 3, (30, {D_IN})).double()
+    dead = torch.arange({D_SAE}) % 3 == 0
+    whole = sae.training_forward(x, dead_mask=dead if activation == "topk" else None)
+    part = ShardedAutoencoder.from_full(sae, grid)
+    mine = part.training_forward(x, dead_mask=part.slice_tensor("b_enc", dead) if activation == "topk" else None)
+    got = torch.zeros(30, {D_SAE}, dtype=torch.float64)
+    acts = mine.feature_acts
+    got[:, part.start:part.stop] = acts
+    got = grid.sum_over_shards(got)
+    assert torch.equal(got != 0, whole.feature_acts != 0), "selection differs"
+    torch.testing.assert_close(got, whole.feature_acts, rtol=0, atol=0)
+    torch.testing.assert_close(mine.loss, whole.loss)
+
+    # 2. training: each replica its own share of the data, the shard ranks of a replica the same batches
+    data = fusedsae.toy.SparseFeatureData(d_in={D_IN}, n_features=30, mean_active=3.0)
+    torch.manual_seed(0)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation=activation, k=3, dtype="float64",
+                                     aux_k=6 if activation == "topk" else 0)
+    source = fusedsae.ToySource(data, {BATCH}, rank=grid.replica_rank, world_size=grid.replicas)
+    cfg = fusedsae.TrainConfig(steps={STEPS}, batch_size={BATCH}, lr=3e-3, b_dec_init="mean", dead_tokens=48,
+                               progress=False, log_every=2, shard_latents=shards)
+    trainer = fusedsae.Trainer(sae, source, cfg)
+    logs = []
+    trainer.callbacks.append(logs.append)
+    trainer.train()
+    state = trainer.full_sae().state_dict()
+    if dist.get_rank() == 0:
+        save_file(dict(state), out)
+        open(out + ".json", "w").write(json.dumps(logs))
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+# Checkpoints hold the whole dictionary: a run checkpointed under one layout resumes under another.
+RESUME_SCRIPT = textwrap.dedent(
+    f"""
+    import os, sys, torch, torch.distributed as dist, fusedsae
+    from safetensors.torch import save_file
+    torch.set_num_threads(1)
+    distributed = "RANK" in os.environ  # under torchrun
+    if distributed:
+        dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    shards, run_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    data = fusedsae.toy.SparseFeatureData(d_in={D_IN}, n_features=30, mean_active=3.0)
+    torch.manual_seed(0)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation="topk", k=3, dtype="float64", aux_k=6)
+    cfg = fusedsae.TrainConfig(steps={STEPS}, batch_size={BATCH}, lr=3e-3, b_dec_init="mean", dead_tokens=48,
+                               progress=False, log_every=5, checkpoint_every={STEPS // 2}, run_dir=run_dir,
+                               shard_latents=shards)
+    trainer = fusedsae.Trainer(sae, fusedsae.ToySource(data, {BATCH}), cfg)
+    if sys.argv[-1] == "resume":
+        trainer.resume(fusedsae.checkpoint.checkpoint_root(run_dir) / "step-{STEPS // 2:09d}")
+    trainer.train()
+    state = trainer.full_sae().state_dict()
+    if not distributed or dist.get_rank() == 0:
+        save_file(dict(state), out)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    """
+)
+
+
+# Two user mistakes and a failure: each must end every rank with a non-zero exit, quickly and with the reason.
+FAULT_SCRIPT = textwrap.dedent(
+    f"""
+    import sys, time, datetime, torch, torch.distributed as dist, fusedsae
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    mode, rank = sys.argv[1], dist.get_rank()
+    data = fusedsae.toy.SparseFeatureData(d_in={D_IN}, n_features=30, mean_active=3.0)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation="topk", k=3 + (mode == "config") * rank)
+    # "data": the data split over all ranks although the two ranks share the latents (and so must share batches)
+    split = mode == "data"
+    source = fusedsae.ToySource(data, {BATCH}, rank=rank if split else 0, world_size=2 if split else 1)
+    cfg = fusedsae.TrainConfig(steps=50, batch_size={BATCH}, progress=False, shard_latents=2)
+    trainer = fusedsae.Trainer(sae, source, cfg)
+    if mode == "raise" and rank == 1:  # rank 0 is then left waiting in the next step's all-gather
+        step = trainer.train_step
+        def failing_step(x):
+            if trainer.step == 3:
+                raise RuntimeError("rank 1 fails on purpose")
+            return step(x)
+        trainer.train_step = failing_step
+    trainer.train()
+    """
+)
+
+
+class Concatenated:
+    """One process seeing every replica's batch: global batch i = replica 0's share, then replica 1's, …"""
+
+    def __init__(self, data, replicas):
+        self.data, self.replicas, self.index = data, replicas, 0
+        self.batch_size, self.d_in, self.ground_truth = replicas * BATCH, data.d_in, data.ground_truth
+
+    def next_batch(self):
+        parts = [self.data.sample(self.index * self.replicas + r, BATCH) for r in range(self.replicas)]
+        self.index += 1
+        return torch.cat(parts)
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def single_process(activation: str, replicas: int):
+    data = fusedsae.toy.SparseFeatureData(d_in=D_IN, n_features=30, mean_active=3.0)
+    torch.manual_seed(0)
+    sae = fusedsae.SparseAutoencoder(
+        d_in=D_IN, d_sae=D_SAE, activation=activation, k=3, dtype="float64", aux_k=6 if activation == "topk" else 0
+    )
+    sae.init_b_dec(data.sample(0, BATCH), "mean")  # what replica 0 computes and broadcasts
+    cfg = fusedsae.TrainConfig(
+        steps=STEPS,
+        batch_size=replicas * BATCH,
+        lr=3e-3,
+        b_dec_init="keep",
+        dead_tokens=48,
+        progress=False,
+        log_every=2,
+    )
+    logs: list[dict] = []
+    fusedsae.Trainer(sae, Concatenated(data, replicas), cfg, callbacks=[logs.append]).train()
+    return sae, logs
+
+
+@pytest.mark.parametrize(
+    ("nproc", "shards", "activation"),
+    [(2, 2, "topk"), (4, 4, "batchtopk"), (4, 2, "topk")],
+    ids=["2-shards-topk", "4-shards-batchtopk", "2x2-grid-topk"],
+)
+def test_sharded_training_matches_one_process(tmp_path, nproc, shards, activation):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp_path / "sharded.safetensors"
+    result = torchrun(nproc, str(script), str(shards), activation, str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    sharded = load_file(str(out))
+    sharded_logs = json.loads(Path(str(out) + ".json").read_text())
+    sae, logs = single_process(activation, nproc // shards)
+    for name, tensor in sae.state_dict().items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert [m["step"] for m in sharded_logs] == [m["step"] for m in logs]
+    for a, b in zip(sharded_logs, logs):
+        for key in ("loss", "mse_loss", "l0", "fvu", "dead_fraction", "mmcs"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert not torch.equal(
+        sharded["W_dec"], fusedsae.SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, activation="relu").W_dec.double()
+    )
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_merged_local_topks_are_the_global_topk_with_ties(shards):
+    scores = torch.randint(0, 4, (200, 37)).double()  # four distinct values: ties everywhere, across boundaries
+    values, indices = [], []
+    for s in range(shards):
+        start, stop = shard_bounds(37, shards, s)
+        v, i = reference.row_topk(scores[:, start:stop], min(6, stop - start))
+        values.append(v)
+        indices.append(i + start)
+    v, i = torch.cat(values, 1), torch.cat(indices, 1)
+    winners = merge_candidates(v, i, 6)
+    expected_values, expected_indices = reference.row_topk(scores, 6)
+    assert torch.equal(v.gather(1, winners), expected_values)
+    assert torch.equal(i.gather(1, winners), expected_indices)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_one_shard_is_the_plain_sae(activation):
+    """The sharded code path with a world of one gives the unsharded loss and gradients."""
+    torch.manual_seed(0)
+    sparse = activation in ("topk", "batchtopk")
+    sae = fusedsae.SparseAutoencoder(
+        d_in=16, d_sae=40, activation=activation, k=3 if sparse else None, dtype="float64", aux_k=8
+    )
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    part = ShardedAutoencoder.from_full(sae, ProcessGrid(1))
+    x = torch.randn(50, 16, dtype=torch.float64)
+    dead = (torch.rand(40) < 0.5) if activation == "topk" else None
+    a = sae.training_forward(x, dead_mask=dead)
+    b = part.training_forward(x, dead_mask=dead)
+    a.loss.backward()
+    b.loss.backward()
+    assert set(a.losses) == set(b.losses)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=0)
+    for (name, p), (_, q) in zip(sae.named_parameters(), part.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-13, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_grid_refuses_a_shard_count_that_does_not_divide_the_world():
+    with pytest.raises(ValueError, match="does not divide the world size 1"):
+        ProcessGrid(2)
+    with pytest.raises(ValueError, match="slice 3 does not exist"):
+        shard_bounds(10, 3, 3)
+
+
+def test_checkpoints_resume_under_another_layout(tmp_path):
+    """2 shards write the checkpoints; 1 process and 4 shards resume from the middle one; both end where an
+    uninterrupted single-process run ends."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    run = tmp_path / "run"
+    result = torchrun(2, str(script), "2", str(run), str(tmp_path / "two.safetensors"), "fresh")
+    assert result.returncode == 0, result.stderr[-4000:]
+    alone = tmp_path / "alone"
+    subprocess.run(
+        [sys.executable, str(script), "1", str(alone), str(tmp_path / "alone.safetensors")],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "python")},
+        timeout=120,
+    )
+    expected = load_file(str(tmp_path / "alone.safetensors"))
+    resumed = {}
+    for name, nproc in (("one", 1), ("four", 4)):
+        copy = tmp_path / f"run-{name}"
+        shutil.copytree(run, copy)
+        out = tmp_path / f"{name}.safetensors"
+        if nproc == 1:
+            cmd = [sys.executable, str(script), "1", str(copy), str(out), "resume"]
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "python")}, timeout=120)
+        else:
+            result = torchrun(nproc, str(script), str(nproc), str(copy), str(out), "resume")
+            assert result.returncode == 0, result.stderr[-4000:]
+        resumed[name] = load_file(str(out))
+    for run_name, tensors in (("2 shards", load_file(str(tmp_path / "two.safetensors"))), *resumed.items()):
+        for key, tensor in expected.items():
+            torch.testing.assert_close(
+                tensors[key], tensor, rtol=RTOL, atol=ATOL, msg=lambda m, n=key, r=run_name: f"{r}, {n}: {m}"
+            )
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("config", "the SAE or training config differs across all ranks"),
+        ("data", "the first batch differs across the ranks of a latent-shard group"),
+        ("raise", "rank 1 fails on purpose"),
+    ],
+)
+def test_mismatches_and_failures_end_every_rank(tmp_path, mode, message):
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    start = time.monotonic()
+    result = torchrun(2, str(script), mode)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 60
+
+
+def test_slices_initialise_the_same_dictionary_whatever_the_layout():
+    """Each slice draws only its own latents, in seeded blocks: 1, 3 or 4 shards build the same whole SAE."""
+    cfg = fusedsae.SAEConfig(d_in=6, d_sae=10_000, activation="topk", k=4)  # blocks of 4096 straddle the slices
+
+    class Grid:  # a layout without processes: which slice this "rank" holds
+        def __init__(self, shards, index):
+            self.shards, self.shard_rank = shards, index
+
+    whole = {}
+    for shards in (1, 3, 4):
+        parts = []
+        for index in range(shards):
+            torch.manual_seed(7)
+            parts.append(ShardedAutoencoder(cfg, Grid(shards, index)).W_dec)
+        whole[shards] = torch.cat(parts)
+    assert torch.equal(whole[1], whole[3]) and torch.equal(whole[1], whole[4])
+    torch.testing.assert_close(whole[1].norm(dim=1), torch.ones(10_000))
+
+
+def test_cli_trains_sharded_and_resumes_on_one_process(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "fusedsae", "train", "--steps", "8", "--batch-size", "64", "--no-progress", "--no-plots"]
+    result = torchrun(2, *args, "--checkpoint-every", "4", "--shard-latents", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 latent shard(s) × 1 data-parallel replica(s)" in result.stdout
+    sharded = fusedsae.load(out / "sae")
+    assert sharded.cfg.d_sae == 512
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    more = [sys.executable, *args[:4], "12", *args[5:], "--resume", "--out", str(out)]
+    result = subprocess.run(more, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed" in result.stdout and "step 8/12" in result.stdout
+    assert not torch.equal(fusedsae.load(out / "sae").W_dec, sharded.W_dec)
