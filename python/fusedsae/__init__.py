@@ -9,7 +9,7 @@ from fusedsae import analysis, backends, functional, metrics, ops, reference, to
 from fusedsae._version import __version__
 from fusedsae.checkpoint import CheckpointError, RunFolderError
 from fusedsae.config import SAEConfig
-from fusedsae.data import DataSource, TensorSource, ToySource
+from fusedsae.data import DataError, DataSource, IterableSource, TensorSource, ToySource
 from fusedsae.formats import SAEFormatError, load_sae
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 from fusedsae.training import TrainConfig, Trainer, TrainingDiverged
@@ -18,7 +18,9 @@ load = load_sae
 
 __all__ = [
     "CheckpointError",
+    "DataError",
     "DataSource",
+    "IterableSource",
     "RunFolderError",
     "SAEConfig",
     "SAEFormatError",

@@ -16,23 +16,130 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusedsae import __version__
+from fusedsae.tracking import TRACKERS
+
 RUN_CONFIG = "run_config.json"
 
-TOY_KINDS = ("sparse", "superposition", "composed")
+# Options that shape how a command runs, not what the run is: not saved in run_config.json, free on --resume.
+NOT_SETTINGS = ("command", "resume", "overwrite", "no_plots", "no_progress", "threads", "debug", "given")
+# Settings --resume applies when they differ from the saved run: they change the schedule's length, the step size
+# or what is logged, never the SAE, its data or the optimizer state the checkpoint holds (--out is where the run
+# was found, however it is spelled).
+SAFE_ON_RESUME = (
+    *("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out", "max_bad_steps"),
+    "shard_latents",  # a layout choice: checkpoints hold the whole dictionary
+    *("eval_every", "eval_tokens"),  # what is evaluated and logged alongside, not the SAE
+)
+TOY_OPTIONS = ("d_in", "n_features", "mean_active", "toy_seed")
 # text settings of `train --data live:…` (a run_config.json written before they existed resumes with these)
 _TEXT_DEFAULTS = {"text": "pydoc", "dataset": None, "text_column": "text", "split": "all", "heldout_fraction": 0.1}
 
 
-def _int_or_list(text: str) -> int | list[int]:
-    """``"16"`` -> 16, ``"16,32"`` -> [16, 32] (a sweep: several SAEs trained from one pass)."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from exc
-    return values[0] if len(values) == 1 else values
+class UsageError(Exception):
+    """A user's mistake on the command line (a bad value, a missing file, a device that is not there). Raised where
+    the mistake is found, with one line that says what is wrong and what to do; :func:`main` prints it and exits 1
+    (``--debug`` shows the traceback instead)."""
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# parsing: one-line errors, defaults in --help, validated values
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, except where there is nothing to show (None, a flag's False) or
+    the help already explains the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _number(kind: type, low: float, inclusive: bool, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1, True, "a whole number >= 1")
+non_negative_int = _number(int, 0, True, "a whole number >= 0")
+positive_float = _number(float, 0.0, False, "a number > 0")
+non_negative_float = _number(float, 0.0, True, "a number >= 0")
+
+
+def _int_or_list(one: Callable[[str], int], what: str) -> Callable[[str], int | list[int]]:
+    """A parser of ``"16"`` -> 16 and ``"16,32"`` -> [16, 32] (a sweep: several SAEs from one pass), each value
+    checked by ``one`` (:func:`positive_int`, :func:`non_negative_int`); a bad value is one argparse line."""
+
+    def parse(text: str) -> int | list[int]:
+        parts = text.split(",")
+        if len(parts) == 1:
+            return one(text)  # its own message: "expected a whole number >= 1, got '2.5'"
+        try:
+            return [one(part.strip()) for part in parts]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, each {what}, got {text!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int_or_list = _int_or_list(positive_int, "a whole number >= 1")
+non_negative_int_or_list = _int_or_list(non_negative_int, "a whole number >= 0")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations the user typed in ``argv``: a second parse with every default suppressed, so that only typed
+    options appear (typing an option's default value still counts as typing it)."""
+    parsers = [parser]
+    seen: set[int] = set()
+    while parsers:
+        current = parsers.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.dest != "help":
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -42,35 +149,37 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default="toy:sparse",
         help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), a .safetensors file "
         "holding one [N, d_in] tensor, an activation cache folder written by `fusedsae cache`, or live:<model>:<layer> "
-        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3) (default: toy:sparse)",
+        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3)",
     )
-    data.add_argument("--d-in", type=int, default=64, help="toy:sparse/composed input width (default 64)")
-    data.add_argument("--n-features", type=int, default=256, help="toy:sparse true features (default 256)")
-    data.add_argument("--mean-active", type=float, default=4.0, help="toy:sparse mean active features (default 4)")
-    data.add_argument("--toy-seed", type=int, default=0, help="seed of the toy data's ground truth (default 0)")
+    data.add_argument("--d-in", type=positive_int, help="toy:sparse/composed input width (default: the toy's, 64/16)")
+    data.add_argument("--n-features", type=positive_int, help="toy true features (default: the toy's, 256/20)")
+    data.add_argument("--mean-active", type=positive_float, help="toy:sparse mean active features (default: 4)")
+    data.add_argument("--toy-seed", type=non_negative_int, help="seed of the toy data's ground truth (default: 0)")
     _add_text_args(data)
     data.add_argument(
         "--eval-every",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="every N steps, evaluate the SAE spliced into its model on the held-out split (cache or live data; "
         "writes eval.jsonl; default 0: off)",
     )
-    data.add_argument("--eval-tokens", type=int, default=10000, help="held-out tokens per evaluation (default 10000)")
+    data.add_argument("--eval-tokens", type=positive_int, default=10000, help="held-out tokens per evaluation")
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
     sae.add_argument(
-        "--k", type=_int_or_list, default=6, help="latents per token, topk/batchtopk (default 6); 16,32: a sweep"
+        "--k",
+        type=positive_int_or_list,
+        help="active latents per token, topk/batchtopk only (default: 6); 16,32: a sweep (one SAE per value)",
     )
     sae.add_argument(
         "--d-sae",
-        type=_int_or_list,
-        default=None,
-        help="latents (default: 2 x the true features, or 8 x d_in); 3072,6144 sweeps (one SAE per value, with --k's)",
+        type=positive_int_or_list,
+        help="latents (default: 2 x the true features, or 8 x d_in); 3072,6144: a sweep (one SAE per value, with "
+        "--k's)",
     )
-    sae.add_argument("--l1-coefficient", type=float, default=None, help="ReLU SAEs' L1 weight")
-    sae.add_argument("--l0-coefficient", type=float, default=None, help="JumpReLU SAEs' L0 weight")
+    sae.add_argument("--l1-coefficient", type=non_negative_float, help="L1 weight, relu only (default: 1)")
+    sae.add_argument("--l0-coefficient", type=non_negative_float, help="L0 weight, jumprelu only (default: 1)")
     sae.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     sae.add_argument(
         "--matryoshka-widths",
@@ -80,58 +189,73 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
-    train.add_argument("--batch-size", type=int, default=1024, help="tokens per step per process (default 1024)")
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--lr-warm-up-steps", type=int, default=0)
-    train.add_argument("--lr-decay-steps", type=int, default=None, help="linear decay at the end (default 20%%)")
-    train.add_argument("--sparsity-warm-up-steps", type=int, default=0)
+    train.add_argument("--steps", type=positive_int, help="optimizer steps (default: 1000)")
+    train.add_argument("--batch-size", type=positive_int, default=1024, help="tokens per step per process")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--lr-warm-up-steps", type=non_negative_int, default=0, help="linear warm-up from 0")
+    train.add_argument(
+        "--lr-decay-steps", type=non_negative_int, help="linear decay at the end (default: 20%% of steps)"
+    )
+    train.add_argument("--sparsity-warm-up-steps", type=non_negative_int, default=0, help="L1/L0 weight warm-up")
     train.add_argument(
         "--dead-tokens",
-        type=int,
-        default=None,
+        type=positive_int,
         help="tokens without firing before a latent counts as dead (default: 50 batches)",
     )
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (default)")
-    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    train.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the SAE's initialisation and data order"
+    )
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… or auto (a GPU when torch sees one)")
+    train.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     train.add_argument(
         "--shard-latents",
-        type=int,
+        type=positive_int,
         default=1,
-        help="under torchrun: this many ranks share the latents (world = shards x data-parallel replicas; default 1)",
+        help="under torchrun: this many ranks share the latents (world = shards x data-parallel replicas)",
     )
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", default="runs/toy", help="run folder (default runs/toy)")
+    run.add_argument("--out", default="runs/toy", help="run folder")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument(
         "--overwrite", action="store_true", help="replace another run's files in --out (otherwise it is refused)"
     )
     run.add_argument(
         "--max-bad-steps",
-        type=int,
+        type=positive_int,
         default=10,
-        help="stop when this many consecutive steps have a NaN/Inf loss (their updates are skipped; default 10)",
+        help="stop when this many consecutive steps have a NaN/Inf loss (their updates are skipped)",
     )
-    run.add_argument("--checkpoint-every", type=int, default=200)
-    run.add_argument("--log-every", type=int, default=50)
-    run.add_argument("--no-plots", action="store_true")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--checkpoint-every", type=non_negative_int, default=200, help="steps (0: only at the end)")
+    run.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics lines")
+    run.add_argument(
+        "--log",
+        nargs="+",
+        choices=TRACKERS,
+        default=["jsonl"],
+        help="where metrics go, one or more: jsonl (metrics.jsonl, always written), wandb (offline unless you are "
+        "logged in), tensorboard (<out>/tensorboard)",
+    )
+    run.add_argument("--wandb-project", default="fusedsae", help="W&B project of --log wandb")
+    run.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedsae", description="Fast sparse autoencoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train an SAE (toy superposition data by default)")
-    _add_train_args(train)
-    sub.add_parser("info", help="versions and which backends can run here")
-    _add_cache_args(sub.add_parser("cache", help="capture transformer activations into an on-disk cache"))
-    _add_attribute_args(
-        sub.add_parser("attribute", help="per-head and per-source attribution of an attention SAE's features")
-    )
-    _add_toy_args(sub.add_parser("toy", help="toy experiments: which feature bases an SAE can and cannot recover"))
-    _add_eval_args(sub.add_parser("eval", help="spliced-in evaluation of SAEs inside their model, on held-out text"))
+    parser = _Parser(prog="fusedsae", description="Fast sparse autoencoders.", formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fusedsae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+    _add_train_args(command("train", "train an SAE (toy superposition data by default)"))
+    _add_common_args(command("info", "versions and which backends can run here"))
+    _add_cache_args(command("cache", "capture transformer activations into an on-disk cache"))
+    _add_attribute_args(command("attribute", "per-head and per-source attribution of an attention SAE's features"))
+    _add_toy_args(command("toy", "toy experiments: which feature bases an SAE can and cannot recover"))
+    _add_eval_args(command("eval", "spliced-in evaluation of SAEs inside their model, on held-out text"))
     return parser
 
 
@@ -141,13 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(name: str, local_rank: int) -> str:
+    """``--device`` as a torch device string; a device that is not there is a :class:`UsageError`."""
     import torch
 
     if name == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank:
-        return f"cuda:{local_rank}"
-    return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:<index> or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu (or auto)"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        if device.index is None and local_rank:
+            return f"cuda:{local_rank}"
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise UsageError(f"--device {name}: not usable here ({str(exc).splitlines()[0]})") from None
+    return str(device)
 
 
 def _widths(text: str) -> list[int]:
@@ -163,57 +305,71 @@ def _widths(text: str) -> list[int]:
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that defines the run, as saved to run_config.json (a resume rebuilds the run from it)."""
-    skip = ("command", "resume", "overwrite", "no_plots", "no_progress", "threads")
-    return {k: v for k, v in vars(args).items() if k not in skip}
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
-def _build_data(settings: dict[str, Any], rank: int, world: int):
-    import torch
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Refuses options that do not apply to the chosen activation or data, instead of ignoring them."""
+    given = args.given
+    activation = args.activation
+    if "k" in given and activation not in ("topk", "batchtopk"):
+        raise UsageError(f"--k applies to topk and batchtopk; a {activation} SAE takes no k (drop --k)")
+    if "l1_coefficient" in given and activation != "relu":
+        raise UsageError(f"--l1-coefficient applies to relu SAEs; a {activation} SAE has no L1 penalty")
+    if "l0_coefficient" in given and activation != "jumprelu":
+        raise UsageError(f"--l0-coefficient applies to jumprelu SAEs; a {activation} SAE has no L0 penalty")
+    toy = [_option(name) for name in TOY_OPTIONS if name in given]
+    if toy and not args.data.startswith("toy:"):
+        raise UsageError(f"{', '.join(toy)} shape toy data only; --data {args.data} is not toy data")
+    if args.k is not None and args.d_sae is not None and max(_as_list(args.k)) > min(_as_list(args.d_sae)):
+        k, d_sae = max(_as_list(args.k)), min(_as_list(args.d_sae))
+        raise UsageError(f"--k {k} is more than --d-sae {d_sae}: at most d_sae latents can be active")
 
-    from fusedsae import toy
-    from fusedsae.data import TensorSource, ToySource
 
-    spec = settings["data"]
-    if Path(spec).is_dir():
-        from fusedsae.cache import CacheError, CacheSource
+def _resume_settings(args: argparse.Namespace, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The settings of the run in ``out`` with the typed options of this command: a safe difference
+    (:data:`SAFE_ON_RESUME`) is applied and said; any other is refused with the difference."""
+    from fusedsae.checkpoint import RunFolderError
+    from fusedsae.training import read_run_config
 
-        try:
-            return CacheSource(spec, settings["batch_size"], seed=settings["seed"], rank=rank, world_size=world)
-        except (CacheError, ValueError) as exc:
-            raise SystemExit(f"--data {spec}: {exc}") from exc
-    if spec.startswith("live:"):
-        return _live_source(spec, settings, rank, world)
-    if spec.startswith("toy:"):
-        kind = spec.split(":", 1)[1]
-        if kind not in TOY_KINDS:
-            raise SystemExit(f"unknown toy data {spec!r}; use one of {', '.join('toy:' + k for k in TOY_KINDS)}")
-        if kind == "sparse":
-            data = toy.SparseFeatureData(
-                d_in=settings["d_in"],
-                n_features=settings["n_features"],
-                mean_active=settings["mean_active"],
-                seed=settings["toy_seed"],
-            )
-        elif kind == "superposition":
-            data = toy.SuperpositionData(seed=settings["toy_seed"])
-        else:
-            data = toy.ComposedFeatureData(d_in=settings["d_in"], seed=settings["toy_seed"])
-        return ToySource(data, settings["batch_size"], rank, world)
-    path = Path(spec)
-    if not path.is_file():
-        raise SystemExit(f"--data {spec}: no such file (expected toy:<kind> or a .safetensors file)")
-    from safetensors.torch import load_file
+    try:
+        saved = read_run_config(out / RUN_CONFIG)
+    except RunFolderError as exc:
+        raise UsageError(f"--resume: {exc}") from exc
+    differing = [name for name in sorted(args.given) if name in settings and saved.get(name) != settings[name]]
+    refused = [name for name in differing if name not in SAFE_ON_RESUME]
+    if refused:
+        was = ", ".join(f"{_option(n)} {_shown(saved.get(n))}" for n in refused)
+        now = ", ".join(f"{_option(n)} {_shown(settings[n])}" for n in refused)
+        raise UsageError(
+            f"--resume: {out} was started with {was} but this command gives {now}; drop those options to continue "
+            "that run, or train a new one in another --out"
+        )
+    for name in differing:
+        print(f"resume: {_option(name)} {_shown(settings[name])} (was {_shown(saved.get(name))})", flush=True)
+    return {**settings, **saved, **{name: settings[name] for name in differing}}
 
-    tensors = load_file(str(path))
-    matrices = [t for t in tensors.values() if t.dim() == 2]
-    if len(matrices) != 1:
-        raise SystemExit(f"--data {spec}: expected exactly one 2-D tensor [N, d_in], found {len(matrices)}")
-    return TensorSource(
-        matrices[0].to(torch.float32),
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _build_data(settings: dict[str, Any], rank: int, world: int) -> Any:
+    from fusedsae.data import from_spec
+
+    if settings["data"].startswith("live:"):  # the text options and several layers (fusedsae.data's takes pydoc)
+        return _live_source(settings["data"], settings, rank, world)
+
+    toy_options = {name: settings[name] for name in ("d_in", "n_features", "mean_active") if settings.get(name)}
+    if settings.get("toy_seed") is not None:
+        toy_options["seed"] = settings["toy_seed"]
+    return from_spec(
+        settings["data"],
         settings["batch_size"],
         seed=settings["seed"],
         rank=rank,
         world_size=world,
+        toy_options=toy_options,
     )
 
 
@@ -242,6 +398,27 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def _trackers(settings: dict[str, Any], out: Path) -> list[Any]:
+    """The ``--log`` callbacks besides metrics.jsonl (which the trainer always writes), with the run config."""
+    from fusedsae import tracking
+
+    callbacks: list[Any] = []
+    try:
+        if "tensorboard" in settings["log"]:
+            callbacks.append(tracking.TensorBoardLogger(out / "tensorboard", config=settings))
+            print(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out})", flush=True)
+        if "wandb" in settings["log"]:
+            logger = tracking.WandbLogger(settings["wandb_project"], name=out.name, dir=out, config=settings)
+            callbacks.append(logger)
+            hint = f"; upload with `wandb sync {logger.dir}`" if logger.mode == "offline" else ""
+            print(f"wandb: {logger.mode} run in {logger.dir}{hint}", flush=True)
+    except ImportError as exc:
+        for callback in callbacks:
+            callback.close()
+        raise UsageError(f"--log: {exc}") from exc
+    return callbacks
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -249,67 +426,77 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_train_args(args)
     out = Path(args.out)
     settings = _run_settings(args)
-    from fusedsae.checkpoint import CheckpointError, RunFolderError, new_run_id
-    from fusedsae.training import TrainingDiverged, read_run_config
+    from fusedsae.checkpoint import new_run_id
 
     if args.resume and (out / RUN_CONFIG).is_file():
-        try:
-            saved = read_run_config(out / RUN_CONFIG)
-        except RunFolderError as exc:
-            raise SystemExit(f"--resume: {exc}") from exc
-        if args.steps is not None:
-            saved["steps"] = args.steps
-        saved["max_bad_steps"] = args.max_bad_steps
-        saved["shard_latents"] = args.shard_latents  # a layout choice: checkpoints hold the whole dictionary
-        settings = {**_run_settings(args), **saved}
+        settings = _resume_settings(args, settings, out)
     if not args.resume:
         settings["run_id"] = new_run_id()
     rank, world, local_rank = _init_distributed()
     shards = settings.get("shard_latents", 1)
     if shards < 1 or world % shards:
-        raise SystemExit(f"--shard-latents {shards} must divide the number of processes ({world})")
+        raise UsageError(f"--shard-latents {shards} must divide the number of processes ({world})")
     # the ranks of a shard group share every batch: the data is split over the replicas only
     data_rank, data_world = rank // shards, world // shards
     finished = False
     try:
+        device = _resolve_device(settings["device"], local_rank)
         source = _build_data(settings, data_rank, data_world)
         steps = settings["steps"] or 1000
         settings.update(steps=steps)
-        device = _resolve_device(settings["device"], local_rank)
+        sparse = settings["activation"] in ("topk", "batchtopk")
+        settings["k"] = (settings["k"] or 6) if sparse else None
         if _is_multi(settings, source):
             from fusedsae import multi
 
             if shards > 1:
-                raise SystemExit("several SAEs from one pass (a sweep or several hooks) do not take --shard-latents")
-
+                raise UsageError(
+                    "several SAEs from one pass (a sweep or several hooks) do not take --shard-latents; drop it, "
+                    "or train one SAE per run"
+                )
+            extra = [name for name in settings["log"] if name != "jsonl"]
+            if extra:
+                raise UsageError(
+                    f"--log {' '.join(extra)}: several SAEs from one pass write metrics.jsonl per SAE only; "
+                    "drop it, or train one SAE per run"
+                )
             finished = multi.train_from_cli(args, settings, source, device, rank, world)
             return 0
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
         settings.update(d_sae=d_sae)
         activation = settings["activation"]
+        k = settings["k"]
+        if k is not None and k > d_sae:
+            raise UsageError(
+                f"--k {k} is more than the SAE's {d_sae} latents (--d-sae); give a smaller --k or a larger --d-sae"
+            )
         trainer = make_trainer(
             settings, source, out, device, data_world, not args.no_progress, args.overwrite, shards=shards
         )
         cfg = trainer.sae.cfg
-        try:
-            resumed = args.resume and trainer.resume()
-            if not resumed:
-                trainer.start_run()  # locks --out; refuses a folder holding another run
-            settings["run_id"] = trainer.run_id
-            if rank == 0:
-                from fusedsae.formats import atomic_write
+        resumed = args.resume and trainer.resume()
+        if not resumed:
+            trainer.start_run()  # locks --out; refuses a folder holding another run
+        settings["run_id"] = trainer.run_id
+        if rank == 0:
+            from fusedsae.formats import atomic_write
 
-                atomic_write(out / RUN_CONFIG, json.dumps(settings, indent=2) + "\n")
-                if resumed:
-                    print(f"resumed {out} at step {trainer.step}/{steps}", flush=True)
-                elif args.resume:
-                    print(f"no checkpoint in {out}; starting a new run", flush=True)
+            # trackers and evaluations start once the run folder is ours: a refused run leaves no W&B run behind
+            try:
+                trainer.callbacks.extend(_trackers(settings, out))
                 add_periodic_evals([trainer], settings, device)
-            metrics = trainer.train()
-        except (TrainingDiverged, CheckpointError, RunFolderError) as exc:
-            raise SystemExit(f"fusedsae train: {exc}") from exc
+            except UsageError:
+                trainer.close()  # the run folder's lock
+                raise
+            atomic_write(out / RUN_CONFIG, json.dumps(settings, indent=2) + "\n")
+            if resumed:
+                print(f"resumed {out} at step {trainer.step}/{steps}", flush=True)
+            elif args.resume:
+                print(f"no checkpoint in {out}; starting a new run", flush=True)
+        metrics = trainer.train()
         finished = True
         W_dec = trainer.full_sae().W_dec  # a latent-sharded run gathers it on every rank
         if rank != 0:
@@ -323,7 +510,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         print(plots.results_table(metrics))
         if not args.no_plots:
-            curves = plots.plot_training_curves(plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png")
+            curves = plots.plot_training_curves(
+                plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png", activation=activation
+            )
             written = [curves]
             truth = getattr(source, "ground_truth", None)
             if truth is not None:
@@ -354,7 +543,9 @@ def add_periodic_evals(trainers: list[Any], settings: dict[str, Any], device: st
     for trainer in trainers:
         info = trainer.data.describe() if hasattr(trainer.data, "describe") else {}
         if not isinstance(info.get("model"), str) or not isinstance(info.get("hook"), dict):
-            raise SystemExit("--eval-every needs data captured from a model: a cache folder or live:<model>:<layer>")
+            raise UsageError(
+                "--eval-every needs data captured from a model: a cache folder or live:<model>:<layer> (or drop it)"
+            )
         if loaded is None:
             model, tokenizer = _load_model(info["model"], device=device, with_head=True)
             max_length = int(info.get("max_length", 128))
@@ -399,18 +590,40 @@ def make_trainer(
     if settings["l0_coefficient"] is not None:
         sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
     activation = settings["activation"]
-    cfg = SAEConfig(
-        d_in=data.d_in,
-        d_sae=settings["d_sae"] or _default_d_sae(settings, data),
-        activation=activation,
-        k=settings["k"] if activation in ("topk", "batchtopk") else None,
-        dtype=settings["dtype"],
-        device=device,
-        n_heads=getattr(data, "n_heads", None),
-        metadata={"dataset_path": settings["data"], **_source_metadata(data)},
-        matryoshka_widths=settings.get("matryoshka_widths"),
-        **sae_kwargs,
-    )
+    decay = settings["lr_decay_steps"]
+    try:
+        cfg = SAEConfig(
+            d_in=data.d_in,
+            d_sae=settings["d_sae"] or _default_d_sae(settings, data),
+            activation=activation,
+            k=settings["k"] if activation in ("topk", "batchtopk") else None,
+            dtype=settings["dtype"],
+            device=device,
+            n_heads=getattr(data, "n_heads", None),
+            metadata={"dataset_path": settings["data"], **_source_metadata(data)},
+            matryoshka_widths=settings.get("matryoshka_widths"),
+            **sae_kwargs,
+        )
+        train_cfg = TrainConfig(
+            steps=steps,
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            lr_warm_up_steps=settings["lr_warm_up_steps"],
+            lr_decay_steps=steps // 5 if decay is None else decay,
+            sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
+            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+            checkpoint_every=settings["checkpoint_every"],
+            log_every=settings["log_every"],
+            run_dir=str(out),
+            seed=settings["seed"],
+            progress=progress,
+            max_bad_steps=settings["max_bad_steps"],
+            run_id=settings.get("run_id"),
+            overwrite=overwrite,
+            shard_latents=shards,
+        )
+    except ValueError as exc:  # the settings' own checks (SAEConfig, TrainConfig) name the value
+        raise UsageError(str(exc)) from exc
     torch.manual_seed(settings["seed"])
     if shards > 1:  # each rank initialises only its slice (the whole SAE may not fit one device)
         from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
@@ -418,44 +631,24 @@ def make_trainer(
         sae = ShardedAutoencoder(cfg, ProcessGrid(shards))
     else:
         sae = SparseAutoencoder(cfg)
-    decay = settings["lr_decay_steps"]
-    train_cfg = TrainConfig(
-        steps=steps,
-        batch_size=settings["batch_size"],
-        lr=settings["lr"],
-        lr_warm_up_steps=settings["lr_warm_up_steps"],
-        lr_decay_steps=steps // 5 if decay is None else decay,
-        sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
-        dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
-        checkpoint_every=settings["checkpoint_every"],
-        log_every=settings["log_every"],
-        run_dir=str(out),
-        seed=settings["seed"],
-        progress=progress,
-        max_bad_steps=settings["max_bad_steps"],
-        run_id=settings.get("run_id"),
-        overwrite=overwrite,
-        shard_latents=shards,
-    )
     try:
         return Trainer(sae, data, train_cfg)
     except ValueError as exc:  # a setting the trainer refuses (e.g. --batch-size too small for AuxK)
-        raise SystemExit(f"fusedsae train: {exc}") from exc
+        raise UsageError(str(exc)) from exc
 
 
 def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
     """``live:<model>:<layer>[,<layer>…]``: z of those attention layers (one forward pass, side by side), captured
     while training from the text of --text/--dataset/--split (default: the pydoc text)."""
     from fusedsae.cache import LiveSource
-    from fusedsae.capture import attention_hooks
     from fusedsae.texts import describe
 
     parts = spec.split(":")
     layers = parts[2].split(",") if len(parts) == 3 else []
     if not layers or not all(layer.isdigit() for layer in layers):
-        raise SystemExit(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3 (or live:minilm:1,3,5)")
+        raise UsageError(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3 (or live:minilm:1,3,5)")
     model, tokenizer = _load_model(parts[1])
-    found = [attention_hooks(model, int(layer)) for layer in layers]
+    found = [_attention_hooks(model, int(layer)) for layer in layers]
     text = {k: settings.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
     layer_info: int | list[int] = [int(x) for x in layers] if len(layers) > 1 else int(layers[0])
     return LiveSource(
@@ -530,16 +723,24 @@ def _select_texts(settings: dict[str, Any]) -> list[str]:
     try:
         return select_texts(**settings)
     except TextSourceError as exc:
-        raise SystemExit(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
 
 
 def _load_model(name: str, device: str = "cpu", with_head: bool = False) -> tuple[Any, Any]:
-    from fusedsae.capture import ModelNotFoundError, load_model
+    """:func:`fusedsae.data.load_model` (a model that cannot be loaded is one :class:`DataError` line);
+    ``with_head=True`` keeps its language-model head, for spliced-in evaluation."""
+    from fusedsae import capture
+    from fusedsae.data import DataError, load_model
 
+    if not with_head:
+        return load_model(name, device=device)
     try:
-        return load_model(name, device=device, with_head=True) if with_head else load_model(name, device=device)
-    except ModelNotFoundError as exc:
-        raise SystemExit(str(exc)) from exc
+        return capture.load_model(name, device=device, with_head=True)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load model {name!r} ({reason}); use 'minilm' (the offline MiniLM-L6) or a local model folder"
+        ) from exc
 
 
 def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> None:
@@ -551,15 +752,16 @@ def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> Non
     )
     model.add_argument(
         "--layer",
-        type=_int_or_list,
+        type=non_negative_int_or_list,
         default=None,
         help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2 "
         "(cache: 1,3,5 captures several layers from one forward pass)",
     )
     _add_text_args(model, text_default or "pydoc")
-    model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
-    model.add_argument("--device", default="cpu", help="device of the model (default cpu)")
-    model.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    model.add_argument("--max-length", type=positive_int, default=128, help="tokens per text at most")
+    model.add_argument("--device", default="cpu", help="device of the model")
+    model.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    _add_common_args(p)
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -568,26 +770,26 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     hook = p.add_argument_group("hook (instead of --layer)")
     hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
     hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
-    hook.add_argument("--n-heads", type=int, default=None, help="heads in the hooked tensor (enables attribution)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after the texts holding this many tokens")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard, at least (default 65536)")
+    hook.add_argument("--n-heads", type=positive_int, help="heads in the hooked tensor (enables attribution)")
+    p.add_argument("--max-tokens", type=positive_int, help="stop after the texts holding this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
+    p.add_argument("--shard-tokens", type=positive_int, default=65536, help="rows per shard, at least")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="delete an existing cache in --out first")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _model_hook(args: argparse.Namespace, model: Any) -> tuple[Any, int | None, dict[str, Any]]:
-    from fusedsae.capture import HookSpec, attention_hooks
+    from fusedsae.capture import HookSpec
 
     if args.hook:
         return HookSpec(args.hook, args.io), args.n_heads, {}
     if args.layer is None:
-        raise SystemExit("give --layer (attention z of that layer) or --hook (any module path)")
+        raise UsageError("give --layer (attention z of that layer) or --hook (any module path)")
     if isinstance(args.layer, list):  # several layers from one forward pass, side by side
-        found = [attention_hooks(model, layer) for layer in args.layer]
+        found = [_attention_hooks(model, layer) for layer in args.layer]
         return [h.z for h in found], found[0].n_heads, {"layer": args.layer}
-    hooks = attention_hooks(model, args.layer)
+    hooks = _attention_hooks(model, args.layer)
     return hooks.z, hooks.n_heads, {"layer": args.layer}
 
 
@@ -599,13 +801,13 @@ def _hooks_text(hook: Any) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedsae.cache import CacheError, write_cache
+    from fusedsae.cache import write_cache
     from fusedsae.capture import texts_up_to
     from fusedsae.texts import describe
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load_model(args.model, device=args.device)
+    model, tokenizer = _load_model(args.model, device=_resolve_device(args.device, 0))
     hook, n_heads, extra = _model_hook(args, model)
     texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens, args.max_length)
     bar = None
@@ -635,8 +837,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    except CacheError as exc:
-        raise SystemExit(str(exc)) from exc
+    except ValueError as exc:  # a cache in the way (CacheError), a --hook the model does not have, its layout
+        raise UsageError(str(exc)) from exc
     finally:
         if bar is not None:
             bar.close()
@@ -657,11 +859,11 @@ def _add_attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="activation cache to scan (default: capture live with --model)")
     _add_model_args(p, None)
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="tokens to scan (default: the whole cache, or 20000 live)"
+        "--max-tokens", type=positive_int, default=None, help="tokens to scan (default: the whole cache, or 20000 live)"
     )
     p.add_argument("--features", default=None, help="comma-separated feature ids (default: the --top most frequent)")
-    p.add_argument("--top", type=int, default=5, help="how many features when --features is not given (default 5)")
-    p.add_argument("--contexts", type=int, default=5, help="top-activating contexts per feature (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="how many features when --features is not given")
+    p.add_argument("--contexts", type=positive_int, default=5, help="top-activating contexts per feature")
     p.add_argument("--convention", default="raw", choices=["raw", "centred"])
     p.add_argument(
         "--no-model",
@@ -669,7 +871,26 @@ def _add_attribute_args(p: argparse.ArgumentParser) -> None:
         help="with --cache: do not run the model (only its tokenizer, for contexts; no per-source breakdown)",
     )
     p.add_argument("--out", default=None, help="folder for attribution.json and PNGs (default: next to the SAE)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+
+
+def _check_width(args: argparse.Namespace, sae: Any, width: int | None, where: str) -> None:
+    """An SAE reads activations of its own width: a mismatch is the user's choice of SAE or data, said first (a
+    later check would blame a symptom, such as the number of heads)."""
+    if width is not None and int(width) != sae.cfg.d_in:
+        raise UsageError(
+            f"{args.sae} takes d_in={sae.cfg.d_in} activations but {where} gives {width}; use an SAE trained on "
+            "this data (or the data it was trained on)"
+        )
+
+
+def _attention_hooks(model: Any, layer: int) -> Any:
+    from fusedsae.capture import attention_hooks
+
+    try:
+        return attention_hooks(model, layer)
+    except ValueError as exc:  # a layer the model does not have, or a model whose attention it cannot find
+        raise UsageError(f"--layer {layer}: {exc}") from exc
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -681,56 +902,55 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if isinstance(args.layer, list):
-        raise SystemExit(f"attribute reads one layer; got --layer {','.join(map(str, args.layer))}")
-    sae = load_sae(args.sae, device=args.device).eval()
+        raise UsageError(f"attribute reads one layer; got --layer {','.join(map(str, args.layer))} (give one)")
+    sae = load_sae(args.sae, device=_resolve_device(args.device, 0)).eval()
     requested = None
     if args.features:  # checked before the scan, which can take minutes
         try:
             requested = [int(f) for f in args.features.split(",")]
         except ValueError as exc:
-            raise SystemExit(f"--features {args.features!r}: expected comma-separated integers") from exc
+            raise UsageError(f"--features {args.features!r}: expected comma-separated integers") from exc
         bad = [f for f in requested if not 0 <= f < sae.cfg.d_sae]
         if bad:
-            raise SystemExit(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
+            raise UsageError(f"--features {bad} out of range: the SAE has d_sae={sae.cfg.d_sae}")
     model = tokenizer = hooks = None
     z_of_row = None
     if args.cache:
-        from fusedsae.cache import ActivationCache, CacheError
+        from fusedsae.cache import ActivationCache
 
-        try:
-            cache = ActivationCache(args.cache)
-        except CacheError as exc:
-            raise SystemExit(str(exc)) from exc
+        cache = ActivationCache(args.cache)
+        _check_width(args, sae, cache.d_in, f"the cache {args.cache}")
         info = cache.source
         model_name = args.model or info.get("model")
         layer = args.layer if args.layer is not None else info.get("layer")
         if "hooks" in info:
-            raise SystemExit(f"{args.cache} holds several hooks side by side; attribute reads a one-hook cache")
+            raise UsageError(f"{args.cache} holds several hooks side by side; attribute reads a one-hook cache")
         n_heads = sae.cfg.n_heads or cache.n_heads
         batches, text_tokens, z_of_row = R.cache_reader(cache, args.max_tokens)
         if model_name is None:
-            raise SystemExit(f"{args.cache} does not say which model wrote it; give --model (its tokenizer is needed)")
-        from fusedsae.capture import attention_hooks, load_model
+            raise UsageError(f"{args.cache} does not say which model wrote it; give --model (its tokenizer is needed)")
+        from fusedsae.data import load_model
 
-        model, tokenizer = load_model(model_name, device=args.device)
+        model, tokenizer = load_model(model_name, device=_resolve_device(args.device, 0))
         if args.no_model or layer is None:
             model = None
         else:
-            hooks = attention_hooks(model, layer)
+            hooks = _attention_hooks(model, layer)
     else:
-        from fusedsae.capture import attention_hooks, load_model
+        from fusedsae.data import load_model
 
         if args.layer is None:
-            raise SystemExit("give --cache, or --layer with --model (default minilm) to capture live")
-        model, tokenizer = load_model(args.model or "minilm", device=args.device)
-        hooks = attention_hooks(model, args.layer)
+            raise UsageError("give --cache, or --layer with --model (default minilm) to capture live")
+        model, tokenizer = load_model(args.model or "minilm", device=_resolve_device(args.device, 0))
+        _check_width(args, sae, getattr(model.config, "hidden_size", None), f"model {args.model or 'minilm'}")
+        hooks = _attention_hooks(model, args.layer)
         n_heads = sae.cfg.n_heads or hooks.n_heads
         from fusedsae.capture import texts_up_to
 
         texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens or 20000, args.max_length)
         batches, text_tokens = R.live_reader(model, tokenizer, hooks, texts, args.max_length)
     if n_heads is None:
-        raise SystemExit(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
+        raise UsageError(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
     if sae.cfg.n_heads is None:
         sae.cfg = sae.cfg.replace(n_heads=n_heads)
     found = R.scan(sae, batches, n_contexts=args.contexts)
@@ -769,9 +989,9 @@ def _add_toy_args(p: argparse.ArgumentParser) -> None:
         + "; ".join(f"{name}: {LAB_HELP[name]}" for name in LAB),
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps per SAE (default 600; the composed lab: 2000)"
+        "--steps", type=positive_int, default=None, help="optimizer steps per SAE (default 600; the composed lab: 2000)"
     )
-    p.add_argument("--seeds", type=int, default=8, help="composed lab: SAEs per cell, batched (default 8)")
+    p.add_argument("--seeds", type=positive_int, default=8, help="composed lab: SAEs per cell, batched (default 8)")
     p.add_argument(
         "--toy",
         choices=["plus", "trained", "retrained"],
@@ -780,11 +1000,12 @@ def _add_toy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--l1-coefficient", type=float, default=0.1, help="composed lab: ReLU + L1 (default 0.1)")
     p.add_argument("--quick", action="store_true", help="composed lab: 2 seeds, 300 steps (a smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, … or auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default="runs/toy-experiments", help="writes <experiment>.json and .png here")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    _add_common_args(p)
 
 
 def _print_case(row: dict[str, Any]) -> None:
@@ -802,8 +1023,6 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.experiment in _lab_names():
@@ -880,15 +1099,16 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model and text")
     model.add_argument("--model", default=None, help="model name or local folder (default: the SAE's metadata)")
     _add_text_args(model, "pydoc", split="heldout")
-    model.add_argument("--max-tokens", type=int, default=20000, help="evaluate on this many tokens (default 20000)")
-    model.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default 128)")
-    model.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
-    model.add_argument("--device", default="cpu", help="device of the model and the SAEs (default cpu)")
-    model.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    model.add_argument("--max-tokens", type=positive_int, default=20000, help="evaluate on this many tokens")
+    model.add_argument("--max-length", type=positive_int, default=128, help="tokens per text at most")
+    model.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
+    model.add_argument("--device", default="cpu", help="device of the model and the SAEs")
+    model.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     hook = p.add_argument_group("hook (default: the one the SAE was trained on, from its metadata)")
     hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
     hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plot")
+    _add_common_args(p)
 
 
 def _eval_name(folder: str, taken: set[str]) -> str:
@@ -902,33 +1122,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from fusedsae import evals as E
     from fusedsae.capture import HookSpec, texts_up_to
-    from fusedsae.formats import SAEFormatError, load_sae
+    from fusedsae.formats import load_sae
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise SystemExit(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    device = _resolve_device(args.device, 0)
     targets, models = [], set()
     for folder in args.sae:
-        try:
-            sae = load_sae(folder, device=args.device).eval()
-        except SAEFormatError as exc:
-            raise SystemExit(str(exc)) from exc
+        sae = load_sae(folder, device=device).eval()  # an SAEFormatError is one line (main)
         recorded = E.recorded_source(sae)
         if args.hook:
             hook = HookSpec(args.hook, args.io)
         elif isinstance(recorded.get("hook"), dict):
             hook = HookSpec.from_dict(recorded["hook"])
         else:
-            raise SystemExit(f"{folder} does not record which tensor it was trained on; give --hook and --io")
+            raise UsageError(f"{folder} does not record which tensor it was trained on; give --hook and --io")
         models.add(args.model or recorded.get("model"))
         targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook))
     if None in models:
-        raise SystemExit("an SAE does not record its model; give --model (a name or a local folder)")
+        raise UsageError("an SAE does not record its model; give --model (a name or a local folder)")
     if len(models) > 1:
-        raise SystemExit(f"the SAEs come from different models ({', '.join(sorted(models))}); evaluate one at a time")
+        raise UsageError(f"the SAEs come from different models ({', '.join(sorted(models))}); evaluate one at a time")
     model_name = models.pop()
-    model, tokenizer = _load_model(model_name, device=args.device, with_head=True)
+    model, tokenizer = _load_model(model_name, device=device, with_head=True)
     text = _text_settings(args)
     texts = texts_up_to(tokenizer, _select_texts(text), args.max_tokens, args.max_length)
     batches = E.text_batches(tokenizer, texts, args.batch_size, args.max_length)
@@ -936,8 +1152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
     try:
         result = E.evaluate(model, batches, targets)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
+    except ValueError as exc:  # an SAE whose width does not match its hook, no tokens to evaluate on
+        raise UsageError(str(exc)) from exc
     result.info.update(model=model_name, **{k: v for k, v in text.items() if v is not None})
     print(
         f"{result.n_tokens:,} tokens of {result.n_texts} texts ({args.text if not args.dataset else args.dataset}, "
@@ -993,21 +1209,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train,
+    "info": cmd_info,
+    "cache": cmd_cache,
+    "attribute": cmd_attribute,
+    "toy": cmd_toy,
+    "eval": cmd_eval,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user's input is wrong (each names what and the fix): one line, not a traceback.
+    ``OSError`` is the file system refusing a path the user gave (a file where --out wants a folder, no permission,
+    a full disk); its message names the path. Imported here, not at the top, so that ``--help`` and ``--version``
+    do not load torch."""
+    from fusedsae.cache import CacheError
+    from fusedsae.checkpoint import CheckpointError, RunFolderError
+    from fusedsae.data import DataError
+    from fusedsae.formats import SAEFormatError
+    from fusedsae.training import TrainingDiverged
+
+    run = (CheckpointError, RunFolderError, TrainingDiverged)
+    return (UsageError, DataError, CacheError, SAEFormatError, *run, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    if args.command == "info":
-        return cmd_info(args)
-    if args.command == "cache":
-        return cmd_cache(args)
-    if args.command == "attribute":
-        return cmd_attribute(args)
-    if args.command == "toy":
-        return cmd_toy(args)
-    if args.command == "eval":
-        return cmd_eval(args)
-    raise AssertionError(args.command)
+    """Runs one command; returns its exit status. A user's mistake raises ``SystemExit`` with one line
+    (``fusedsae <command>: error: …``; exit status 1), a bad option exits 2 with one line; ``--debug`` re-raises
+    the original exception instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = _typed_options(build_parser(), argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        raise SystemExit(f"fusedsae {args.command}: interrupted") from None
+    except Exception as exc:
+        if args.debug or not isinstance(exc, _user_errors()):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise SystemExit(f"fusedsae {args.command}: error: {message}") from None
 
 
 if __name__ == "__main__":

@@ -232,9 +232,7 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
     from pathlib import Path
 
     from fusedsae import plots
-    from fusedsae.checkpoint import CheckpointError, RunFolderError
     from fusedsae.cli import RUN_CONFIG, add_periodic_evals, make_trainer
-    from fusedsae.training import TrainingDiverged
 
     out = Path(settings["out"])
     runs = plan_runs(settings, source)
@@ -262,12 +260,10 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
         start = time.perf_counter()
         step0 = trainers[0].step
         results = driver.train()
-    except BaseException as exc:
+    except BaseException:
         for t in trainers:
             t.close()  # the folders locked before the failure (train() releases its own)
-        if isinstance(exc, (TrainingDiverged, CheckpointError, RunFolderError)):
-            raise SystemExit(f"fusedsae train: {exc}") from exc
-        raise
+        raise  # a run folder, checkpoint or divergence error is one line (fusedsae.cli.main)
     seconds = time.perf_counter() - start
     if rank != 0:
         return True

@@ -30,6 +30,7 @@ from fusedsae import checkpoint as ckpt
 from fusedsae import metrics as M
 from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderError
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+from fusedsae.data import DataError, as_source
 from fusedsae.formats import atomic_write, read_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 from fusedsae.sharding import LATENT_DIM, ProcessGrid, ShardedAutoencoder
@@ -46,11 +47,13 @@ GUARD_TERMS = ("inputs", "mse_loss", "l1_loss", "l0_loss", "auxiliary_reconstruc
 FVU_WARNING = 1e3
 FVU_WARNING_LOGS = 3
 # Train-config fields that may change when a run is resumed: they do not change the weights up to the resumed
-# step (bookkeeping) or follow the run's length (--steps may extend a finished run; its decay follows the new end).
+# step (bookkeeping) or follow the run's length (--steps may extend a finished run; its decay follows the new end;
+# --lr sets the step size from the resumed step on, as issue 10 asks of `--resume --lr`).
 RESUME_MAY_CHANGE = frozenset(
     {
         "shard_latents",  # checkpoints hold the whole dictionary
         "steps",
+        "lr",
         "total_tokens",
         "lr_decay_steps",
         "log_every",
@@ -173,6 +176,15 @@ class Trainer:
     whole SAE; the data source must give the S ranks of a group the same batches (rank = ``grid.replica_rank``,
     world = ``grid.replicas``).
 
+    ``data`` is anything :func:`fusedsae.data.as_source` takes: a data source, a ``[N, d_in]`` tensor, a toy dataset,
+    any iterable of ``[n, d_in]`` tensors (a generator, a ``DataLoader``) or a ``--data`` spec string. Every step
+    takes exactly ``cfg.batch_size`` rows; a source that cannot fill that is a :class:`~fusedsae.data.DataError`.
+
+    ``callbacks``: each is called on rank 0 with every logged metrics dict (the keys and values of a
+    ``metrics.jsonl`` line: ``step``, ``tokens``, ``loss``, ``fvu``, ``l0``, ``dead_fraction``…), as
+    ``callback(metrics)``; one that has a ``close()`` method has it called once when :meth:`train` returns or
+    raises. :mod:`fusedsae.tracking` has callbacks for Weights & Biases and TensorBoard.
+
     The run folder belongs to one run (``run_id``) and is locked while the trainer writes it: a new run refuses a
     folder holding another run (:class:`fusedsae.checkpoint.RunFolderError`; ``cfg.overwrite`` replaces it), and
     a resume refuses checkpoints of another run or of settings that would change the result.
@@ -186,12 +198,8 @@ class Trainer:
         callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
     ) -> None:
         self.sae = sae
-        self.data = data
         self.cfg = cfg or TrainConfig()
         self.callbacks = list(callbacks or [])
-        if int(data.d_in) != sae.cfg.d_in:
-            raise ValueError(f"the data has d_in={data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
-        check_batch_size(sae.cfg, int(getattr(data, "batch_size", self.cfg.batch_size)))
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.grid: ProcessGrid | None = None
@@ -207,6 +215,12 @@ class Trainer:
         # Ranks that see different data: all of them, or the data-parallel replicas of a latent-sharded run.
         self.world_size = self.grid.replicas if self.grid else (dist.get_world_size() if self.distributed else 1)
         self.data_rank = self.grid.replica_rank if self.grid else self.rank
+        self.data = as_source(
+            data, self.cfg.batch_size, seed=self.cfg.seed, rank=self.data_rank, world_size=self.world_size
+        )
+        if int(self.data.d_in) != sae.cfg.d_in:
+            raise DataError(f"the data has d_in={self.data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
+        check_batch_size(sae.cfg, self.cfg.batch_size)
         self.device = sae.device
         params = [p for p in sae.parameters() if p.requires_grad]
         # The fused kernel updates each tensor in one pass: on 2 CPU threads at d_in=768, d_sae=16384 it took
@@ -302,6 +316,16 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------------------
     # the loop
     # -------------------------------------------------------------------------------------------------------------
+
+    def _checked(self, x: Tensor) -> Tensor:
+        """A batch of exactly ``[batch_size, d_in]`` (shapes only: no device sync); a source that cannot fill a
+        batch is an error, not a silently smaller step."""
+        if x.dim() != 2 or x.shape[0] != self.cfg.batch_size or x.shape[1] != self.sae.cfg.d_in:
+            raise DataError(
+                f"the data gave a batch of shape {tuple(x.shape)} at step {self.step}, but training needs "
+                f"[batch_size={self.cfg.batch_size}, d_in={self.sae.cfg.d_in}]"
+            )
+        return x
 
     def _prepare(self, x: Tensor) -> Tensor:
         return x.to(self.device, self.sae.dtype, non_blocking=True)
@@ -607,7 +631,7 @@ class Trainer:
             while self.step < total:
                 if self.window_steps >= cfg.sparsity_window_steps:  # a new window starts with this step
                     self._reset_window()
-                x = self._prepare(self.data.next_batch())
+                x = self._prepare(self._checked(self.data.next_batch()))
                 out = self.train_step(x)
                 session_tokens += x.shape[0] * self.world_size
                 last = self.step == total
@@ -639,6 +663,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._close_callbacks()
             self.close()
         return self.last_metrics
 
@@ -646,6 +671,12 @@ class Trainer:
         """Releases the run folder's lock (``train`` does it when it ends)."""
         if self._lock is not None:
             self._lock.release()
+
+    def _close_callbacks(self) -> None:
+        for callback in self.callbacks:
+            close = getattr(callback, "close", None)
+            if callable(close):
+                close()
 
     def _reset_window(self) -> None:
         self.fire_counts.zero_()

@@ -219,9 +219,9 @@ def to_json(reports: list[FeatureReport]) -> list[dict[str, Any]]:
 def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
     """``feature_<f>_heads.png`` (contexts × heads heatmap of the contributions) and, when per-source terms exist,
     ``feature_<f>_sources.png`` (heads × source tokens of the top context)."""
-    from fusedsae.plots import _pyplot
+    from fusedsae.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -232,7 +232,9 @@ def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
     bound = float(grid.abs().max()) or 1.0
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n_heads, 1.2 + 0.5 * len(report.contexts)))
     image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(n_heads), [f"h{h}" for h in range(n_heads)])
+    ax.set_xticks(range(n_heads), [f"h{h}" for h in range(n_heads)], fontsize=7)
+    ax.set_xlabel("head", fontsize=8)
+    ax.set_ylabel("top contexts (token the feature fires on)", fontsize=8)
     labels = [
         f"{ctx.tokens[ctx.position]} (act {ctx.activation:.2f} = const {ctx.constant:+.2f} + heads)"
         for ctx in report.contexts
@@ -240,34 +242,69 @@ def plot_report(report: FeatureReport, folder: str | Path) -> list[Path]:
     ax.set_yticks(range(len(labels)), labels)
     for i, row in enumerate(grid.tolist()):
         for h, value in enumerate(row):
-            ax.text(h, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+            # white on the dark end of the colour map, black elsewhere
+            color = "w" if abs(value) > 0.6 * bound else "k"
+            ax.text(h, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
     ax.set_title(f"feature {report.feature}: per-head contributions ({report.convention}) at top contexts", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.colorbar(image, ax=ax, fraction=0.03).set_label("contribution to the pre-activation", fontsize=7)
     fig.tight_layout()
     path = save_figure(fig, folder / f"feature_{report.feature}_heads.png")
     plt.close(fig)
     written.append(path)
     top = report.contexts[0]
     if top.sources is not None:
-        src = torch.tensor(top.sources)
-        bound = float(src.abs().max()) or 1.0
-        n_src = src.shape[1]
-        fig, ax = plt.subplots(figsize=(min(24.0, 2.0 + 0.22 * n_src), 1.5 + 0.3 * n_heads))
-        image = ax.imshow(src.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
-        ax.set_yticks(range(n_heads), [f"h{h}" for h in range(n_heads)])
-        ax.set_xticks(range(n_src), top.tokens, rotation=90, fontsize=6)
-        ax.axvline(top.position, color="k", lw=0.6, ls="--")
-        ax.set_title(
-            f"feature {report.feature} at {top.tokens[top.position]!r} (position {top.position}): "
-            "contribution of each head via each source position",
-            fontsize=9,
-        )
-        fig.colorbar(image, ax=ax, fraction=0.03)
-        fig.tight_layout()
-        path = save_figure(fig, folder / f"feature_{report.feature}_sources.png")
-        plt.close(fig)
-        written.append(path)
+        path = folder / f"feature_{report.feature}_sources.png"
+        written.append(plot_sources(top, report.feature, path))
     return written
+
+
+def source_positions(sources: Tensor, position: int, max_positions: int = 24) -> list[int]:
+    """The source positions worth showing for ``sources [n_heads, n_src]``: the query ``position`` and the positions
+    with the largest total |contribution| over heads, at most ``max_positions``, in text order."""
+    weight = sources.abs().sum(0)
+    weight[position] = -1.0  # always shown; the others compete for the remaining places
+    others = weight.argsort(descending=True, stable=True)[: max_positions - 1].tolist()
+    return sorted({*others, position})
+
+
+def plot_sources(ctx: Any, feature: int, path: str | Path, max_positions: int = 24) -> Path:
+    """Heads x source positions heatmap of one context's per-source contributions, limited to the
+    :func:`source_positions` that matter (a 128-token text as 128 columns is unreadable); the title says how much
+    the positions left out add up to."""
+    from fusedsae.plots import pyplot
+
+    plt = pyplot()
+    src = torch.tensor(ctx.sources)
+    n_heads, n_src = src.shape
+    keep = source_positions(src, ctx.position, max_positions)
+    shown = src[:, keep]
+    rest = float(src.abs().sum() - shown.abs().sum())
+    bound = float(shown.abs().max()) or 1.0
+    fig, ax = plt.subplots(figsize=(2.2 + 0.34 * len(keep), 1.6 + 0.26 * n_heads))
+    image = ax.imshow(shown.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_yticks(range(n_heads), [f"h{h}" for h in range(n_heads)], fontsize=7)
+    labels = [f"{ctx.tokens[s]}  @{s}" for s in keep]
+    ax.set_xticks(range(len(keep)), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.get_xticklabels()[keep.index(ctx.position)].set_fontweight("bold")
+    ax.set_xlabel("source token @ position (bold: the token the feature fires on)", fontsize=8)
+    ax.set_ylabel("head", fontsize=8)
+    if len(keep) < n_src:
+        which = (
+            f"the {len(keep)} of {n_src} positions with the largest total |contribution|; the other "
+            f"{n_src - len(keep)} add {rest:.2f} in |contribution|"
+        )
+    else:
+        which = f"all {n_src} source positions"
+    ax.set_title(
+        f"feature {feature} at {ctx.tokens[ctx.position]!r} (position {ctx.position}): contribution of each head "
+        f"via each source\n{which}",
+        fontsize=8,
+    )
+    fig.colorbar(image, ax=ax, fraction=0.03).set_label("contribution to the pre-activation", fontsize=7)
+    fig.tight_layout()
+    path = save_figure(fig, path)
+    plt.close(fig)
+    return path
 
 
 def cache_reader(cache: Any, max_tokens: int | None):
