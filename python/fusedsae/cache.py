@@ -443,7 +443,9 @@ def write_cache(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ActivationCache:
-    """Captures ``hook`` (a :class:`fusedsae.capture.HookSpec`) over ``texts`` into a cache at ``path``.
+    """Captures ``hook`` (a :class:`fusedsae.capture.HookSpec`, or a list of them: several hooks from one forward
+    pass, stored side by side as ``[rows, sum of widths]``; the manifest's source lists ``hooks`` and ``widths``)
+    over ``texts`` into a cache at ``path``.
 
     Resumes an interrupted cache written with the same settings (``source`` describes the capture: model, hook,
     texts; it is part of the settings compared on resume). ``progress(done_texts, n_texts)`` is called after each
@@ -451,12 +453,14 @@ def write_cache(
     """
     from fusedsae.capture import iter_capture
 
-    d_in = _probe_width(model, tokenizer, texts, hook, max_length)
+    hooks = hook_list(hook)
+    widths = _probe_widths(model, tokenizer, texts, hooks, max_length)
+    d_in = sum(widths)
     # Everything that changes the rows: a resume with other texts or batching would mix two different captures
     # (the batch size changes the padding, hence the float rounding of the model's matmuls).
     digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
     info = {
-        "hook": hook.to_dict(),
+        **describe_hooks(hooks, widths),
         "max_length": max_length,
         "batch_size": batch_size,
         "texts_sha256": digest,
@@ -474,23 +478,46 @@ def write_cache(
     )
     if writer.complete:
         return ActivationCache(path)
+    specs = {str(i): h for i, h in enumerate(hooks)}
     for first, end, batch in iter_capture(
-        model, tokenizer, texts, {"acts": hook}, batch_size=batch_size, max_length=max_length, start=writer.next_text
+        model, tokenizer, texts, specs, batch_size=batch_size, max_length=max_length, start=writer.next_text
     ):
         meta = torch.stack([batch.text_index, batch.position, batch.token_ids], dim=1)
-        writer.add(first, end, batch.acts["acts"], meta)
+        writer.add(first, end, side_by_side(batch.acts, len(hooks)), meta)
         if progress is not None:
             progress(end, len(texts))
     return writer.finish()
 
 
-def _probe_width(model: Any, tokenizer: Any, texts: Sequence[str], hook: Any, max_length: int) -> int:
+def hook_list(hook: Any) -> list[Any]:
+    """``[hook]`` for one :class:`fusedsae.capture.HookSpec`, the list itself for several."""
+    hooks = [hook] if hasattr(hook, "to_dict") else list(hook)
+    if not hooks:
+        raise ValueError("no hook to capture")
+    return hooks
+
+
+def describe_hooks(hooks: list[Any], widths: list[int]) -> dict[str, Any]:
+    """The manifest/describe entry of the captured hooks: ``{"hook": spec}`` for one (the original format),
+    ``{"hooks": [spec, ...], "widths": [...]}`` for several side by side."""
+    if len(hooks) == 1:
+        return {"hook": hooks[0].to_dict()}
+    return {"hooks": [h.to_dict() for h in hooks], "widths": list(widths)}
+
+
+def side_by_side(acts: dict[str, Tensor], n: int) -> Tensor:
+    """The captures of hooks ``"0" .. str(n - 1)`` as one ``[rows, sum of widths]`` tensor, in hook order."""
+    return acts["0"] if n == 1 else torch.cat([acts[str(i)] for i in range(n)], dim=1)
+
+
+def _probe_widths(model: Any, tokenizer: Any, texts: Sequence[str], hooks: list[Any], max_length: int) -> list[int]:
     from fusedsae.capture import capture, tokenize
 
     if not texts:
         raise ValueError("no texts to capture")
-    batch = capture(model, tokenize(tokenizer, texts[:1], max_length), {"acts": hook})
-    return int(batch.acts["acts"].shape[1])
+    specs = {str(i): h for i, h in enumerate(hooks)}
+    batch = capture(model, tokenize(tokenizer, texts[:1], max_length), specs)
+    return [int(batch.acts[str(i)].shape[1]) for i in range(len(hooks))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -645,7 +672,8 @@ class CacheSource(_GroupStream):
 
 class LiveSource(_GroupStream):
     """Shuffled batches captured live from a model: each epoch takes the texts in a shuffled order, captures
-    ``buffer_texts`` of them at a time (one shuffle buffer) and permutes their tokens.
+    ``buffer_texts`` of them at a time (one shuffle buffer) and permutes their tokens. ``hook`` may be a list: the
+    hooks are captured in one forward pass and batches hold them side by side (``widths`` says how wide each is).
 
     Deterministic and resumable like :class:`CacheSource` (a resumed run recaptures the current buffer). Every
     rank runs the model on every text of a buffer; for multi-process training write a cache first. ``info`` is
@@ -669,7 +697,6 @@ class LiveSource(_GroupStream):
         world_size: int = 1,
         info: dict[str, Any] | None = None,
     ) -> None:
-        from fusedsae.capture import capture, tokenize
 
         super().__init__(batch_size, shuffle, seed, rank, world_size)
         if not texts:
@@ -677,7 +704,8 @@ class LiveSource(_GroupStream):
         self.model = model
         self.tokenizer = tokenizer
         self.texts = list(texts)
-        self.hook = hook
+        self.hooks = hook_list(hook)
+        self.hook = self.hooks[0] if len(self.hooks) == 1 else None
         self.n_heads = n_heads
         self.max_length = max_length
         self.capture_batch_size = capture_batch_size
@@ -686,7 +714,8 @@ class LiveSource(_GroupStream):
         encoded = tokenizer(self.texts, truncation=True, max_length=max_length)
         self.lengths = [len(ids) for ids in encoded["input_ids"]]
         self.rows = sum(self.lengths)
-        self.d_in = int(capture(model, tokenize(tokenizer, self.texts[:1], max_length), {"a": hook}).acts["a"].shape[1])
+        self.widths = _probe_widths(model, tokenizer, self.texts, self.hooks, max_length)
+        self.d_in = sum(self.widths)
         self._check_rows()
         self._text_orders: dict[int, list[int]] = {}
 
@@ -704,10 +733,11 @@ class LiveSource(_GroupStream):
         from fusedsae.capture import iter_capture
 
         chosen = [self.texts[i] for i in self._texts_of(epoch, group)]
+        specs = {str(i): h for i, h in enumerate(self.hooks)}
         parts = [
-            batch.acts["a"]
+            side_by_side(batch.acts, len(self.hooks))
             for _, _, batch in iter_capture(
-                self.model, self.tokenizer, chosen, {"a": self.hook}, self.capture_batch_size, self.max_length
+                self.model, self.tokenizer, chosen, specs, self.capture_batch_size, self.max_length
             )
         ]
         rows = torch.cat(parts)
@@ -717,4 +747,5 @@ class LiveSource(_GroupStream):
         return rows
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, "hook": self.hook.to_dict(), **self.info}
+        hooks = describe_hooks(self.hooks, self.widths)
+        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, **hooks, **self.info}

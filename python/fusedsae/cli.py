@@ -1,10 +1,12 @@
-"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``, ``toy``.
+"""The ``fusedsae`` command line: ``train``, ``info``, ``cache``, ``attribute``, ``toy``, ``eval``.
 
 ``fusedsae train`` with no arguments trains a TopK SAE on built-in toy-superposition data, prints a results table
 and writes PNG plots to ``runs/toy``. Multi-process: ``torchrun --nproc-per-node N -m fusedsae train …``.
 ``fusedsae cache`` writes transformer activations to an on-disk cache (``train --data <cache dir>`` reads it);
 ``fusedsae attribute`` reports per-head and per-source-position attributions of an attention SAE's features.
 ``fusedsae toy <experiment>`` runs a toy study of which feature bases an SAE recovers (:mod:`fusedsae.experiments`).
+``fusedsae eval`` splices SAEs into their model on held-out text and reports CE/KL or embedding scores
+(:mod:`fusedsae.evals`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ NOT_SETTINGS = ("command", "resume", "overwrite", "no_plots", "no_progress", "th
 SAFE_ON_RESUME = (
     *("steps", "lr", "log_every", "checkpoint_every", "log", "wandb_project", "out", "max_bad_steps"),
     "shard_latents",  # a layout choice: checkpoints hold the whole dictionary
+    *("eval_every", "eval_tokens"),  # what is evaluated and logged alongside, not the SAE
 )
 TOY_OPTIONS = ("d_in", "n_features", "mean_active", "toy_seed")
+# text settings of `train --data live:…` (a run_config.json written before they existed resumes with these)
+_TEXT_DEFAULTS = {"text": "pydoc", "dataset": None, "text_column": "text", "split": "all", "heldout_fraction": 0.1}
 
 
 class UsageError(Exception):
@@ -86,6 +91,31 @@ positive_float = _number(float, 0.0, False, "a number > 0")
 non_negative_float = _number(float, 0.0, True, "a number >= 0")
 
 
+def _int_or_list(one: Callable[[str], int], what: str) -> Callable[[str], int | list[int]]:
+    """A parser of ``"16"`` -> 16 and ``"16,32"`` -> [16, 32] (a sweep: several SAEs from one pass), each value
+    checked by ``one`` (:func:`positive_int`, :func:`non_negative_int`); a bad value is one argparse line."""
+
+    def parse(text: str) -> int | list[int]:
+        parts = text.split(",")
+        if len(parts) == 1:
+            return one(text)  # its own message: "expected a whole number >= 1, got '2.5'"
+        try:
+            return [one(part.strip()) for part in parts]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, each {what}, got {text!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int_or_list = _int_or_list(positive_int, "a whole number >= 1")
+non_negative_int_or_list = _int_or_list(non_negative_int, "a whole number >= 0")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
 def _option(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -125,11 +155,29 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--n-features", type=positive_int, help="toy true features (default: the toy's, 256/20)")
     data.add_argument("--mean-active", type=positive_float, help="toy:sparse mean active features (default: 4)")
     data.add_argument("--toy-seed", type=non_negative_int, help="seed of the toy data's ground truth (default: 0)")
+    _add_text_args(data)
+    data.add_argument(
+        "--eval-every",
+        type=non_negative_int,
+        default=0,
+        help="every N steps, evaluate the SAE spliced into its model on the held-out split (cache or live data; "
+        "writes eval.jsonl; default 0: off)",
+    )
+    data.add_argument("--eval-tokens", type=positive_int, default=10000, help="held-out tokens per evaluation")
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
-    sae.add_argument("--k", type=positive_int, help="active latents per token, topk/batchtopk only (default: 6)")
-    sae.add_argument("--d-sae", type=positive_int, help="latents (default: 2 x the true features, or 8 x d_in)")
+    sae.add_argument(
+        "--k",
+        type=positive_int_or_list,
+        help="active latents per token, topk/batchtopk only (default: 6); 16,32: a sweep (one SAE per value)",
+    )
+    sae.add_argument(
+        "--d-sae",
+        type=positive_int_or_list,
+        help="latents (default: 2 x the true features, or 8 x d_in); 3072,6144: a sweep (one SAE per value, with "
+        "--k's)",
+    )
     sae.add_argument("--l1-coefficient", type=non_negative_float, help="L1 weight, relu only (default: 1)")
     sae.add_argument("--l0-coefficient", type=non_negative_float, help="L0 weight, jumprelu only (default: 1)")
     sae.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
@@ -207,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(command("cache", "capture transformer activations into an on-disk cache"))
     _add_attribute_args(command("attribute", "per-head and per-source attribution of an attention SAE's features"))
     _add_toy_args(command("toy", "toy experiments: which feature bases an SAE can and cannot recover"))
+    _add_eval_args(command("eval", "spliced-in evaluation of SAEs inside their model, on held-out text"))
     return parser
 
 
@@ -272,8 +321,9 @@ def _check_train_args(args: argparse.Namespace) -> None:
     toy = [_option(name) for name in TOY_OPTIONS if name in given]
     if toy and not args.data.startswith("toy:"):
         raise UsageError(f"{', '.join(toy)} shape toy data only; --data {args.data} is not toy data")
-    if args.k is not None and args.d_sae is not None and args.k > args.d_sae:
-        raise UsageError(f"--k {args.k} is more than --d-sae {args.d_sae}: at most d_sae latents can be active")
+    if args.k is not None and args.d_sae is not None and max(_as_list(args.k)) > min(_as_list(args.d_sae)):
+        k, d_sae = max(_as_list(args.k)), min(_as_list(args.d_sae))
+        raise UsageError(f"--k {k} is more than --d-sae {d_sae}: at most d_sae latents can be active")
 
 
 def _resume_settings(args: argparse.Namespace, settings: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -306,6 +356,9 @@ def _shown(value: Any) -> str:
 
 def _build_data(settings: dict[str, Any], rank: int, world: int) -> Any:
     from fusedsae.data import from_spec
+
+    if settings["data"].startswith("live:"):  # the text options and several layers (fusedsae.data's takes pydoc)
+        return _live_source(settings["data"], settings, rank, world)
 
     toy_options = {name: settings[name] for name in ("d_in", "n_features", "mean_active") if settings.get(name)}
     if settings.get("toy_seed") is not None:
@@ -370,9 +423,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from fusedsae import plots
-    from fusedsae.config import SAEConfig
-    from fusedsae.sae import SparseAutoencoder
-    from fusedsae.training import TrainConfig, Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -396,66 +446,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = _resolve_device(settings["device"], local_rank)
         source = _build_data(settings, data_rank, data_world)
         steps = settings["steps"] or 1000
+        settings.update(steps=steps)
+        sparse = settings["activation"] in ("topk", "batchtopk")
+        settings["k"] = (settings["k"] or 6) if sparse else None
+        if _is_multi(settings, source):
+            from fusedsae import multi
+
+            if shards > 1:
+                raise UsageError(
+                    "several SAEs from one pass (a sweep or several hooks) do not take --shard-latents; drop it, "
+                    "or train one SAE per run"
+                )
+            extra = [name for name in settings["log"] if name != "jsonl"]
+            if extra:
+                raise UsageError(
+                    f"--log {' '.join(extra)}: several SAEs from one pass write metrics.jsonl per SAE only; "
+                    "drop it, or train one SAE per run"
+                )
+            finished = multi.train_from_cli(args, settings, source, device, rank, world)
+            return 0
         d_sae = settings["d_sae"] or _default_d_sae(settings, source)
-        settings.update(steps=steps, d_sae=d_sae)
+        settings.update(d_sae=d_sae)
         activation = settings["activation"]
-        sparse = activation in ("topk", "batchtopk")
-        k = (settings["k"] or 6) if sparse else None
+        k = settings["k"]
         if k is not None and k > d_sae:
             raise UsageError(
                 f"--k {k} is more than the SAE's {d_sae} latents (--d-sae); give a smaller --k or a larger --d-sae"
             )
-        settings["k"] = k
-        sae_kwargs: dict[str, Any] = {}
-        if settings["l1_coefficient"] is not None:
-            sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
-        if settings["l0_coefficient"] is not None:
-            sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
-        decay = settings["lr_decay_steps"]
-        try:
-            cfg = SAEConfig(
-                d_in=source.d_in,
-                d_sae=d_sae,
-                activation=activation,
-                k=k,
-                dtype=settings["dtype"],
-                device=device,
-                n_heads=getattr(source, "n_heads", None),
-                metadata={"dataset_path": settings["data"], **_source_metadata(source)},
-                matryoshka_widths=settings.get("matryoshka_widths"),
-                **sae_kwargs,
-            )
-            train_cfg = TrainConfig(
-                steps=steps,
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                lr_warm_up_steps=settings["lr_warm_up_steps"],
-                lr_decay_steps=steps // 5 if decay is None else decay,
-                sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
-                dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * data_world,
-                checkpoint_every=settings["checkpoint_every"],
-                log_every=settings["log_every"],
-                run_dir=str(out),
-                seed=settings["seed"],
-                progress=not args.no_progress,
-                max_bad_steps=settings["max_bad_steps"],
-                run_id=settings.get("run_id"),
-                overwrite=args.overwrite,
-                shard_latents=shards,
-            )
-        except ValueError as exc:  # the settings' own checks (SAEConfig, TrainConfig) name the value
-            raise UsageError(str(exc)) from exc
-        torch.manual_seed(settings["seed"])
-        if shards > 1:  # each rank initialises only its slice (the whole SAE may not fit one device)
-            from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
-
-            sae = ShardedAutoencoder(cfg, ProcessGrid(shards))
-        else:
-            sae = SparseAutoencoder(cfg)
-        try:
-            trainer = Trainer(sae, source, train_cfg)
-        except ValueError as exc:  # a setting the trainer refuses (e.g. --batch-size too small for AuxK)
-            raise UsageError(str(exc)) from exc
+        trainer = make_trainer(
+            settings, source, out, device, data_world, not args.no_progress, args.overwrite, shards=shards
+        )
+        cfg = trainer.sae.cfg
         resumed = args.resume and trainer.resume()
         if not resumed:
             trainer.start_run()  # locks --out; refuses a folder holding another run
@@ -463,9 +484,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank == 0:
             from fusedsae.formats import atomic_write
 
-            # trackers start once the run folder is ours: a refused run leaves no W&B run behind
+            # trackers and evaluations start once the run folder is ours: a refused run leaves no W&B run behind
             try:
                 trainer.callbacks.extend(_trackers(settings, out))
+                add_periodic_evals([trainer], settings, device)
             except UsageError:
                 trainer.close()  # the run folder's lock
                 raise
@@ -507,6 +529,142 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def add_periodic_evals(trainers: list[Any], settings: dict[str, Any], device: str) -> None:
+    """--eval-every: a :class:`fusedsae.evals.PeriodicEval` callback on each trainer, all sharing one model and one
+    set of held-out batches (the held-out split of the text the data was captured from)."""
+    every = settings.get("eval_every") or 0
+    if not every:
+        return
+    from fusedsae import evals as E
+    from fusedsae.capture import HookSpec, texts_up_to
+    from fusedsae.texts import heldout_settings
+
+    loaded: tuple[Any, list[dict]] | None = None
+    for trainer in trainers:
+        info = trainer.data.describe() if hasattr(trainer.data, "describe") else {}
+        if not isinstance(info.get("model"), str) or not isinstance(info.get("hook"), dict):
+            raise UsageError(
+                "--eval-every needs data captured from a model: a cache folder or live:<model>:<layer> (or drop it)"
+            )
+        if loaded is None:
+            model, tokenizer = _load_model(info["model"], device=device, with_head=True)
+            max_length = int(info.get("max_length", 128))
+            texts = texts_up_to(tokenizer, _select_texts(heldout_settings(info)), settings["eval_tokens"], max_length)
+            batches = E.text_batches(tokenizer, texts, 16, max_length)
+            if E.model_head(model) == "masked":
+                batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
+            loaded = (model, batches)
+        hook = HookSpec.from_dict(info["hook"])
+        trainer.callbacks.append(E.PeriodicEval(trainer, loaded[0], loaded[1], hook, every))
+
+
+def _is_multi(settings: dict[str, Any], source: Any) -> bool:
+    """Several SAEs from one pass: a sweep (--d-sae/--k lists) or a batch of several hooks side by side."""
+    info = source.describe() if hasattr(source, "describe") else {}
+    return isinstance(settings["d_sae"], list) or isinstance(settings["k"], list) or "hooks" in info
+
+
+def make_trainer(
+    settings: dict[str, Any],
+    data: Any,
+    out: Path,
+    device: str,
+    world: int,
+    progress: bool,
+    overwrite: bool,
+    shards: int = 1,
+) -> Any:
+    """The SAE and Trainer of one run of ``fusedsae train`` (``settings`` with a single d_sae, None for the default,
+    and k) reading ``data`` (the data source, or its :class:`fusedsae.multi.SharedView` in a multi-SAE run);
+    ``world`` counts the data-parallel replicas, ``shards`` the ranks that share the latents."""
+    import torch
+
+    from fusedsae.config import SAEConfig
+    from fusedsae.sae import SparseAutoencoder
+    from fusedsae.training import TrainConfig, Trainer
+
+    steps = settings["steps"]
+    sae_kwargs: dict[str, Any] = {}
+    if settings["l1_coefficient"] is not None:
+        sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
+    if settings["l0_coefficient"] is not None:
+        sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
+    activation = settings["activation"]
+    decay = settings["lr_decay_steps"]
+    try:
+        cfg = SAEConfig(
+            d_in=data.d_in,
+            d_sae=settings["d_sae"] or _default_d_sae(settings, data),
+            activation=activation,
+            k=settings["k"] if activation in ("topk", "batchtopk") else None,
+            dtype=settings["dtype"],
+            device=device,
+            n_heads=getattr(data, "n_heads", None),
+            metadata={"dataset_path": settings["data"], **_source_metadata(data)},
+            matryoshka_widths=settings.get("matryoshka_widths"),
+            **sae_kwargs,
+        )
+        train_cfg = TrainConfig(
+            steps=steps,
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            lr_warm_up_steps=settings["lr_warm_up_steps"],
+            lr_decay_steps=steps // 5 if decay is None else decay,
+            sparsity_warm_up_steps=settings["sparsity_warm_up_steps"],
+            dead_tokens=settings["dead_tokens"] or 50 * settings["batch_size"] * world,
+            checkpoint_every=settings["checkpoint_every"],
+            log_every=settings["log_every"],
+            run_dir=str(out),
+            seed=settings["seed"],
+            progress=progress,
+            max_bad_steps=settings["max_bad_steps"],
+            run_id=settings.get("run_id"),
+            overwrite=overwrite,
+            shard_latents=shards,
+        )
+    except ValueError as exc:  # the settings' own checks (SAEConfig, TrainConfig) name the value
+        raise UsageError(str(exc)) from exc
+    torch.manual_seed(settings["seed"])
+    if shards > 1:  # each rank initialises only its slice (the whole SAE may not fit one device)
+        from fusedsae.sharding import ProcessGrid, ShardedAutoencoder
+
+        sae = ShardedAutoencoder(cfg, ProcessGrid(shards))
+    else:
+        sae = SparseAutoencoder(cfg)
+    try:
+        return Trainer(sae, data, train_cfg)
+    except ValueError as exc:  # a setting the trainer refuses (e.g. --batch-size too small for AuxK)
+        raise UsageError(str(exc)) from exc
+
+
+def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
+    """``live:<model>:<layer>[,<layer>…]``: z of those attention layers (one forward pass, side by side), captured
+    while training from the text of --text/--dataset/--split (default: the pydoc text)."""
+    from fusedsae.cache import LiveSource
+    from fusedsae.texts import describe
+
+    parts = spec.split(":")
+    layers = parts[2].split(",") if len(parts) == 3 else []
+    if not layers or not all(layer.isdigit() for layer in layers):
+        raise UsageError(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3 (or live:minilm:1,3,5)")
+    model, tokenizer = _load_model(parts[1])
+    found = [_attention_hooks(model, int(layer)) for layer in layers]
+    text = {k: settings.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
+    layer_info: int | list[int] = [int(x) for x in layers] if len(layers) > 1 else int(layers[0])
+    return LiveSource(
+        model,
+        tokenizer,
+        _select_texts(text),
+        [h.z for h in found] if len(found) > 1 else found[0].z,
+        settings["batch_size"],
+        n_heads=found[0].n_heads,
+        seed=settings["seed"],
+        rank=rank,
+        world_size=world,
+        info={"model": parts[1], "layer": layer_info, **describe(**text)},
+    )
+
+
 def _source_metadata(source: Any) -> dict[str, Any]:
     """SAELens metadata keys (model_name, hook_name) of a cached data source, for the SAE's cfg.json."""
     info = source.describe() if hasattr(source, "describe") else {}
@@ -515,12 +673,74 @@ def _source_metadata(source: Any) -> dict[str, Any]:
         out["model_name"] = info["model"]
     if isinstance(info.get("hook"), dict):
         out["hook_name"] = info["hook"]["module"]
+        out["hook_spec"] = info["hook"]  # module, input/output, layout: what `fusedsae eval` splices
+    for key in ("text", "dataset", "text_column", "split", "heldout_fraction", "max_length"):
+        if key in info:
+            out[key] = info[key]
     return out
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # cache
 # -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_text_args(group: Any, default: str = "pydoc", split: str = "all") -> None:
+    """--text/--dataset/--text-column/--split/--heldout-fraction (fusedsae.texts)."""
+    group.add_argument(
+        "--text",
+        default=default,
+        help="pydoc (language reference topics), stdlib (docstrings), all, or your own text: a file (one document per "
+        "line; .jsonl: a 'text' field per line), a folder or a glob (one document per file) (default %(default)s)",
+    )
+    group.add_argument(
+        "--dataset", default=None, help="a Hugging Face dataset saved with save_to_disk (needs datasets)"
+    )
+    group.add_argument("--text-column", default="text", help="the --dataset column holding the text (default text)")
+    group.add_argument(
+        "--split",
+        default=split,
+        choices=["all", "train", "heldout"],
+        help="documents to use: all, the training split or the held-out split (by a hash of each document; "
+        "default %(default)s)",
+    )
+    group.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+
+
+def _text_settings(args: Any) -> dict[str, Any]:
+    return {
+        "text": args.text,
+        "dataset": args.dataset,
+        "text_column": args.text_column,
+        "split": args.split,
+        "heldout_fraction": args.heldout_fraction,
+    }
+
+
+def _select_texts(settings: dict[str, Any]) -> list[str]:
+    from fusedsae.texts import TextSourceError, select_texts
+
+    try:
+        return select_texts(**settings)
+    except TextSourceError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _load_model(name: str, device: str = "cpu", with_head: bool = False) -> tuple[Any, Any]:
+    """:func:`fusedsae.data.load_model` (a model that cannot be loaded is one :class:`DataError` line);
+    ``with_head=True`` keeps its language-model head, for spliced-in evaluation."""
+    from fusedsae import capture
+    from fusedsae.data import DataError, load_model
+
+    if not with_head:
+        return load_model(name, device=device)
+    try:
+        return capture.load_model(name, device=device, with_head=True)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load model {name!r} ({reason}); use 'minilm' (the offline MiniLM-L6) or a local model folder"
+        ) from exc
 
 
 def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> None:
@@ -532,16 +752,12 @@ def _add_model_args(p: argparse.ArgumentParser, text_default: str | None) -> Non
     )
     model.add_argument(
         "--layer",
-        type=non_negative_int,
+        type=non_negative_int_or_list,
         default=None,
-        help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2",
+        help="attention layer whose z (input of the output projection) to use, for BERT-like models and GPT-2 "
+        "(cache: 1,3,5 captures several layers from one forward pass)",
     )
-    model.add_argument(
-        "--text",
-        default=text_default or "pydoc",
-        choices=["pydoc", "stdlib", "all"],
-        help="offline text: pydoc (language reference topics), stdlib (docstrings) or all",
-    )
+    _add_text_args(model, text_default or "pydoc")
     model.add_argument("--max-length", type=positive_int, default=128, help="tokens per text at most")
     model.add_argument("--device", default="cpu", help="device of the model")
     model.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
@@ -570,22 +786,30 @@ def _model_hook(args: argparse.Namespace, model: Any) -> tuple[Any, int | None, 
         return HookSpec(args.hook, args.io), args.n_heads, {}
     if args.layer is None:
         raise UsageError("give --layer (attention z of that layer) or --hook (any module path)")
+    if isinstance(args.layer, list):  # several layers from one forward pass, side by side
+        found = [_attention_hooks(model, layer) for layer in args.layer]
+        return [h.z for h in found], found[0].n_heads, {"layer": args.layer}
     hooks = _attention_hooks(model, args.layer)
     return hooks.z, hooks.n_heads, {"layer": args.layer}
+
+
+def _hooks_text(hook: Any) -> str:
+    hooks = hook if isinstance(hook, list) else [hook]
+    return ("hook " if len(hooks) == 1 else "hooks ") + ", ".join(f"{h.module} ({h.io})" for h in hooks)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from fusedsae.cache import write_cache
-    from fusedsae.capture import offline_texts, texts_up_to
-    from fusedsae.data import load_model
+    from fusedsae.capture import texts_up_to
+    from fusedsae.texts import describe
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=_resolve_device(args.device, 0))
+    model, tokenizer = _load_model(args.model, device=_resolve_device(args.device, 0))
     hook, n_heads, extra = _model_hook(args, model)
-    texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens, args.max_length)
+    texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens, args.max_length)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -605,7 +829,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             texts,
             hook,
             n_heads=n_heads,
-            source={"model": args.model, "text": args.text, **extra},
+            source={"model": args.model, **describe(**_text_settings(args)), **extra},
             batch_size=args.batch_size,
             max_length=args.max_length,
             shard_tokens=args.shard_tokens,
@@ -620,7 +844,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             bar.close()
     print(
         f"cache {cache.path}: {cache.rows:,} tokens x d_in={cache.d_in} ({cache.dtype}) in {cache.n_shards} shard(s) "
-        f"from {len(texts)} texts; hook {hook.module} ({hook.io})" + (f", {n_heads} heads" if n_heads else "")
+        f"from {len(texts)} texts; {_hooks_text(hook)}" + (f", {n_heads} heads" if n_heads else "")
     )
     return 0
 
@@ -677,6 +901,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if isinstance(args.layer, list):
+        raise UsageError(f"attribute reads one layer; got --layer {','.join(map(str, args.layer))} (give one)")
     sae = load_sae(args.sae, device=_resolve_device(args.device, 0)).eval()
     requested = None
     if args.features:  # checked before the scan, which can take minutes
@@ -697,6 +923,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         info = cache.source
         model_name = args.model or info.get("model")
         layer = args.layer if args.layer is not None else info.get("layer")
+        if "hooks" in info:
+            raise UsageError(f"{args.cache} holds several hooks side by side; attribute reads a one-hook cache")
         n_heads = sae.cfg.n_heads or cache.n_heads
         batches, text_tokens, z_of_row = R.cache_reader(cache, args.max_tokens)
         if model_name is None:
@@ -717,9 +945,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         _check_width(args, sae, getattr(model.config, "hidden_size", None), f"model {args.model or 'minilm'}")
         hooks = _attention_hooks(model, args.layer)
         n_heads = sae.cfg.n_heads or hooks.n_heads
-        from fusedsae.capture import offline_texts, texts_up_to
+        from fusedsae.capture import texts_up_to
 
-        texts = texts_up_to(tokenizer, offline_texts(args.text), args.max_tokens or 20000, args.max_length)
+        texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens or 20000, args.max_length)
         batches, text_tokens = R.live_reader(model, tokenizer, hooks, texts, args.max_length)
     if n_heads is None:
         raise UsageError(f"{args.sae} has no n_heads and the data does not say it; attribution needs head-major z")
@@ -861,6 +1089,88 @@ def _cmd_toy_lab(args: argparse.Namespace, out: Path) -> int:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# eval
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", action="append", required=True, help="SAE folder; repeat for several (one model)")
+    p.add_argument("--json", required=True, help="write the metrics here (a plot goes next to it, .png)")
+    model = p.add_argument_group("model and text")
+    model.add_argument("--model", default=None, help="model name or local folder (default: the SAE's metadata)")
+    _add_text_args(model, "pydoc", split="heldout")
+    model.add_argument("--max-tokens", type=positive_int, default=20000, help="evaluate on this many tokens")
+    model.add_argument("--max-length", type=positive_int, default=128, help="tokens per text at most")
+    model.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass")
+    model.add_argument("--device", default="cpu", help="device of the model and the SAEs")
+    model.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    hook = p.add_argument_group("hook (default: the one the SAE was trained on, from its metadata)")
+    hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
+    hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plot")
+    _add_common_args(p)
+
+
+def _eval_name(folder: str, taken: set[str]) -> str:
+    path = Path(folder).resolve()
+    name = path.parent.name if path.name == "sae" else path.name
+    return name if name not in taken else str(folder)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedsae import evals as E
+    from fusedsae.capture import HookSpec, texts_up_to
+    from fusedsae.formats import load_sae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device, 0)
+    targets, models = [], set()
+    for folder in args.sae:
+        sae = load_sae(folder, device=device).eval()  # an SAEFormatError is one line (main)
+        recorded = E.recorded_source(sae)
+        if args.hook:
+            hook = HookSpec(args.hook, args.io)
+        elif isinstance(recorded.get("hook"), dict):
+            hook = HookSpec.from_dict(recorded["hook"])
+        else:
+            raise UsageError(f"{folder} does not record which tensor it was trained on; give --hook and --io")
+        models.add(args.model or recorded.get("model"))
+        targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook))
+    if None in models:
+        raise UsageError("an SAE does not record its model; give --model (a name or a local folder)")
+    if len(models) > 1:
+        raise UsageError(f"the SAEs come from different models ({', '.join(sorted(models))}); evaluate one at a time")
+    model_name = models.pop()
+    model, tokenizer = _load_model(model_name, device=device, with_head=True)
+    text = _text_settings(args)
+    texts = texts_up_to(tokenizer, _select_texts(text), args.max_tokens, args.max_length)
+    batches = E.text_batches(tokenizer, texts, args.batch_size, args.max_length)
+    if E.model_head(model) == "masked":
+        batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
+    try:
+        result = E.evaluate(model, batches, targets)
+    except ValueError as exc:  # an SAE whose width does not match its hook, no tokens to evaluate on
+        raise UsageError(str(exc)) from exc
+    result.info.update(model=model_name, **{k: v for k, v in text.items() if v is not None})
+    print(
+        f"{result.n_tokens:,} tokens of {result.n_texts} texts ({args.text if not args.dataset else args.dataset}, "
+        f"split {args.split}); model {model_name} ({result.head if result.head != 'none' else 'no'} LM head)"
+    )
+    print(result.table())
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written = [out]
+    if not args.no_plots:
+        written.append(E.plot(result, out.with_suffix(".png")))
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # info
 # -----------------------------------------------------------------------------------------------------------------
 
@@ -905,6 +1215,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cache": cmd_cache,
     "attribute": cmd_attribute,
     "toy": cmd_toy,
+    "eval": cmd_eval,
 }
 
 
