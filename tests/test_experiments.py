@@ -278,8 +278,9 @@ def test_toy_lab_command_writes_tables_and_figures(tmp_path, capsys):
     assert record["experiment"] == "hierarchy" and {r["k"] for r in record["summary"]} >= {1, 6}
     assert (tmp_path / "hierarchy_summary.csv").read_text().startswith("objective,k,l1_coefficient,n,")
     assert (tmp_path / "hierarchy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="seeds"):
+    with pytest.raises(SystemExit) as info:  # argparse's one-line error (exit 2)
         main(["toy", "onehot", "--seeds", "0", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "--seeds: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_batched_activations_and_the_unit_decoder_option():

@@ -334,7 +334,8 @@ def test_cli_trains_sharded_and_resumes_on_one_process(tmp_path):
     sharded = fusedsae.load(out / "sae")
     assert sharded.cfg.d_sae == 512
     env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    more = [sys.executable, *args[:4], "12", *args[5:], "--resume", "--out", str(out)]
+    # the layout is not a saved setting: resuming on another one names it (here: one process, no sharding)
+    more = [sys.executable, *args[:4], "12", *args[5:], "--resume", "--shard-latents", "1", "--out", str(out)]
     result = subprocess.run(more, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed" in result.stdout and "step 8/12" in result.stdout

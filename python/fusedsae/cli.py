@@ -438,7 +438,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank, world, local_rank = _init_distributed()
     shards = settings.get("shard_latents", 1)
     if shards < 1 or world % shards:
-        raise UsageError(f"--shard-latents {shards} must divide the number of processes ({world})")
+        saved = " (the run was saved with it; pass --shard-latents to resume on another layout)" if args.resume else ""
+        raise UsageError(f"--shard-latents {shards} must divide the number of processes ({world}){saved}")
     # the ranks of a shard group share every batch: the data is split over the replicas only
     data_rank, data_world = rank // shards, world // shards
     finished = False
