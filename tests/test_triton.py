@@ -749,6 +749,11 @@ def test_kernels_compile_for_hopper():
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton has no bundled ptxas for NVIDIA targets")
+    if not triton.__version__.startswith("3.6."):
+        # compile_for_gpu.py compiles each launch by intercepting JITFunction.run, which triton 3.9 no longer calls
+        # (every kernel reads "never launched"); the offline compile targets the GPU machines' triton 3.6, and the
+        # main suite (scripts/bootstrap.sh pins 3.6) runs it. Porting the hook to newer triton is an open item.
+        pytest.skip(f"the offline compile driver hooks triton 3.6's launcher; this is triton {triton.__version__}")
     script = Path(__file__).resolve().parent / "compile_for_gpu.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
