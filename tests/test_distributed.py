@@ -1,8 +1,8 @@
 """Data parallelism over torch.distributed (gloo, two processes on this machine): two ranks on batches of B train
 the same weights as one process on the concatenated 2B batch; `torchrun -m fusedsae train` works.
 
-The equivalence holds for losses that are plain means over tokens; AuxK is normalised by each rank's own residual
-variance (as each GPU sees only its batch), so the comparison turns it off."""
+AuxK is on (latents die after 128 tokens): the ranks normalise it by the global batch's residual variance
+(fusedsae.metrics.batch_variance), so the equivalence holds for it too."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ RANK_SCRIPT = textwrap.dedent(
     dist.init_process_group("gloo")
     data = fusedsae.toy.SparseFeatureData(d_in=16, n_features=32, mean_active=3.0)
     torch.manual_seed(0)
-    sae = fusedsae.SparseAutoencoder(d_in=16, d_sae=48, activation="topk", k=3, dtype="float64", aux_k=0)
+    sae = fusedsae.SparseAutoencoder(d_in=16, d_sae=48, activation="topk", k=3, dtype="float64", aux_k=8)
     source = fusedsae.ToySource(data, {BATCH}, rank=dist.get_rank(), world_size=dist.get_world_size())
     cfg = fusedsae.TrainConfig(steps={STEPS}, batch_size={BATCH}, lr=3e-3, b_dec_init="mean", dead_tokens=128,
                                progress=False, log_every=4)
@@ -71,7 +71,7 @@ def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
 
     data = toy.SparseFeatureData(d_in=16, n_features=32, mean_active=3.0)
     torch.manual_seed(0)
-    sae = SparseAutoencoder(d_in=16, d_sae=48, activation="topk", k=3, dtype="float64", aux_k=0)
+    sae = SparseAutoencoder(d_in=16, d_sae=48, activation="topk", k=3, dtype="float64", aux_k=8)
     # b_dec from the mean of rank 0's first batch (what the ranks broadcast), not of the concatenated one
     sae.init_b_dec(data.sample(0, BATCH), "mean")
     cfg = TrainConfig(steps=STEPS, batch_size=2 * BATCH, lr=3e-3, b_dec_init="keep", dead_tokens=128, progress=False)

@@ -19,6 +19,8 @@ batch sizes at which it would be meaningless (:func:`fusedsae.training.check_bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,17 @@ def divide_by_variance(value: Tensor, variance: Tensor) -> Tensor:
     """``value / variance`` where ``variance > 0``, NaN where it is 0 (the small-batch rule above); no host sync."""
     safe = variance.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(variance > 0, value / safe, torch.full_like(safe, float("nan")))
+
+
+def batch_variance(x: Tensor, sum_over: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``mean_t ‖x_t − mean(x)‖²`` over the batch ``x [N, d]`` (scalar). With ``sum_over`` (sums a tensor over the
+    ranks that hold the other parts of a data-parallel batch, in place or not, returning it) it is the global
+    batch's, in two passes as one device computes it: AuxK's normaliser, so that N ranks train as one process."""
+    if sum_over is None:
+        return (x - x.mean(0)).pow(2).sum(-1).mean()
+    total = sum_over(torch.cat([x.sum(0), x.new_tensor([float(x.shape[0])])]))
+    mean = total[:-1] / total[-1]
+    return sum_over((x - mean).pow(2).sum().reshape(1))[0] / total[-1]
 
 
 def fvu_moments(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
+from fusedsae import metrics as M
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig, dtype_name
 
 
@@ -278,6 +280,7 @@ class SparseAutoencoder(nn.Module):
         *,
         dead_capacity: int | None = None,
         defer_checks: bool = False,
+        batch_sum: Callable[[Tensor], Tensor] | None = None,
     ) -> TrainingOutput:
         """Forward pass with the training loss.
 
@@ -290,6 +293,8 @@ class SparseAutoencoder(nn.Module):
                 columns instead of all ``d_sae``. A bound that is too small leaves dead latents out of AuxK.
             defer_checks: count NaN/Inf inputs on the device (``out.nonfinite``) instead of raising, so that the
                 step issues no host synchronisation; the caller reads the count when it syncs anyway.
+            batch_sum: under data parallelism, sums a tensor over the ranks' parts of the batch, so that AuxK is
+                normalised by the global batch's residual variance (:func:`fusedsae.metrics.batch_variance`).
 
         Loss = MSE (summed over d_in, mean over tokens) + one of: ``l1_coefficient`` × L1 of the activations
         weighted by decoder-row norms (ReLU); ``l0_coefficient`` × L0 through the STE (JumpReLU);
@@ -340,7 +345,7 @@ class SparseAutoencoder(nn.Module):
                     min(cfg.aux_k, cfg.d_sae),
                     dead_capacity,
                 )
-                variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+                variance = M.batch_variance(residual, batch_sum)
                 scale = (n_dead / cfg.aux_k).clamp(max=1.0)
                 # small-batch rule (fusedsae.metrics): no residual variance (one token) -> no AuxK term, not the
                 # error over a 1e-12 clamp (loss 6e10 at batch size 1)

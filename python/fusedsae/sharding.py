@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fusedsae import functional as F
+from fusedsae import metrics as M
 from fusedsae import reference
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
@@ -389,7 +390,7 @@ class ShardedAutoencoder(SparseAutoencoder):
                 )
                 aux_out = _reduce_from_shards(aux_partial, grid)
                 residual = (x2 - sae_out).detach()
-                variance = self._global_variance(residual)
+                variance = M.batch_variance(residual, self.grid.sum_over_replicas if self.grid.replicas > 1 else None)
                 scale = (n_dead.to(residual.dtype) / cfg.aux_k).clamp(max=1.0)
                 error = (aux_out - residual).pow(2).sum(-1).mean()
                 # the small-batch rule of SparseAutoencoder.training_forward: no residual variance, no AuxK term
@@ -424,15 +425,6 @@ class ShardedAutoencoder(SparseAutoencoder):
         return ShardedTrainingOutput(
             loss, losses, x2, sae_out, values, indices, dense, n_dead, extras, nonfinite=nonfinite, grid=grid
         )
-
-    def _global_variance(self, residual: Tensor) -> Tensor:
-        """``mean_t ‖r_t − mean(r)‖²`` over the global batch (all replicas), two-pass as on one device."""
-        grid = self.grid
-        n = residual.new_tensor([float(residual.shape[0])])
-        total = grid.sum_over_replicas(torch.cat([residual.sum(0), n]))
-        mean = total[:-1] / total[-1]
-        spread = grid.sum_over_replicas((residual - mean).pow(2).sum().reshape(1))
-        return spread / total[-1]
 
     def _batch_active(self, pre: Tensor, k: int) -> Tensor:
         """BatchTopK's active set of this slice: the global ``k·N`` largest positive entries of the batch, ties by

@@ -538,6 +538,8 @@ class Trainer:
             coefficient_scale=self.coefficient_scale(self.step),
             dead_capacity=capacity,
             defer_checks=True,
+            # data parallel: AuxK normalised by the global batch's residual variance (the sharded SAE does its own)
+            **({"batch_sum": _sum_over_ranks} if self.distributed and self.grid is None else {}),
         )
         if out.nonfinite is not None:
             self.nonfinite_inputs += out.nonfinite
@@ -1039,6 +1041,12 @@ def check_trainer_state(contents: dict[str, Any], folder: Path) -> dict[str, Any
         if name not in counters:
             raise CheckpointError(f"{folder}/counters.safetensors lacks {name!r}; the checkpoint was damaged")
     return state
+
+
+def _sum_over_ranks(t: Tensor) -> Tensor:
+    """Sums ``t`` over all ranks, in place; returns it."""
+    dist.all_reduce(t)
+    return t
 
 
 def setting_differences(
