@@ -1075,7 +1075,8 @@ def check_batch_size(cfg: SAEConfig, batch_size: int) -> None:
     """Refuses batch sizes at which a loss term is meaningless, with the reason.
 
     AuxK normalises its error by the variance of the batch's residuals (Gao et al.), which one token does not have:
-    TopK/BatchTopK with ``aux_k > 0`` need at least 2 tokens per step on each rank (the normaliser is per rank).
+    TopK/BatchTopK with ``aux_k > 0`` need at least 2 tokens per step on each rank (checked per rank, so that a rank's
+    own settings decide it, although under data parallelism the normaliser is the global batch's).
     The other terms are means over tokens, defined for any batch of at least one token; normalised *metrics* of a
     batch without variance are NaN (:mod:`fusedsae.metrics`).
     """
