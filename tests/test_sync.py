@@ -15,68 +15,19 @@ import fusedsae
 from conftest import requires_cuda
 from fusedsae import backends, reference
 from fusedsae.data import TensorSource
+from fusedsae.diagnostics import HostSyncCounter
 from fusedsae.functional import auxk_reconstruction
-
-# Ops whose CUDA implementation copies a value to the host (or sizes its output by the data, hence does):
-# item()/bool()/int() all end in _local_scalar_dense.
-_ALWAYS_SYNC = {
-    "_local_scalar_dense",
-    "nonzero",
-    "bincount",
-    "_unique",
-    "_unique2",
-    "unique_dim",
-    "unique_consecutive",
-    "masked_select",
-    "equal",
-    "is_nonzero",
-    "item",
-}
-_BOOL_INDEXED = {"index", "index_put", "index_put_", "_index_put_impl_"}
-
-
-def _is_bool_index(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts (by op name) the ops that synchronise on CUDA: the always-syncing ones above, boolean-mask
-    indexing (``t[mask]``, ``t[mask] = v``: a nonzero inside), and ``repeat_interleave`` without ``output_size``.
-
-    The registered fusedsae ops are run through their body (``backends.call``) with this mode active, so the
-    kernels' launchers are inspected too (a mode is switched off while it handles an op)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if func.namespace == "fusedsae":
-            with self:
-                return backends.call(name, *args, *kwargs.values())
-        syncs = name in _ALWAYS_SYNC
-        if name in _BOOL_INDEXED:
-            syncs = any(_is_bool_index(t) for t in (args[1] if len(args) > 1 else ()))
-        if name == "repeat_interleave":
-            syncs = kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None)
-        if syncs:
-            self.calls[str(func)] += 1
-        return func(*args, **kwargs)
 
 
 def test_counter_sees_what_syncs():
     x = torch.randn(8)
-    with SyncCounter() as counter:
+    with HostSyncCounter() as counter:
         float(x.sum())
         x[x > 0] = 0
         torch.bincount(torch.tensor([1, 2]))
         torch.topk(x, 3)
         x[torch.tensor([1, 2])] = 1.0
-    assert counter.calls == Counter(
-        {"aten._local_scalar_dense.default": 1, "aten.index_put_.default": 1, "aten.bincount.default": 1}
-    )
+    assert counter.by_op == Counter({"aten._local_scalar_dense": 1, "aten.index_put_": 1, "aten.bincount": 1})
 
 
 def _trainer(activation: str, aux_k: int, k: int = 3) -> fusedsae.Trainer:
@@ -105,10 +56,10 @@ def test_topk_trainer_step_issues_no_host_sync(monkeypatch, backend):
         trainer.train_step(trainer.data.next_batch())  # the first step sets b_dec and the dead bound: host reads
         assert bool(trainer.dead_mask().any())
         x = trainer.data.next_batch()
-        with SyncCounter() as counter:
+        with HostSyncCounter() as counter:
             out = trainer.train_step(x)
     assert "auxiliary_reconstruction_loss" in out.losses and float(out.n_dead) > 0
-    assert dict(counter.calls) == {}
+    assert dict(counter.by_op) == {}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -123,9 +74,9 @@ def test_batchtopk_trainer_step_reads_the_host_once(monkeypatch, backend):
     with backends.use(backend):
         trainer.train_step(trainer.data.next_batch())
         x = trainer.data.next_batch()
-        with SyncCounter() as counter:
+        with HostSyncCounter() as counter:
             trainer.train_step(x)
-    assert sum(counter.calls.values()) == 1, counter.calls  # int(tensor): aten.item
+    assert sum(counter.by_op.values()) == 1, counter.by_op  # int(tensor): aten.item
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -138,10 +89,10 @@ def test_auxk_paths_issue_no_host_sync(monkeypatch, backend, capacity):
     sae = fusedsae.SparseAutoencoder(d_in=d_in, d_sae=d_sae, activation="topk", k=2, aux_k=2)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[[3, 40, 41]] = True
-    with backends.use(backend), SyncCounter() as counter:
+    with backends.use(backend), HostSyncCounter() as counter:
         out = sae.training_forward(torch.randn(n, d_in), dead_mask=dead, dead_capacity=capacity, defer_checks=True)
         out.loss.backward()
-    assert dict(counter.calls) == {}
+    assert dict(counter.by_op) == {}
 
 
 def test_nonfinite_inputs_are_counted_on_the_device_and_raised_at_the_log_step(monkeypatch):
@@ -152,9 +103,9 @@ def test_nonfinite_inputs_are_counted_on_the_device_and_raised_at_the_log_step(m
     x = trainer.data.next_batch().clone()
     x[3, 5] = float("nan")
     x[4, 1] = float("inf")
-    with SyncCounter() as counter:
+    with HostSyncCounter() as counter:
         out = trainer.train_step(x)
-    assert dict(counter.calls) == {} and int(out.nonfinite) == 2
+    assert dict(counter.by_op) == {} and int(out.nonfinite) == 2
     with pytest.raises(ValueError, match=r"held 2 non-finite value\(s\) .* up to step 2"):
         trainer.check_inputs_finite()
     trainer.check_inputs_finite()  # counted once
