@@ -42,19 +42,21 @@ RANK_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
     shards, activation, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    widths = [int(w) for w in sys.argv[4].split(",")] + [{D_SAE}] if len(sys.argv) > 4 else None  # Matryoshka
     grid = ProcessGrid(shards)
 
     # 1. selections equal the single-device ones exactly, on integer-valued inputs full of ties
     torch.manual_seed(1)
-    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation=activation, k=4, dtype="float64", aux_k=6)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation=activation, k=4, dtype="float64", aux_k=6,
+                                     matryoshka_widths=widths)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randint(-2, 3, sae.W_enc.shape).double())
         sae.b_enc.zero_(); sae.b_dec.zero_()
     x = torch.randint(-2, 3, (30, {D_IN})).double()
     dead = torch.arange({D_SAE}) % 3 == 0
-    whole = sae.training_forward(x, dead_mask=dead if activation == "topk" else None)
+    whole = sae.training_forward(x, dead_mask=dead)  # AuxK on, for TopK and BatchTopK
     part = ShardedAutoencoder.from_full(sae, grid)
-    mine = part.training_forward(x, dead_mask=part.slice_tensor("b_enc", dead) if activation == "topk" else None)
+    mine = part.training_forward(x, dead_mask=part.slice_tensor("b_enc", dead))
     got = torch.zeros(30, {D_SAE}, dtype=torch.float64)
     acts = mine.feature_acts
     got[:, part.start:part.stop] = acts
@@ -62,12 +64,15 @@ RANK_SCRIPT = textwrap.dedent(
     assert torch.equal(got != 0, whole.feature_acts != 0), "selection differs"
     torch.testing.assert_close(got, whole.feature_acts, rtol=0, atol=0)
     torch.testing.assert_close(mine.loss, whole.loss)
+    assert set(mine.losses) == set(whole.losses) and "auxiliary_reconstruction_loss" in mine.losses
+    for name, term in whole.losses.items():
+        torch.testing.assert_close(mine.losses[name], term, msg=name)
 
     # 2. training: each replica its own share of the data, the shard ranks of a replica the same batches
     data = fusedsae.toy.SparseFeatureData(d_in={D_IN}, n_features=30, mean_active=3.0)
     torch.manual_seed(0)
     sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation=activation, k=3, dtype="float64",
-                                     aux_k=6 if activation == "topk" else 0)
+                                     aux_k=6, matryoshka_widths=widths)
     source = fusedsae.ToySource(data, {BATCH}, rank=grid.replica_rank, world_size=grid.replicas)
     cfg = fusedsae.TrainConfig(steps={STEPS}, batch_size={BATCH}, lr=3e-3, b_dec_init="mean", dead_tokens=48,
                                progress=False, log_every=2, shard_latents=shards)
@@ -111,6 +116,38 @@ RESUME_SCRIPT = textwrap.dedent(
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+    """
+)
+
+
+# The sharded save path against the gathered one: every rank writes its slice of the files (sae/ and the
+# checkpoints); then the gathered state is written the single-process way, for the test to compare byte for byte.
+SAVE_SCRIPT = textwrap.dedent(
+    f"""
+    import sys, torch, torch.distributed as dist, fusedsae
+    from pathlib import Path
+    from fusedsae import checkpoint as ckpt
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    shards, activation, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    replicas = dist.get_world_size() // shards
+    data = fusedsae.toy.SparseFeatureData(d_in={D_IN}, n_features=30, mean_active=3.0)
+    torch.manual_seed(0)
+    sae = fusedsae.SparseAutoencoder(d_in={D_IN}, d_sae={D_SAE}, activation=activation, k=3, aux_k=6,
+                                     normalize_activations="expected_average_only_in")
+    source = fusedsae.ToySource(data, {BATCH}, rank=dist.get_rank() // shards, world_size=replicas)
+    cfg = fusedsae.TrainConfig(steps=6, batch_size={BATCH}, lr=3e-3, dead_tokens=48, progress=False,
+                               checkpoint_every=3, run_dir=str(out / "run"), shard_latents=shards)
+    trainer = fusedsae.Trainer(sae, source, cfg)
+    trainer.train()
+    contents = trainer.state_contents()  # first: building the whole SAE below draws from the RNG it holds
+    whole = trainer.inference_sae()
+    density = trainer.grid.gather_slices(trainer.feature_density(), 0, {D_SAE})
+    if dist.get_rank() == 0:
+        whole.save(out / "gathered", sparsity=torch.log10(density + 1e-10).float())
+        ckpt.write_checkpoint(out / "gathered-run", trainer.step, contents, run_id=trainer.run_id)
+    dist.barrier()
+    dist.destroy_process_group()
     """
 )
 
@@ -160,11 +197,11 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
-def single_process(activation: str, replicas: int):
+def single_process(activation: str, replicas: int, widths: list[int] | None = None):
     data = fusedsae.toy.SparseFeatureData(d_in=D_IN, n_features=30, mean_active=3.0)
     torch.manual_seed(0)
     sae = fusedsae.SparseAutoencoder(
-        d_in=D_IN, d_sae=D_SAE, activation=activation, k=3, dtype="float64", aux_k=6 if activation == "topk" else 0
+        d_in=D_IN, d_sae=D_SAE, activation=activation, k=3, dtype="float64", aux_k=6, matryoshka_widths=widths
     )
     sae.init_b_dec(data.sample(0, BATCH), "mean")  # what replica 0 computes and broadcasts
     cfg = fusedsae.TrainConfig(
@@ -182,24 +219,41 @@ def single_process(activation: str, replicas: int):
 
 
 @pytest.mark.parametrize(
-    ("nproc", "shards", "activation"),
-    [(2, 2, "topk"), (4, 4, "batchtopk"), (4, 2, "topk")],
-    ids=["2-shards-topk", "4-shards-batchtopk", "2x2-grid-topk"],
+    ("nproc", "shards", "activation", "widths"),
+    [
+        (2, 2, "topk", None),
+        (4, 4, "batchtopk", None),
+        (4, 2, "topk", None),
+        (3, 3, "topk", [5, 13, 20]),
+        (2, 2, "batchtopk", [5, 13, 27]),
+    ],
+    # Matryoshka: slices [0,13) [13,27) [27,41) and [0,20) [20,41); widths end inside a slice, on its boundary
+    # (13 with 3 shards, 20 with 2) and below whole slices
+    ids=["2-shards-topk", "4-shards-batchtopk", "2x2-grid-topk", "3-shards-matryoshka-topk", "2-shards-matryoshka-btk"],
 )
-def test_sharded_training_matches_one_process(tmp_path, nproc, shards, activation):
+def test_sharded_training_matches_one_process(tmp_path, nproc, shards, activation, widths):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     out = tmp_path / "sharded.safetensors"
-    result = torchrun(nproc, str(script), str(shards), activation, str(out))
+    extra = [",".join(map(str, widths))] if widths else []
+    result = torchrun(nproc, str(script), str(shards), activation, str(out), *extra)
     assert result.returncode == 0, result.stderr[-4000:]
     sharded = load_file(str(out))
     sharded_logs = json.loads(Path(str(out) + ".json").read_text())
-    sae, logs = single_process(activation, nproc // shards)
+    sae, logs = single_process(activation, nproc // shards, widths and [*widths, D_SAE])
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(sharded[name], tensor, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
     assert [m["step"] for m in sharded_logs] == [m["step"] for m in logs]
     for a, b in zip(sharded_logs, logs):
-        for key in ("loss", "mse_loss", "l0", "fvu", "dead_fraction", "mmcs"):
+        for key in (
+            "loss",
+            "mse_loss",
+            "l0",
+            "fvu",
+            "dead_fraction",
+            "mmcs",
+            *(f"inner_mse_loss_{w}" for w in widths or []),
+        ):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
     assert not torch.equal(
         sharded["W_dec"], fusedsae.SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, activation="relu").W_dec.double()
@@ -235,7 +289,7 @@ def test_one_shard_is_the_plain_sae(activation):
         sae.b_enc.normal_(0, 0.1)
     part = ShardedAutoencoder.from_full(sae, ProcessGrid(1))
     x = torch.randn(50, 16, dtype=torch.float64)
-    dead = (torch.rand(40) < 0.5) if activation == "topk" else None
+    dead = (torch.rand(40) < 0.5) if sparse else None
     a = sae.training_forward(x, dead_mask=dead)
     b = part.training_forward(x, dead_mask=dead)
     a.loss.backward()
@@ -340,3 +394,59 @@ def test_cli_trains_sharded_and_resumes_on_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed" in result.stdout and "step 8/12" in result.stdout
     assert not torch.equal(fusedsae.load(out / "sae").W_dec, sharded.W_dec)
+
+
+@pytest.mark.parametrize(
+    ("nproc", "shards", "activation"), [(2, 2, "topk"), (4, 2, "batchtopk")], ids=["2-shards-topk", "2x2-batchtopk"]
+)
+def test_sliced_saves_are_the_gathered_files_byte_for_byte(tmp_path, nproc, shards, activation):
+    """Each rank writes its slice of sae/ and of the checkpoints; the files equal the gathered ones byte for byte
+    (W_enc's column slices interleave in the file; BatchTopK adds the threshold; the input scale is folded in)."""
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_SCRIPT)
+    result = torchrun(nproc, str(script), str(shards), activation, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = tmp_path / "run"
+    for name in ("sae_weights.safetensors", "sparsity.safetensors", "cfg.json"):
+        written, gathered = (run / "sae" / name).read_bytes(), (tmp_path / "gathered" / name).read_bytes()
+        assert written == gathered, name
+    weights = load_file(str(run / "sae" / "sae_weights.safetensors"))
+    assert weights["W_enc"].shape == (D_IN, D_SAE) and ("threshold" in weights) == (activation == "batchtopk")
+    assert fusedsae.load(run / "sae").cfg.d_sae == D_SAE
+    step = fusedsae.checkpoint.checkpoint_root(run) / "step-000000006"
+    manifest = fusedsae.checkpoint.verify_checkpoint(step)
+    gathered = fusedsae.checkpoint.checkpoint_root(tmp_path / "gathered-run") / "step-000000006"
+    for name in manifest["files"]:
+        assert (step / name).read_bytes() == (gathered / name).read_bytes(), name
+    leftovers = [
+        p.name for p in (*run.iterdir(), *step.parent.iterdir()) if p.name.startswith(".step") or ".tmp-" in p.name
+    ]
+    assert leftovers == []
+
+
+def test_sliced_save_of_one_shard_is_the_plain_save_and_atomic(tmp_path, monkeypatch):
+    """A world of one through the sliced writer gives the plain folder; a failure mid-write leaves the previous
+    folder whole and no temporary folder behind."""
+    torch.manual_seed(0)
+    sae = fusedsae.SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, activation="jumprelu")
+    with torch.no_grad():
+        sae.threshold.uniform_(0, 1)
+    part = ShardedAutoencoder.from_full(sae, ProcessGrid(1))
+    sparsity = torch.randn(D_SAE)
+    sae.save(tmp_path / "plain", sparsity=sparsity)
+    part.save(tmp_path / "sliced", sparsity=sparsity)
+    for name in ("sae_weights.safetensors", "sparsity.safetensors", "cfg.json"):
+        assert (tmp_path / "sliced" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    before = (tmp_path / "sliced" / "sae_weights.safetensors").read_bytes()
+
+    def fail_midway(path, tensors, first):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fusedsae.sharding, "write_sliced_safetensors", fail_midway)
+    with torch.no_grad():
+        part.W_dec.mul_(2)
+    with pytest.raises(OSError, match="disk full"):
+        part.save(tmp_path / "sliced")
+    assert (tmp_path / "sliced" / "sae_weights.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "sliced"]

@@ -86,12 +86,8 @@ def write_checkpoint(
     """Writes ``contents`` (``name.safetensors -> {key: Tensor}``, ``name.json -> JSON data``) as the checkpoint of
     ``step`` of run ``run_id``, atomically, then deletes this run's checkpoints older than the newest ``keep``
     (see :func:`prune_checkpoints`)."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:09d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = begin_checkpoint(run_dir, step)
     try:
-        manifest: dict[str, Any] = {"format": FORMAT_VERSION, "step": step, "run_id": run_id, "files": {}}
         for name, content in contents.items():
             path = tmp / name
             if name.endswith(".safetensors"):
@@ -100,13 +96,35 @@ def write_checkpoint(
                 write_json(path, content)
             else:
                 raise ValueError(f"checkpoint file {name!r} must end in .safetensors or .json")
-            manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        write_json(tmp / MANIFEST, manifest)
-        replace_dir(tmp, final)
+        return seal_checkpoint(run_dir, step, tmp, list(contents), keep, run_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """A new hidden temporary folder in which to write the checkpoint of ``step`` (:func:`seal_checkpoint` then
+    makes it the checkpoint; a crash before that leaves a folder :func:`remove_partial` deletes)."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".step-{step:09d}.tmp-", dir=root))
+
+
+def seal_checkpoint(
+    run_dir: str | Path, step: int, tmp: Path, names: list[str], keep: int = 2, run_id: str | None = None
+) -> Path:
+    """Makes the complete folder ``tmp`` (holding the files ``names``, written by :func:`write_checkpoint` or by
+    the ranks of a latent-sharded run) the checkpoint of ``step``: writes its manifest (each file's size and
+    SHA-256, read back in blocks), renames it into place and prunes older checkpoints (see
+    :func:`write_checkpoint`). The caller removes ``tmp`` if this raises."""
+    final = checkpoint_root(run_dir) / f"step-{step:09d}"
+    manifest: dict[str, Any] = {"format": FORMAT_VERSION, "step": step, "run_id": run_id, "files": {}}
+    for name in names:
+        path = tmp / name
+        manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    write_json(tmp / MANIFEST, manifest)
+    replace_dir(tmp, final)
     prune_checkpoints(run_dir, run_id, keep, step)
     return final
 

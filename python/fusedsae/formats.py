@@ -175,16 +175,21 @@ def sae_lens_config(sae: Any) -> dict[str, Any]:
     return out
 
 
+def sae_tensors(sae: Any) -> dict[str, Tensor]:
+    """The tensors of ``sae_weights.safetensors`` by name (``fusedsae.sharding`` writes the same from slices)."""
+    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.cfg.activation in ("jumprelu", "batchtopk"):
+        tensors["threshold"] = sae.threshold
+    return tensors
+
+
 def save_sae(sae: Any, path: str | os.PathLike[str], sparsity: Tensor | None = None) -> Path:
     """Writes ``sae`` as a SAELens 6.x folder at ``path`` (atomically; see :func:`replace_dir`)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-        if sae.cfg.activation in ("jumprelu", "batchtopk"):
-            tensors["threshold"] = sae.threshold
-        write_safetensors(tmp / WEIGHTS_FILE, tensors)
+        write_safetensors(tmp / WEIGHTS_FILE, sae_tensors(sae))
         if sparsity is not None:
             write_safetensors(tmp / SPARSITY_FILE, {"sparsity": sparsity.float()})
         write_json(tmp / CFG_FILE, sae_lens_config(sae))

@@ -357,22 +357,45 @@ class SparseAutoencoder(nn.Module):
                 losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux
             if cfg.activation == "batchtopk" and self.training:
                 self._update_threshold(values)
-        elif cfg.activation == "relu":
-            dense = F.relu_encode(x2, self.W_enc, self.b_enc, b_dec_in)
-            sae_out = F.decode(dense, self.W_dec, self.b_dec)
-            mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l1 = (dense * self.W_dec.norm(dim=1)).sum(-1).mean()
-            losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
-        else:  # jumprelu
-            pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
-            dense = F.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
-            sae_out = F.decode(dense, self.W_dec, self.b_dec)
-            mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l0 = F.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
-            losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
+        else:  # relu, jumprelu
+            dense, sae_out, mse, penalty = self.dense_training_terms(x2, b_dec_in, coefficient_scale)
+            losses.update(penalty)
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
         return TrainingOutput(loss, losses, x2, sae_out, values, indices, dense, n_dead, extras, nonfinite)
+
+    def dense_training_terms(
+        self,
+        x2: Tensor,
+        b_dec_in: Tensor | None,
+        coefficient_scale: float = 1.0,
+        shard_sum: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """The ReLU / JumpReLU part of :meth:`training_forward` (the latent-sharded SAE uses it too).
+
+        ``x2 [N, d_in]`` (flattened), ``b_dec_in`` (``b_dec`` when applied to the input, else None) ->
+        ``(dense_acts [N, d_sae], sae_out [N, d_in], mse, {name: penalty})``, the penalty ``l1_loss`` (ReLU: L1
+        weighted by decoder-row norms) or ``l0_loss`` (JumpReLU: L0 through the STE), times its coefficient and
+        ``coefficient_scale``. ``shard_sum``: under latent sharding (this SAE holds a slice of the latents), sums
+        a partial over the slices: the decoder's output before ``b_dec``, and the penalty.
+        """
+        cfg = self.cfg
+        if cfg.activation == "relu":
+            dense = F.relu_encode(x2, self.W_enc, self.b_enc, b_dec_in)
+            name, coefficient = "l1_loss", cfg.l1_coefficient
+            penalty = (dense * self.W_dec.norm(dim=1)).sum(-1).mean()
+        else:
+            pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
+            dense = F.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
+            name, coefficient = "l0_loss", cfg.l0_coefficient
+            penalty = F.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+        if shard_sum is None:
+            sae_out = F.decode(dense, self.W_dec, self.b_dec)
+        else:
+            sae_out = shard_sum(F.decode(dense, self.W_dec)) + self.b_dec
+            penalty = shard_sum(penalty)
+        mse = (sae_out - x2).pow(2).sum(-1).mean()
+        return dense, sae_out, mse, {name: coefficient_scale * coefficient * penalty}
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:

@@ -25,7 +25,13 @@ Ranks ``[r·S, (r+1)·S)`` form replica r's shard group; ranks ``s, s+S, s+2S, �
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +42,17 @@ from fusedsae import functional as F
 from fusedsae import metrics as M
 from fusedsae import reference
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
+from fusedsae.formats import (
+    CFG_FILE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    replace_dir,
+    sae_lens_config,
+    sae_tensors,
+    write_json,
+)
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
+from fusedsae.sharded_files import SlicedTensor, write_sliced_safetensors
 
 __all__ = [
     "INIT_BLOCK",
@@ -150,6 +166,32 @@ class ProcessGrid:
         self.bytes_received += (self.shards - 1) * t.numel() * t.element_size()
         return out
 
+    def barrier_shards(self) -> None:
+        """Waits for every rank of this shard group."""
+        if self.shards > 1:
+            dist.barrier(group=self.shard_group)
+
+    def share_from_first_shard(self, action: Callable[[], str]) -> str:
+        """Runs ``action`` on this shard group's first rank (slice 0) and returns its result on every rank of the
+        group. If it raises there, every rank of the group raises (none is left waiting at a later collective)."""
+        result: str | None = None
+        error: BaseException | None = None
+        if self.shard_rank == 0:
+            try:
+                result = action()
+            except Exception as exc:  # handed to the other ranks, then raised here too
+                error = exc
+        if self.shards > 1:
+            box: list[Any] = [result, None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=self.replica_rank * self.shards, group=self.shard_group)
+            if error is None and box[1] is not None:
+                raise RuntimeError(f"rank {self.replica_rank * self.shards} (latent slice 0) failed: {box[1]}")
+            result = box[0]
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
     def gather_slices(self, t: Tensor, dim: int, d_sae: int) -> Tensor:
         """The whole tensor from each slice's part along ``dim`` (slices may differ in size by one)."""
         if self.shards == 1:
@@ -227,6 +269,15 @@ def _select_local(grid: ProcessGrid, values: Tensor, global_indices: Tensor, k: 
     return keep, winners
 
 
+@dataclass(frozen=True)
+class _WholeSAE:
+    """What :func:`fusedsae.formats.sae_lens_config` reads of an SAE (``cfg``, ``device``), for the whole
+    dictionary that no rank holds."""
+
+    cfg: SAEConfig
+    device: torch.device
+
+
 @dataclass
 class ShardedTrainingOutput(TrainingOutput):
     """:class:`TrainingOutput` of one slice. ``values``/``indices``/``dense_acts`` are this rank's (local latent
@@ -256,13 +307,12 @@ class ShardedAutoencoder(SparseAutoencoder):
         # The slice's config: k may exceed the slice's width (each rank contributes min(k, width) candidates).
         local_k = None if full_cfg.k is None else min(full_cfg.k, stop - start)
         local_aux = min(full_cfg.aux_k, stop - start) if full_cfg.aux_k else full_cfg.aux_k
-        if full_cfg.matryoshka_widths:
-            raise ValueError("Matryoshka SAEs cannot be latent-sharded yet; train them with --shard-latents 1")
         # set before the base class's __init__, which calls reset_parameters
         self.full_cfg = full_cfg
         self.grid = grid
         self.start, self.stop = start, stop
-        super().__init__(full_cfg.replace(d_sae=stop - start, k=local_k, aux_k=local_aux))
+        # Matryoshka widths are the dictionary's (they cut across slices): the slice's own config has none
+        super().__init__(full_cfg.replace(d_sae=stop - start, k=local_k, aux_k=local_aux, matryoshka_widths=None))
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -306,6 +356,15 @@ class ShardedAutoencoder(SparseAutoencoder):
         dim = LATENT_DIM.get(name.rsplit(".", 1)[-1])
         return t if dim is None else self.grid.gather_slices(t, dim, self.full_cfg.d_sae)
 
+    def sliced(self, name: str, t: Tensor) -> SlicedTensor:
+        """This slice's part ``t`` of the whole-dictionary tensor ``name`` (a parameter, buffer or their optimizer
+        state), placed for :func:`fusedsae.sharded_files.write_sliced_safetensors`; replicated and 0-dim tensors
+        (``b_dec``, Adam's step) are whole."""
+        dim = LATENT_DIM.get(name.rsplit(".", 1)[-1])
+        if dim is None or t.dim() == 0:
+            return SlicedTensor(t)
+        return SlicedTensor(t, dim, self.start, self.full_cfg.d_sae)
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole SAE's parameters and buffers (every shard rank must call it: it gathers)."""
         return {name: self.gather_tensor(name, t.detach()) for name, t in self.state_dict().items()}
@@ -316,6 +375,48 @@ class ShardedAutoencoder(SparseAutoencoder):
         sae = SparseAutoencoder(self.full_cfg).to(self.device)
         sae.load_state_dict(state)
         return sae
+
+    def save(self, path: str | os.PathLike[str], sparsity: Tensor | None = None) -> Path:
+        """Writes the *whole* SAE's SAELens folder without gathering it: byte for byte what :meth:`full_sae` then
+        :meth:`SparseAutoencoder.save` write, but each rank of the shard group writes its slice's bytes straight
+        into ``sae_weights.safetensors`` (and ``sparsity.safetensors``), so no rank holds more than its slice
+        (:mod:`fusedsae.sharded_files`). A collective: every rank of one shard group calls it (one group per
+        ``path``; under data parallelism, one replica's). ``path`` must be on a filesystem all of them see.
+
+        Args:
+            path: the folder to write.
+            sparsity: ``[d_local]`` this slice's log10 firing frequencies, or None.
+
+        Atomic as the unsharded save: the files are written into a temporary folder that slice 0's rank renames
+        onto ``path`` once every rank has written (and fsynced) its part; a crash leaves the old folder or the new
+        one, and at worst a ``.<name>.tmp-*`` folder that the next run removes.
+        """
+        final = Path(path)
+
+        def make_folder() -> str:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+
+        grid, first = self.grid, self.grid.shard_rank == 0
+        tmp = Path(grid.share_from_first_shard(make_folder))
+        try:
+            with torch.no_grad():
+                tensors = {name: self.sliced(name, t) for name, t in sae_tensors(self).items()}
+                write_sliced_safetensors(tmp / WEIGHTS_FILE, tensors, first)
+                if sparsity is not None:
+                    part = self.sliced("b_enc", sparsity.float())  # laid out as b_enc: one entry per latent
+                    write_sliced_safetensors(tmp / SPARSITY_FILE, {"sparsity": part}, first)
+            if first:
+                write_json(tmp / CFG_FILE, sae_lens_config(_WholeSAE(self.full_cfg, self.device)))
+            grid.barrier_shards()  # every part is in, and fsynced
+            if first:
+                replace_dir(tmp, final)
+            grid.barrier_shards()  # the folder exists for every rank that returns
+        except BaseException:
+            if first:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -373,58 +474,103 @@ class ShardedAutoencoder(SparseAutoencoder):
             code = F.topk_encode(x2, self.W_enc, self.b_enc, b_dec_in, k=self.cfg.k)
             keep, _ = _select_local(grid, code.values, code.indices + self.start, cfg.k)
             values, indices = code.values * keep, code.indices
-            partial = F.sparse_decode(values, indices, self.W_dec, None, check_indices=False)
-            sae_out = _reduce_from_shards(partial, grid) + self.b_dec
+            if cfg.matryoshka_widths:
+                sae_out = self._matryoshka_levels(x2, losses, values=values, indices=indices)
+            else:
+                partial = F.sparse_decode(values, indices, self.W_dec, None, check_indices=False)
+                sae_out = _reduce_from_shards(partial, grid) + self.b_dec
             mse = (sae_out - x2).pow(2).sum(-1).mean()
             if dead_mask is not None and cfg.aux_k:
-                n_dead = grid.sum_over_shards(dead_mask.sum().reshape(1))  # stays on the device
-                # AuxK among the dead latents: the live ones get a bias of -inf (never chosen over a dead one, ReLU
-                # 0, no gradient); the local candidates are merged as for TopK. Entries at 0 may tie: they add 0.
-                bias = torch.where(dead_mask, self.b_enc, torch.full_like(self.b_enc, float("-inf")))
-                aux_code = F.topk_encode(x2, self.W_enc, bias, b_dec_in, k=self.cfg.aux_k)
-                aux_keep, _ = _select_local(
-                    grid, aux_code.values, aux_code.indices + self.start, min(cfg.aux_k, cfg.d_sae)
-                )
-                aux_partial = F.sparse_decode(
-                    aux_code.values * aux_keep, aux_code.indices, self.W_dec, None, check_indices=False
-                )
-                aux_out = _reduce_from_shards(aux_partial, grid)
-                residual = (x2 - sae_out).detach()
-                variance = M.batch_variance(residual, self.grid.sum_over_replicas if self.grid.replicas > 1 else None)
-                scale = (n_dead.to(residual.dtype) / cfg.aux_k).clamp(max=1.0)
-                error = (aux_out - residual).pow(2).sum(-1).mean()
-                # the small-batch rule of SparseAutoencoder.training_forward: no residual variance, no AuxK term
-                live = (variance > 0) & (n_dead > 0)  # exactly 0 when nothing is dead (as the base class)
-                aux = torch.where(live, scale * error / variance.clamp_min(1e-12), torch.zeros_like(error))
-                losses["auxiliary_reconstruction_loss"] = cfg.aux_loss_coefficient * aux.squeeze(0)
+                n_dead, losses["auxiliary_reconstruction_loss"] = self._auxk_loss(x2, b_dec_in, sae_out, dead_mask)
         elif cfg.activation == "batchtopk":
-            if dead_mask is not None and cfg.aux_k:
-                raise ValueError("AuxK is not supported with latent-sharded BatchTopK yet; set aux_k=0")
             pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
             dense = torch.relu(pre) * self._batch_active(pre.detach(), cfg.k or 0)
-            sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
+            if cfg.matryoshka_widths:
+                sae_out = self._matryoshka_levels(x2, losses, dense=dense)
+            else:
+                sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
             mse = (sae_out - x2).pow(2).sum(-1).mean()
+            if dead_mask is not None and cfg.aux_k:  # per token among the dead latents, as for TopK
+                n_dead, losses["auxiliary_reconstruction_loss"] = self._auxk_loss(x2, b_dec_in, sae_out, dead_mask)
             if self.training:
                 self._update_global_threshold(dense.detach())
-        elif cfg.activation == "relu":
-            dense = F.relu_encode(x2, self.W_enc, self.b_enc, b_dec_in)
-            sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
-            mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l1 = _reduce_from_shards((dense * self.W_dec.norm(dim=1)).sum(-1).mean(), grid)
-            losses["l1_loss"] = coefficient_scale * cfg.l1_coefficient * l1
-        else:  # jumprelu
-            pre = F.encode_pre(x2, self.W_enc, self.b_enc, b_dec_in)
-            dense = F.jumprelu(pre, self.threshold, cfg.jumprelu_bandwidth)
-            sae_out = _reduce_from_shards(dense @ self.W_dec, grid) + self.b_dec
-            mse = (sae_out - x2).pow(2).sum(-1).mean()
-            l0 = _reduce_from_shards(F.step(pre, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean(), grid)
-            losses["l0_loss"] = coefficient_scale * cfg.l0_coefficient * l0
+        else:  # relu, jumprelu: the unsharded terms, the slices' partial sums reduced over the shard group
+            dense, sae_out, mse, penalty = self.dense_training_terms(
+                x2, b_dec_in, coefficient_scale, lambda partial: _reduce_from_shards(partial, grid)
+            )
+            losses.update(penalty)
         losses = {"mse_loss": mse, **losses}
         loss = torch.stack([term.float() for term in losses.values()]).sum()
         extras = {"d_sae": self.cfg.d_sae}
         return ShardedTrainingOutput(
             loss, losses, x2, sae_out, values, indices, dense, n_dead, extras, nonfinite=nonfinite, grid=grid
         )
+
+    def _matryoshka_levels(
+        self,
+        x2: Tensor,
+        losses: dict[str, Tensor],
+        values: Tensor | None = None,
+        indices: Tensor | None = None,
+        dense: Tensor | None = None,
+    ) -> Tensor:
+        """Matryoshka's prefix reconstructions of the whole dictionary from this slice's activations (sparse
+        ``values, indices [N, m]`` with local indices, or ``dense [N, d_local]``): adds ``inner_mse_loss_<w>`` to
+        ``losses`` (as :meth:`SparseAutoencoder.training_forward`) and returns the full reconstruction ``[N, d_in]``.
+
+        A width w cuts this slice after its first ``clamp(w - start, 0, d_local)`` latents, so each rank computes
+        its partial prefix sums at those cuts (``matryoshka_decode`` at the distinct non-zero cuts; zero for a
+        width below the slice), and the partials ``[N, L, d_in]`` are summed over the shard group like the
+        decoder's: level l is then the sum over every slice's latents below ``widths[l]``, the last level the
+        ordinary reconstruction. Communication: L times one decoder reduction.
+        """
+        widths = self.full_cfg.matryoshka_widths
+        assert widths
+        cuts = [min(max(width - self.start, 0), self.cfg.d_sae) for width in widths]
+        distinct = sorted({cut for cut in cuts if cut > 0})  # the last width is d_sae: its cut, d_local, is there
+        if dense is not None:
+            bounds = [0, *distinct]
+            segments = [dense[:, a:b] @ self.W_dec[a:b] for a, b in pairwise(bounds)]
+            prefixes = torch.stack(segments, 1).cumsum(1)
+        else:
+            assert values is not None and indices is not None
+            prefixes = F.matryoshka_decode(values, indices, self.W_dec, None, distinct, check_indices=False)
+        zero = prefixes.new_zeros(prefixes.shape[0], 1, prefixes.shape[2])
+        # narrow, not a list index: no index tensor to copy to the device
+        partial = torch.cat([prefixes.narrow(1, distinct.index(c), 1) if c else zero for c in cuts], dim=1)
+        levels = _reduce_from_shards(partial, self.grid) + self.b_dec
+        for width, level in zip(widths[:-1], levels.unbind(1)):
+            losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+        return levels[:, -1]
+
+    def _auxk_loss(
+        self, x2: Tensor, b_dec_in: Tensor | None, sae_out: Tensor, dead_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """AuxK of the whole dictionary (TopK and BatchTopK alike, as :meth:`SparseAutoencoder.training_forward`):
+        each token's top ``aux_k`` pre-activations among the dead latents of every slice reconstruct the detached
+        residual ``x2 - sae_out``. Returns ``(n_dead, loss term)``: the global dead count (on the device) and
+        ``aux_loss_coefficient`` × the normalised, scaled error.
+
+        The live latents get a bias of -inf (never chosen over a dead one, ReLU 0, no gradient); each slice's
+        candidates are merged as for TopK. Entries at 0 may tie: they add 0."""
+        cfg, grid = self.full_cfg, self.grid
+        assert self.cfg.aux_k
+        n_dead = grid.sum_over_shards(dead_mask.sum().reshape(1))  # stays on the device
+        bias = torch.where(dead_mask, self.b_enc, torch.full_like(self.b_enc, float("-inf")))
+        aux_code = F.topk_encode(x2, self.W_enc, bias, b_dec_in, k=self.cfg.aux_k)
+        aux_keep, _ = _select_local(grid, aux_code.values, aux_code.indices + self.start, min(cfg.aux_k, cfg.d_sae))
+        aux_partial = F.sparse_decode(
+            aux_code.values * aux_keep, aux_code.indices, self.W_dec, None, check_indices=False
+        )
+        aux_out = _reduce_from_shards(aux_partial, grid)
+        residual = (x2 - sae_out).detach()
+        variance = M.batch_variance(residual, grid.sum_over_replicas if grid.replicas > 1 else None)
+        scale = (n_dead.to(residual.dtype) / cfg.aux_k).clamp(max=1.0)
+        error = (aux_out - residual).pow(2).sum(-1).mean()
+        # the small-batch rule of SparseAutoencoder.training_forward: no residual variance, no AuxK term
+        live = (variance > 0) & (n_dead > 0)  # exactly 0 when nothing is dead (as the base class)
+        aux = torch.where(live, scale * error / variance.clamp_min(1e-12), torch.zeros_like(error))
+        return n_dead, cfg.aux_loss_coefficient * aux.squeeze(0)
 
     def _batch_active(self, pre: Tensor, k: int) -> Tensor:
         """BatchTopK's active set of this slice: the global ``k·N`` largest positive entries of the batch, ties by

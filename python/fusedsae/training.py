@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -31,8 +32,9 @@ from fusedsae import metrics as M
 from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderError
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
 from fusedsae.data import DataError, as_source
-from fusedsae.formats import atomic_write, read_json
+from fusedsae.formats import atomic_write, read_json, write_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
+from fusedsae.sharded_files import SlicedTensor, write_sliced_safetensors
 from fusedsae.sharding import LATENT_DIM, ProcessGrid, ShardedAutoencoder
 
 METRICS_FILE = "metrics.jsonl"
@@ -785,11 +787,14 @@ class Trainer:
             )
 
     def save_final(self) -> Path | None:
-        """Writes ``sae/`` and ``summary.json`` (rank 0); refuses (TrainingDiverged) an SAE with a NaN/Inf. A
-        latent-sharded run gathers the SAE on every rank first (every rank must call this)."""
+        """Writes ``sae/`` and ``summary.json`` (rank 0); refuses (TrainingDiverged) an SAE with a NaN/Inf. In a
+        latent-sharded run every rank must call this: each writes its slice's part of the folder, nothing is
+        gathered (:meth:`ShardedAutoencoder.save`)."""
         if self.run_dir is None:
             return None
         density = self.feature_density()
+        if isinstance(self.sae, ShardedAutoencoder):
+            return self._save_final_sliced(density)
         sae = self.inference_sae()
         if self.grid is not None:
             density = self.grid.gather_slices(density, 0, self.full_d_sae)
@@ -798,6 +803,30 @@ class Trainer:
         self._refuse_nonfinite(dict(sae.state_dict()), f"{self.run_dir / FINAL_SAE_DIR}")
         sparsity = torch.log10(density.cpu() + 1e-10).float()
         path = sae.save(self.run_dir / FINAL_SAE_DIR, sparsity=sparsity)
+        self._write_summary()
+        return path
+
+    def _save_final_sliced(self, density: Tensor) -> Path | None:
+        """:meth:`save_final` of a latent-sharded run: the ranks of one replica write the folder from their
+        slices (the inference SAE's: input scale folded in, elementwise, as :meth:`inference_sae` folds it)."""
+        assert isinstance(self.sae, ShardedAutoencoder) and self.grid is not None and self.run_dir is not None
+        part = self.sae
+        if self.act_scale is not None:  # a copy of the slice only (the grid and its process groups are shared)
+            part = copy.deepcopy(self.sae, {id(self.grid): self.grid})
+            part.fold_activation_norm_scaling_factor(self.act_scale)
+        self._refuse_nonfinite_sliced(dict(part.state_dict()), f"{self.run_dir / FINAL_SAE_DIR}")
+        path = None
+        if self.grid.replica_rank == 0:  # the other replicas hold the same slices
+            path = part.save(self.run_dir / FINAL_SAE_DIR, sparsity=torch.log10(density.cpu() + 1e-10).float())
+        if self.distributed:
+            dist.barrier()
+        if self.rank != 0:
+            return None
+        self._write_summary()
+        return path
+
+    def _write_summary(self) -> None:
+        assert self.run_dir is not None
         summary = {
             "run_id": self.run_id,
             "metrics": self.last_metrics,
@@ -807,7 +836,19 @@ class Trainer:
             "act_scale": self.act_scale,
         }
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
-        return path
+
+    def _refuse_nonfinite_sliced(self, tensors: dict[str, Tensor], what: str) -> None:
+        """:meth:`_refuse_nonfinite` of the whole dictionary from its slices: every rank raises the same error
+        (the flags are summed over the shard group)."""
+        assert self.grid is not None
+        names = sorted(tensors)
+        mine = set(ckpt.nonfinite_tensors(tensors))
+        flags = torch.tensor([name in mine for name in names], dtype=torch.int64, device=self.device)
+        bad = [name for name, flag in zip(names, self.grid.sum_over_shards(flags).tolist()) if flag]
+        if bad:
+            raise self._diverged(
+                f"refusing to write {what}: {', '.join(bad)} hold NaN/Inf", "weights", [0.0] * (len(GUARD_TERMS) + 1)
+            )
 
     def full_sae_config(self) -> SAEConfig:
         return self.sae.full_cfg if isinstance(self.sae, ShardedAutoencoder) else self.sae.cfg
@@ -816,13 +857,24 @@ class Trainer:
         """Optimizer parameter ids → names (the optimizer's order)."""
         return [name for name, p in self.sae.named_parameters() if p.requires_grad]
 
-    def state_contents(self) -> dict[str, Any]:
+    def state_contents(self, sliced: bool = False) -> dict[str, Any]:
         """The whole training state, layout-independent: a latent-sharded run gathers every slice (every rank must
-        call this), so the checkpoint is the one a single process would write."""
+        call this), so the checkpoint is the one a single process would write.
+
+        ``sliced`` (latent-sharded runs): no gathering; every tensor is this rank's
+        :class:`~fusedsae.sharded_files.SlicedTensor` part of the whole one, which the ranks write into the same
+        files (:meth:`save_checkpoint`); the files are byte for byte those of the gathered state."""
         opt_tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
         model = dict(self.sae.state_dict())
         counters = {"tokens_since_fired": self.tokens_since_fired, "fire_counts": self.fire_counts}
-        if isinstance(self.sae, ShardedAutoencoder):
+        rng = {f"rng.{k}": v for k, v in ckpt.rng_state().items()}
+        if isinstance(self.sae, ShardedAutoencoder) and sliced:
+            sae, names = self.sae, self._param_names()
+            model = {name: sae.sliced(name, t.detach()) for name, t in model.items()}
+            opt_tensors = {key: sae.sliced(names[int(key.split(".")[1])], t) for key, t in opt_tensors.items()}
+            counters = {key: sae.sliced("b_enc", t) for key, t in counters.items()}  # one entry per latent
+            rng = {key: SlicedTensor(t) for key, t in rng.items()}
+        elif isinstance(self.sae, ShardedAutoencoder):
             sae, names = self.sae, self._param_names()
             model = sae.full_state_dict()
             opt_tensors = {
@@ -833,10 +885,7 @@ class Trainer:
         return {
             "model.safetensors": model,
             "optimizer.safetensors": opt_tensors,
-            "counters.safetensors": {
-                **counters,
-                **{f"rng.{k}": v for k, v in ckpt.rng_state().items()},
-            },
+            "counters.safetensors": {**counters, **rng},
             "trainer.json": {
                 "step": self.step,
                 "tokens": self.tokens,
@@ -858,8 +907,10 @@ class Trainer:
         if self.run_dir is None:
             raise ValueError("TrainConfig.run_dir is not set: there is nowhere to write checkpoints")
         self.start_run()
+        if isinstance(self.sae, ShardedAutoencoder):
+            return self._save_checkpoint_sliced()
         path = None
-        contents = self.state_contents() if (self.rank == 0 or self.grid is not None) else None
+        contents = self.state_contents() if self.rank == 0 else None
         if self.rank == 0:
             assert contents is not None
             state = {**contents["model.safetensors"], **contents["optimizer.safetensors"]}
@@ -868,6 +919,39 @@ class Trainer:
                 self.run_dir, self.step, contents, keep=self.cfg.keep_checkpoints, run_id=self.run_id
             )
             self.last_checkpoint = path
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def _save_checkpoint_sliced(self) -> Path | None:
+        """:meth:`save_checkpoint` of a latent-sharded run without gathering: the ranks of one replica write their
+        slices' parts of each safetensors file into a temporary folder (:mod:`fusedsae.sharded_files`), rank 0
+        writes ``trainer.json``, then seals it (manifest, rename) once all parts are in."""
+        assert self.grid is not None and self.run_dir is not None
+        grid, run_dir, step = self.grid, self.run_dir, self.step
+        contents = self.state_contents(sliced=True)
+        state = {**contents["model.safetensors"], **contents["optimizer.safetensors"]}
+        self._refuse_nonfinite_sliced({name: t.local for name, t in state.items()}, f"the step {step} checkpoint")
+        path = None
+        if grid.replica_rank == 0:  # the other replicas hold the same slices
+            first = grid.shard_rank == 0
+            tmp = Path(grid.share_from_first_shard(lambda: str(ckpt.begin_checkpoint(run_dir, step))))
+            try:
+                for name, content in contents.items():
+                    if name.endswith(".safetensors"):
+                        write_sliced_safetensors(tmp / name, content, first)
+                    elif first:
+                        write_json(tmp / name, content)
+                grid.barrier_shards()  # every rank's parts are in, and fsynced
+                if first:
+                    path = ckpt.seal_checkpoint(
+                        run_dir, step, tmp, list(contents), self.cfg.keep_checkpoints, self.run_id
+                    )
+                    self.last_checkpoint = path
+            except BaseException:
+                if first:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
         if self.distributed:
             dist.barrier()
         return path
