@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import fusedsae
-from fusedsae import reference
+from fusedsae import reference, sharded_files
 from fusedsae.sharding import ProcessGrid, ShardedAutoencoder, merge_candidates, shard_bounds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -450,3 +450,47 @@ def test_sliced_save_of_one_shard_is_the_plain_save_and_atomic(tmp_path, monkeyp
         part.save(tmp_path / "sliced")
     assert (tmp_path / "sliced" / "sae_weights.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "sliced"]
+
+
+def test_safetensors_header_is_the_librarys_for_every_dtype():
+    """The sharded writer's header (tensor order by dtype then name, offsets, padding) is safetensors' own."""
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"{name}{i}": (torch.randn(3, 5, generator=g) * 10).to(dtype)
+        for i, dtype in enumerate(sharded_files.SAFETENSORS_DTYPES)
+        for name in ("zz", "a", "W_enc")
+    }
+    tensors.update(scalar=torch.tensor(3.0), empty=torch.zeros(0, 4), odd=torch.ones(3, dtype=torch.uint8))
+    prefix, offsets = sharded_files.safetensors_header({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()})
+    whole = save(tensors)
+    assert whole[: len(prefix)] == prefix
+    for name, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert whole[offsets[name] : offsets[name] + len(raw)] == raw, name
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 7])
+def test_sliced_writer_assembles_the_file_in_any_order(tmp_path, monkeypatch, shards):
+    """Slices of every tensor kind written by "ranks" in reverse order, with blocks smaller than one row, give the
+    library's file for the whole tensors."""
+    from safetensors.torch import save
+
+    monkeypatch.setattr(sharded_files, "BLOCK_BYTES", 24)
+    g = torch.Generator().manual_seed(1)
+    W_enc, W_dec = torch.randn(5, 13, generator=g).bfloat16(), torch.randn(13, 5, generator=g, dtype=torch.float64)
+    b_enc, b_dec, step = torch.randn(13, generator=g), torch.randn(5, generator=g), torch.tensor(4.0)
+    path = tmp_path / "sliced.safetensors"
+    for s in reversed(range(shards)):
+        a, z = shard_bounds(13, shards, s)
+        parts = {
+            "W_enc": sharded_files.SlicedTensor(W_enc[:, a:z].contiguous(), 1, a, 13),
+            "W_dec": sharded_files.SlicedTensor(W_dec[a:z], 0, a, 13),
+            "b_enc": sharded_files.SlicedTensor(b_enc[a:z], 0, a, 13),
+            "b_dec": sharded_files.SlicedTensor(b_dec),
+            "state.0.step": sharded_files.SlicedTensor(step),
+        }
+        sharded_files.write_sliced_safetensors(path, parts, first=s == 0)
+    whole = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "state.0.step": step}
+    assert path.read_bytes() == save(whole)

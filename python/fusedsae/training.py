@@ -796,8 +796,6 @@ class Trainer:
         if isinstance(self.sae, ShardedAutoencoder):
             return self._save_final_sliced(density)
         sae = self.inference_sae()
-        if self.grid is not None:
-            density = self.grid.gather_slices(density, 0, self.full_d_sae)
         if self.rank != 0:
             return None
         self._refuse_nonfinite(dict(sae.state_dict()), f"{self.run_dir / FINAL_SAE_DIR}")
