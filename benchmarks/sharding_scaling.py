@@ -7,6 +7,11 @@ and reports tokens/s (per rank and in all), the bytes each rank's collectives br
 ``d_sae`` that fits a given memory per rank. It also times the sharded code path with a world of one against the
 plain SAE (the overhead of going through it).
 
+It also times saving the SAELens folder of the whole dictionary both ways, with each rank's peak extra memory
+during the save (host RSS sampled every millisecond on the CPU; ``max_memory_allocated`` on a GPU): ``sliced``,
+each rank writing its slice into the shared files (:meth:`fusedsae.sharding.ShardedAutoencoder.save`, what the
+Trainer does), and ``gathered``, the previous path (every rank all-gathers the SAE, rank 0 writes it).
+
     python benchmarks/sharding_scaling.py                       # CPU, writes benchmarks/results/sharding-*.{json,md}
     python benchmarks/sharding_scaling.py --d-sae 65536 --ranks 1 2 4 8 --device cuda   # on a GPU machine
 
@@ -22,8 +27,10 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +38,69 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+class PeakMemory:
+    """Peak memory above the level at entry while the block runs, in bytes: the process's resident set sampled
+    every millisecond on the CPU (the page cache that file writes fill is not counted), allocated memory on a GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.rss()
+        self.top, self.running = self.base, True
+
+        def sample() -> None:
+            while self.running:
+                self.top = max(self.top, self.rss())
+                time.sleep(0.001)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            return
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.top, self.rss()) - self.base
+
+
+def time_saves(model, distributed: bool, device: str, folder: Path) -> dict[str, dict[str, float]]:
+    """Saves ``model``'s whole SAE both ways into ``folder``: seconds and peak extra memory on this rank."""
+    import torch.distributed as dist
+
+    out = {}
+    for way in ("sliced", "gathered"):
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        with PeakMemory(device) as memory:
+            if way == "sliced":
+                model.save(folder / way)
+            else:
+                whole = model.full_sae()  # a collective
+                if not distributed or dist.get_rank() == 0:
+                    whole.save(folder / way)
+                del whole
+            if distributed:
+                dist.barrier()
+        out[way] = {"seconds": time.perf_counter() - start, "peak_extra_bytes": memory.peak}
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -87,7 +157,22 @@ def worker(args: argparse.Namespace) -> None:
             "bytes_per_step": (grid.bytes_received - before) / args.steps,
             "params_per_rank": sum(p.numel() for p in model.parameters()),
         }
+    # the save of the whole dictionary (shared folder: every rank writes into it); the largest rank's memory counts
+    folder = Path(args.out).parent / ".sharding-save"
     if not distributed or dist.get_rank() == 0:
+        folder.mkdir(exist_ok=True)
+    if distributed:
+        dist.barrier()
+    saves = time_saves(ShardedAutoencoder.from_full(sae, grid), distributed, args.device, folder)
+    if distributed:
+        for way in saves.values():
+            peak = torch.tensor([float(way["peak_extra_bytes"])])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            way["peak_extra_bytes"] = float(peak)
+    rows["save"] = saves
+    rows["dictionary_bytes"] = sum(t.numel() * t.element_size() for t in sae.state_dict().values())
+    if not distributed or dist.get_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
         Path(args.out).write_text(json.dumps(rows))
     if distributed:
         dist.barrier()
@@ -129,18 +214,20 @@ def main() -> None:
     common = [f"--d-in={args.d_in}", f"--d-sae={args.d_sae}", f"--k={args.k}", f"--batch={args.batch}"]
     common += [f"--dtype={args.dtype}", f"--device={args.device}", f"--threads={args.threads}"]
     common += [f"--steps={args.steps}", f"--warmup={args.warmup}", "--worker"]
-    tmp = RESULTS / ".sharding-tmp.json"
+    tmp = RESULTS / f".sharding-tmp-{os.getpid()}" / "rows.json"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, __file__, *common, f"--out={tmp}"], env=env, check=True)
     single = json.loads(tmp.read_text())
     rows = []
     for n in args.ranks:
         if n == 1:
-            measured = single["sharded-world-1"]
+            measured, saves = single["sharded-world-1"], single["save"]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__]
             subprocess.run([*cmd, *common, f"--out={tmp}"], env=env, check=True)
-            measured = json.loads(tmp.read_text())["sharded"]
+            result = json.loads(tmp.read_text())
+            measured, saves = result["sharded"], result["save"]
         step = measured["median_step_s"]
         # fp32 training state per latent: W_enc column + W_dec row, each with its gradient and two Adam moments
         state_per_latent = 2 * args.d_in * 4 * 4
@@ -154,9 +241,14 @@ def main() -> None:
                 "bytes_per_step_formula": formula_bytes(args, n),
                 "state_bytes_per_rank": measured["params_per_rank"] * 16,
                 "max_d_sae": int(n * args.memory_per_rank_gb * 1e9 / state_per_latent),
+                "save_sliced_s": saves["sliced"]["seconds"],
+                "save_sliced_peak_bytes": saves["sliced"]["peak_extra_bytes"],
+                "save_gathered_s": saves["gathered"]["seconds"],
+                "save_gathered_peak_bytes": saves["gathered"]["peak_extra_bytes"],
             }
         )
     tmp.unlink(missing_ok=True)
+    tmp.parent.rmdir()
     overhead = single["sharded-world-1"]["median_step_s"] / single["plain"]["median_step_s"] - 1
     commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     meta = {
@@ -167,6 +259,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": {k: getattr(args, k) for k in ("d_in", "d_sae", "k", "batch", "dtype", "threads")},
         "world_of_one_overhead": overhead,
+        "dictionary_bytes": single["dictionary_bytes"],
     }
     name = f"sharding-{args.device}-{meta['commit']}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -186,6 +279,19 @@ def main() -> None:
             f"| {r['ranks']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_rank']:.0f} | "
             f"{r['bytes_per_step_measured'] / 1e6:.2f} MB | {r['bytes_per_step_formula'] / 1e6:.2f} MB | "
             f"{r['state_bytes_per_rank'] / 1e6:.0f} MB | {r['max_d_sae']:,} |"
+        )
+    lines += [
+        "",
+        f"Saving the SAELens folder of the whole dictionary ({single['dictionary_bytes'] / 1e6:.0f} MB of tensors): "
+        "seconds, and the largest peak extra memory of any rank during the save.",
+        "",
+        "| ranks | sliced save (s) | peak extra/rank | gathered save (s) | peak extra/rank |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ranks']} | {r['save_sliced_s']:.2f} | {r['save_sliced_peak_bytes'] / 1e6:.1f} MB | "
+            f"{r['save_gathered_s']:.2f} | {r['save_gathered_peak_bytes'] / 1e6:.1f} MB |"
         )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
