@@ -214,6 +214,7 @@ def main() -> None:
     common = [f"--d-in={args.d_in}", f"--d-sae={args.d_sae}", f"--k={args.k}", f"--batch={args.batch}"]
     common += [f"--dtype={args.dtype}", f"--device={args.device}", f"--threads={args.threads}"]
     common += [f"--steps={args.steps}", f"--warmup={args.warmup}", "--worker"]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tmp = RESULTS / f".sharding-tmp-{os.getpid()}" / "rows.json"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -260,6 +261,8 @@ def main() -> None:
         "shape": {k: getattr(args, k) for k in ("d_in", "d_sae", "k", "batch", "dtype", "threads")},
         "world_of_one_overhead": overhead,
         "dictionary_bytes": single["dictionary_bytes"],
+        # other processes sharing the CPU slow every row: the 1-minute load average before and after the runs
+        "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
     }
     name = f"sharding-{args.device}-{meta['commit']}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -268,7 +271,8 @@ def main() -> None:
         "",
         f"TopK step with AuxK (a fifth of the latents dead), d_in={args.d_in}, d_sae={args.d_sae}, k={args.k}, "
         f"batch {args.batch}, {args.dtype}, {args.threads} thread(s) per rank. The sharded path with a world of one "
-        f"costs {100 * overhead:+.1f}% against the plain SAE.",
+        f"costs {100 * overhead:+.1f}% against the plain SAE. Load average before/after: "
+        f"{meta['load_average'][0]} / {meta['load_average'][1]} (other work on the same cores slows every row).",
         "",
         "| ranks | step (ms) | tokens/s | tokens/s per rank | received/step (measured) | (formula) | "
         f"state/rank | largest d_sae at {args.memory_per_rank_gb:g} GB/rank |",
