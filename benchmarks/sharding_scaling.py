@@ -272,7 +272,8 @@ def main() -> None:
         f"TopK step with AuxK (a fifth of the latents dead), d_in={args.d_in}, d_sae={args.d_sae}, k={args.k}, "
         f"batch {args.batch}, {args.dtype}, {args.threads} thread(s) per rank. The sharded path with a world of one "
         f"costs {100 * overhead:+.1f}% against the plain SAE. Load average before/after: "
-        f"{meta['load_average'][0]} / {meta['load_average'][1]} (other work on the same cores slows every row).",
+        + " / ".join("?" if v is None else f"{v:.1f}" for v in meta["load_average"])
+        + " (other work on the same cores slows every row).",
         "",
         "| ranks | step (ms) | tokens/s | tokens/s per rank | received/step (measured) | (formula) | "
         f"state/rank | largest d_sae at {args.memory_per_rank_gb:g} GB/rank |",
