@@ -398,17 +398,20 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def _trackers(settings: dict[str, Any], out: Path) -> list[Any]:
-    """The ``--log`` callbacks besides metrics.jsonl (which the trainer always writes), with the run config."""
+def _trackers(settings: dict[str, Any], out: Path, resume_step: int | None = None) -> list[Any]:
+    """The ``--log`` callbacks besides metrics.jsonl (which the trainer always writes), with the run config; a run
+    resumed at ``resume_step`` continues its W&B run (same id) and hides its TensorBoard events past that step."""
     from fusedsae import tracking
 
     callbacks: list[Any] = []
     try:
         if "tensorboard" in settings["log"]:
-            callbacks.append(tracking.TensorBoardLogger(out / "tensorboard", config=settings))
+            callbacks.append(tracking.TensorBoardLogger(out / "tensorboard", config=settings, resume_step=resume_step))
             print(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out})", flush=True)
         if "wandb" in settings["log"]:
-            logger = tracking.WandbLogger(settings["wandb_project"], name=out.name, dir=out, config=settings)
+            logger = tracking.WandbLogger(
+                settings["wandb_project"], name=out.name, dir=out, config=settings, run_id=settings.get("run_id")
+            )
             callbacks.append(logger)
             hint = f"; upload with `wandb sync {logger.dir}`" if logger.mode == "offline" else ""
             print(f"wandb: {logger.mode} run in {logger.dir}{hint}", flush=True)
@@ -487,7 +490,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             # trackers and evaluations start once the run folder is ours: a refused run leaves no W&B run behind
             try:
-                trainer.callbacks.extend(_trackers(settings, out))
+                trainer.callbacks.extend(_trackers(settings, out, trainer.step if resumed else None))
                 add_periodic_evals([trainer], settings, device)
             except UsageError:
                 trainer.close()  # the run folder's lock
