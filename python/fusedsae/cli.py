@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedsae import __version__
+from fusedsae.formats import atomic_write
 from fusedsae.tracking import TRACKERS
 
 RUN_CONFIG = "run_config.json"
@@ -486,8 +487,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             trainer.start_run()  # locks --out; refuses a folder holding another run
         settings["run_id"] = trainer.run_id
         if rank == 0:
-            from fusedsae.formats import atomic_write
-
             # trackers and evaluations start once the run folder is ours: a refused run leaves no W&B run behind
             try:
                 trainer.callbacks.extend(_trackers(settings, out, trainer.step if resumed else None))
@@ -968,7 +967,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     for rep in reports:
         print()
         print(R.format_report(rep))
-    (out / "attribution.json").write_text(json.dumps(R.to_json(reports), indent=1) + "\n")
+    atomic_write(out / "attribution.json", json.dumps(R.to_json(reports), indent=1) + "\n")
     written = [out / "attribution.json"]
     if not args.no_plots:
         for rep in reports:
@@ -1046,7 +1045,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
         print(result.table())
         record = {**result.to_dict(), "steps": args.steps, "seed": args.seed, "device": device}
         written = [out / f"{name}.json"]
-        written[0].write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write(written[0], json.dumps(record, indent=2) + "\n")
         if not args.no_plots:
             written.append(plots.plot_experiment(result, out / f"{name}.png"))
         print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
@@ -1166,7 +1165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(result.table())
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write(out, json.dumps(result.to_dict(), indent=2) + "\n")
     written = [out]
     if not args.no_plots:
         written.append(E.plot(result, out.with_suffix(".png")))
