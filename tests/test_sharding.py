@@ -494,3 +494,29 @@ def test_sliced_writer_assembles_the_file_in_any_order(tmp_path, monkeypatch, sh
         sharded_files.write_sliced_safetensors(path, parts, first=s == 0)
     whole = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "state.0.step": step}
     assert path.read_bytes() == save(whole)
+
+
+def test_read_slices_reads_this_slice_of_each_tensor(tmp_path):
+    """A resuming rank reads only its slice of each checkpoint tensor: W_enc's columns, W_dec's rows, an optimizer
+    state laid out as its parameter; replicated tensors and another dictionary's (other d_sae) whole."""
+    from safetensors.torch import save_file
+
+    class Grid:  # slice 1 of 3 without processes
+        shards, shard_rank = 3, 1
+
+    torch.manual_seed(0)
+    whole = fusedsae.SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, activation="topk", k=3)
+    tensors = {**whole.state_dict(), "state.2.exp_avg": torch.randn(D_SAE, D_IN), "state.2.step": torch.tensor(3.0)}
+    tensors["other"] = torch.randn(D_IN, D_SAE + 1)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    part = ShardedAutoencoder(whole.cfg, Grid())
+    layout = {"state.2.exp_avg": "W_dec", "state.2.step": "W_dec", "other": "W_enc"}
+    got = part.read_slices(tmp_path / "model.safetensors", lambda key: layout.get(key, key))
+    assert set(got) == set(tensors)
+    for key, t in tensors.items():
+        expected = t if key == "other" or t.dim() == 0 else part.slice_tensor(layout.get(key, key), t)
+        assert torch.equal(got[key], expected), key
+    assert got["W_enc"].shape == (D_IN, part.stop - part.start) and got["W_enc"].is_contiguous()
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        part.read_slices(tmp_path / "bad.safetensors", str)

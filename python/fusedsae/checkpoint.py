@@ -239,15 +239,19 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Verifies and reads a checkpoint: ``{file name: {key: Tensor} or JSON data}``."""
+def read_checkpoint(
+    path: str | Path, read_tensors: Callable[[Path], dict[str, Tensor]] = read_safetensors
+) -> dict[str, Any]:
+    """Verifies and reads a checkpoint: ``{file name: {key: Tensor} or JSON data}``. ``read_tensors`` reads one
+    safetensors file (a latent-sharded run reads only its slice of each tensor; it raises ValueError for an
+    unreadable file)."""
     folder = Path(path)
     manifest = verify_checkpoint(folder)
     out: dict[str, Any] = {}
     for name in manifest["files"]:
         try:
             out[name] = (
-                read_safetensors(folder / name)
+                read_tensors(folder / name)
                 if name.endswith(".safetensors")
                 else read_json(folder / name, error=CheckpointError)
             )

@@ -348,6 +348,31 @@ class ShardedAutoencoder(SparseAutoencoder):
         dim = LATENT_DIM.get(name.rsplit(".", 1)[-1])
         return t if dim is None else t.narrow(dim, self.start, self.stop - self.start).contiguous()
 
+    def read_slices(self, path: str | os.PathLike[str], layout: Callable[[str], str]) -> dict[str, Tensor]:
+        """This slice's part of every tensor of the whole-dictionary safetensors file ``path``, reading only those
+        bytes (a checkpoint of a dictionary that does not fit one host). ``layout(key)`` names the parameter or
+        buffer whose latent layout tensor ``key`` has (an optimizer state its parameter's). A tensor whose latent
+        dimension is not this dictionary's ``d_sae`` (another SAE's file) is read whole, for the caller's config
+        check to name the difference. Raises ``ValueError`` for an unreadable file."""
+        from safetensors import SafetensorError, safe_open
+
+        out = {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                    dim = LATENT_DIM.get(layout(key).rsplit(".", 1)[-1])
+                    part = f.get_slice(key)
+                    shape = part.get_shape()
+                    if dim is None or len(shape) <= dim or shape[dim] != self.full_cfg.d_sae:
+                        out[key] = f.get_tensor(key)
+                        continue
+                    index = [slice(None)] * len(shape)
+                    index[dim] = slice(self.start, self.stop)
+                    out[key] = part[tuple(index)].contiguous()  # contiguous: see slice_tensor
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+        return out
+
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
         self.load_state_dict({name: self.slice_tensor(name, t) for name, t in state.items()})
 

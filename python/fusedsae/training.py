@@ -996,7 +996,9 @@ class Trainer:
         """Reads and checks one checkpoint (files, fields, run id, settings, finiteness); raises CheckpointError or
         CheckpointMismatch (see :meth:`resume`)."""
         manifest = ckpt.read_manifest(folder)
-        contents = ckpt.read_checkpoint(folder)
+        sliced = isinstance(self.sae, ShardedAutoencoder)
+        # a latent-sharded run reads only its slices (memory O(slice), as when they were written)
+        contents = ckpt.read_checkpoint(folder, self._slice_reader()) if sliced else ckpt.read_checkpoint(folder)
         state = check_trainer_state(contents, folder)
         owner = manifest.get("run_id")
         if self.run_id is not None and owner != self.run_id:
@@ -1021,6 +1023,10 @@ class Trainer:
             for file in ("model.safetensors", "optimizer.safetensors")
             for name in ckpt.nonfinite_tensors(contents[file])
         ]
+        if sliced and self.grid is not None:  # every rank must skip the checkpoint that any slice of it spoils
+            spoiled = self.grid.sum_over_shards(torch.tensor([len(bad)], device=self.device))
+            if int(spoiled.item()) and not bad:
+                bad = ["another rank's slice"]
         if bad:
             raise CheckpointError(
                 f"{folder} holds NaN/Inf ({', '.join(bad[:4])}): it was written after training diverged"
@@ -1028,6 +1034,19 @@ class Trainer:
         if self.run_id is None:
             self.run_id = owner
         return contents
+
+    def _slice_reader(self) -> Callable[[Path], dict[str, Tensor]]:
+        """Reads this rank's slices of a checkpoint file (:meth:`ShardedAutoencoder.read_slices`)."""
+        assert isinstance(self.sae, ShardedAutoencoder)
+        sae, names = self.sae, self._param_names()
+
+        def layout(key: str) -> str:
+            if key.startswith("state."):  # optimizer state "state.<parameter id>.<name>": its parameter's layout
+                pid = key.split(".")[1]
+                return names[int(pid)] if pid.isdigit() and int(pid) < len(names) else key
+            return "b_enc" if key in ("tokens_since_fired", "fire_counts") else key  # one entry per latent
+
+        return lambda path: sae.read_slices(path, layout)
 
     def _restore(self, contents: dict[str, Any]) -> None:
         state = contents["trainer.json"]
@@ -1037,17 +1056,8 @@ class Trainer:
         }
         counters = contents["counters.safetensors"]
         tokens_since_fired, fire_counts = counters["tokens_since_fired"], counters["fire_counts"]
-        if isinstance(self.sae, ShardedAutoencoder):  # the checkpoint holds the whole dictionary: take our slice
-            sae, names = self.sae, self._param_names()
-            sae.load_full_state_dict(model)
-            opt_tensors = {
-                key: sae.slice_tensor(names[int(key.split(".")[1])], t) if t.dim() else t
-                for key, t in opt_tensors.items()
-            }
-            tokens_since_fired = sae.slice_tensor("b_enc", tokens_since_fired)
-            fire_counts = sae.slice_tensor("b_enc", fire_counts)
-        else:
-            self.sae.load_state_dict(model)
+        # a latent-sharded run read only its slices of the whole dictionary's tensors (_slice_reader)
+        self.sae.load_state_dict(model)
         ckpt.load_optimizer_state(self.optimizer, opt_tensors, state["optimizer"])
         self.tokens_since_fired = tokens_since_fired.to(self.device)
         self._dead_capacity = None  # bounded from the restored counters at the next step
