@@ -501,7 +501,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"no checkpoint in {out}; starting a new run", flush=True)
         metrics = trainer.train()
         finished = True
-        W_dec = trainer.full_sae().W_dec  # a latent-sharded run gathers it on every rank
+        truth = getattr(source, "ground_truth", None)
+        # only the toy plot needs the whole W_dec: a latent-sharded run gathers it (on every rank) for that alone
+        W_dec = trainer.full_sae().W_dec if truth is not None and not args.no_plots else None
         if rank != 0:
             return 0
         print()
@@ -517,8 +519,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 plots.read_metrics(out / "metrics.jsonl"), out / "training_curves.png", activation=activation
             )
             written = [curves]
-            truth = getattr(source, "ground_truth", None)
-            if truth is not None:
+            if truth is not None and W_dec is not None:
                 written.append(plots.plot_decoder_vs_truth(W_dec, truth, out / "decoder_vs_truth.png"))
             print("plots: " + ", ".join(str(p) for p in written))
         print(f"SAE (SAELens folder): {out / 'sae'}")

@@ -8,16 +8,20 @@ The maths (docs/scaling.md):
   ``S·k`` candidates per row are all-gathered with their *global* indices, and the global top-k is kept, ordered
   by value then global index. The global top-k is a subset of the union of the local top-ks, and both selections
   break ties by the lower index, so the result is the single-device selection exactly (ties across shard
-  boundaries included). AuxK does the same among dead latents; BatchTopK gathers each rank's local batch
-  top-``k·N`` (a subset argument over the flattened batch, ties by the global row-major index).
+  boundaries included). AuxK does the same among dead latents (TopK and BatchTopK); BatchTopK gathers each rank's
+  local batch top-``k·N`` (a subset argument over the flattened batch, ties by the global row-major index).
 * **Decoder.** Each rank decodes its own active latents into a partial ``[N, d_in]``; the partials are summed
   (all-reduce). Every rank then holds the same ``x̂`` and computes the same loss, so the all-reduce's backward is
-  the identity, and the sparse backward touches only the rank's own active latents.
+  the identity, and the sparse backward touches only the rank's own active latents. Matryoshka prefix widths cut
+  across the slices: each rank's partial prefix reconstructions are summed the same way.
 * **Replicated parameters.** ``b_dec`` enters the decoder (the same gradient on every shard) and, when
   ``apply_b_dec_to_input``, the encoder of every shard (partial gradients): the encoder sees it through
   :class:`_CopyToShards`, whose backward sums the partial gradients over the shard group.
 * **Data parallel.** Gradients of a shard are averaged over its replica group (the ranks holding the same slice);
   AuxK's residual variance is taken over the global batch.
+* **Files.** :meth:`ShardedAutoencoder.save` and the Trainer's checkpoints are the whole dictionary's files, each
+  rank writing its slice's bytes into them (:mod:`fusedsae.sharded_files`); resuming reads only the slice
+  (:meth:`ShardedAutoencoder.read_slices`). Nothing is gathered on one rank.
 
 Ranks ``[r·S, (r+1)·S)`` form replica r's shard group; ranks ``s, s+S, s+2S, …`` form slice s's replica group.
 """
@@ -307,6 +311,10 @@ class ShardedAutoencoder(SparseAutoencoder):
         # The slice's config: k may exceed the slice's width (each rank contributes min(k, width) candidates).
         local_k = None if full_cfg.k is None else min(full_cfg.k, stop - start)
         local_aux = min(full_cfg.aux_k, stop - start) if full_cfg.aux_k else full_cfg.aux_k
+        # Transcoders (SAEConfig.d_out / skip_connection, where this fusedsae has them) read x and reconstruct y:
+        # the sharded forward reconstructs its input only, so refuse them here rather than train the wrong target.
+        if getattr(full_cfg, "d_out", None) is not None or getattr(full_cfg, "skip_connection", False):
+            raise ValueError("transcoders cannot be latent-sharded yet; train them with --shard-latents 1")
         # set before the base class's __init__, which calls reset_parameters
         self.full_cfg = full_cfg
         self.grid = grid
