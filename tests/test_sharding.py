@@ -520,3 +520,29 @@ def test_read_slices_reads_this_slice_of_each_tensor(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         part.read_slices(tmp_path / "bad.safetensors", str)
+
+
+def test_sliced_checkpoint_in_one_process_is_the_gathered_one_and_atomic(tmp_path, monkeypatch):
+    """The Trainer's sliced checkpoint path with a world of one writes the files of the gathered path; a failure
+    while writing leaves the previous checkpoint as the newest and no temporary folder."""
+    data = fusedsae.toy.SparseFeatureData(d_in=D_IN, n_features=30, mean_active=3.0)
+    torch.manual_seed(0)
+    sae = fusedsae.SparseAutoencoder(d_in=D_IN, d_sae=D_SAE, activation="topk", k=3, aux_k=6)
+    part = ShardedAutoencoder.from_full(sae, ProcessGrid(1))
+    cfg = fusedsae.TrainConfig(steps=4, batch_size=BATCH, dead_tokens=48, progress=False, run_dir=str(tmp_path / "run"))
+    trainer = fusedsae.Trainer(part, fusedsae.ToySource(data, BATCH), cfg)
+    trainer.train()
+    written = fusedsae.checkpoint.checkpoint_root(tmp_path / "run") / "step-000000004"
+    gathered = fusedsae.checkpoint.write_checkpoint(tmp_path / "gathered", 4, trainer.state_contents())
+    for name in fusedsae.checkpoint.verify_checkpoint(written)["files"]:
+        assert (written / name).read_bytes() == (gathered / name).read_bytes(), name
+
+    def fail(path, tensors, first):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fusedsae.training, "write_sliced_safetensors", fail)
+    trainer.step = 5
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    root = fusedsae.checkpoint.checkpoint_root(tmp_path / "run")
+    assert [p.name for p in root.iterdir()] == ["step-000000004"]
