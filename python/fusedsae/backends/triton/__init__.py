@@ -44,7 +44,19 @@ backend = define_backend(
     explicit_devices=("cuda", "cpu") if INTERPRETED else ("cuda",),
 )
 
-# The launcher modules register their ops with the backend defined above, so they are imported after it.
+__all__ = [
+    "IMPORT_ERROR",
+    "INTERPRETED",
+    "assume_gpu",
+    "availability",
+    "backend",
+    "checked_grid",
+    "deterministic",
+    "set_deterministic",
+]
+
+# The launcher modules register their ops with the backend defined above, so they are imported after it (and only
+# where triton is installed: they import the kernels).
 if IMPORT_ERROR is None:
     from . import encoder, heads, jumprelu, sparse, topk
     from .encoder import (
@@ -57,25 +69,18 @@ if IMPORT_ERROR is None:
     )
     from .topk import FUSED_K_MAX, KEY_NONE
 
-__all__ = [
-    "CANDIDATE_CONFIGS",
-    "DEFAULT_ENCODER_CONFIG",
-    "FUSED_K_MAX",
-    "INTERPRETED",
-    "KEY_NONE",
-    "WIDE_ENCODER_CONFIG",
-    "EncoderConfig",
-    "assume_gpu",
-    "availability",
-    "backend",
-    "checked_grid",
-    "deterministic",
-    "encoder",
-    "encoder_config",
-    "heads",
-    "jumprelu",
-    "set_deterministic",
-    "set_encoder_config",
-    "sparse",
-    "topk",
-]
+    __all__ += [
+        "CANDIDATE_CONFIGS",
+        "DEFAULT_ENCODER_CONFIG",
+        "FUSED_K_MAX",
+        "KEY_NONE",
+        "WIDE_ENCODER_CONFIG",
+        "EncoderConfig",
+        "encoder",
+        "encoder_config",
+        "heads",
+        "jumprelu",
+        "set_encoder_config",
+        "sparse",
+        "topk",
+    ]
