@@ -1,5 +1,5 @@
 """Decisions that more than one backend makes: made here once, so the ``triton`` and ``cuda`` backends cannot drift
-apart (docs/architecture.md#dispatch)."""
+apart (docs/architecture.md#backends)."""
 
 from __future__ import annotations
 
