@@ -153,6 +153,20 @@ def test_triton_serves_every_op_and_explains_its_state():
         assert "TRITON_INTERPRET=1" in entry["reason"]
 
 
+def test_launcher_modules_mirror_the_kernel_modules_and_name_each_launcher_after_its_op():
+    # docs/architecture.md#backends: backends/triton/<file>.py launches kernels/<file>.py, plus launch.py (shared)
+    import pkgutil
+
+    import fusedsae.kernels
+
+    kernel_files = {m.name for m in pkgutil.iter_modules(fusedsae.kernels.__path__)}
+    launcher_files = {m.name for m in pkgutil.iter_modules(tt.__path__)} - {"launch"}
+    assert launcher_files == kernel_files
+    for op in backends.OPS:
+        defined_in = [name for name in sorted(launcher_files) if callable(getattr(getattr(tt, name), op, None))]
+        assert len(defined_in) == 1, f"{op} is defined in {defined_in or 'no launcher module'}"
+
+
 def test_availability_names_why_not(monkeypatch):
     monkeypatch.setattr(tt.launch, "INTERPRETED", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
