@@ -10,7 +10,9 @@ plain SAE (the overhead of going through it).
 It also times saving the SAELens folder of the whole dictionary both ways, with each rank's peak extra memory
 during the save (host RSS sampled every millisecond on the CPU; ``max_memory_allocated`` on a GPU): ``sliced``,
 each rank writing its slice into the shared files (:meth:`fusedsae.sharding.ShardedAutoencoder.save`, what the
-Trainer does), and ``gathered``, the previous path (every rank all-gathers the SAE, rank 0 writes it).
+Trainer does), and ``gathered``, the previous path (every rank all-gathers the SAE, rank 0 writes it); and the same
+for a training checkpoint (the SAE, Adam's moments and the counters: ``Trainer.save_checkpoint`` against the gathered
+``Trainer.state_contents()`` written by rank 0).
 
     python benchmarks/sharding_scaling.py                       # CPU, writes benchmarks/results/sharding-*.{json,md}
     python benchmarks/sharding_scaling.py --d-sae 65536 --ranks 1 2 4 8 --device cuda   # on a GPU machine
@@ -23,7 +25,10 @@ AuxK), plus ``(S−1)·d_in`` for b_dec's encoder gradient and a few scalars.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -58,6 +63,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        # hand memory freed by the previous measurement back to the OS first, or a later one reusing it reads as 0
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.base = self.rss()
         self.top, self.running = self.base, True
 
@@ -80,9 +89,13 @@ class PeakMemory:
         self.peak = max(self.top, self.rss()) - self.base
 
 
-def time_saves(model, distributed: bool, device: str, folder: Path) -> dict[str, dict[str, float]]:
-    """Saves ``model``'s whole SAE both ways into ``folder``: seconds and peak extra memory on this rank."""
+def time_saves(model, x, distributed: bool, device: str, folder: Path) -> dict[str, dict[str, float]]:
+    """Saves ``model``'s whole SAE, then a training checkpoint after one step on ``x``, both ways into ``folder``:
+    seconds and peak extra memory on this rank."""
     import torch.distributed as dist
+
+    import fusedsae
+    from fusedsae import checkpoint as ckpt
 
     out = {}
     for way in ("sliced", "gathered"):
@@ -100,6 +113,25 @@ def time_saves(model, distributed: bool, device: str, folder: Path) -> dict[str,
             if distributed:
                 dist.barrier()
         out[way] = {"seconds": time.perf_counter() - start, "peak_extra_bytes": memory.peak}
+    cfg = fusedsae.TrainConfig(steps=1, batch_size=x.shape[0], progress=False, run_dir=str(folder / "run"))
+    trainer = fusedsae.Trainer(model, x, cfg)
+    trainer.train_step(x)  # Adam's moments exist from here
+    for way in ("checkpoint-sliced", "checkpoint-gathered"):
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        with PeakMemory(device) as memory:
+            if way == "checkpoint-sliced":
+                trainer.save_checkpoint()
+            else:
+                contents = trainer.state_contents()  # a collective
+                if not distributed or dist.get_rank() == 0:
+                    ckpt.write_checkpoint(folder / "gathered-run", trainer.step, contents, run_id=trainer.run_id)
+                del contents
+            if distributed:
+                dist.barrier()
+        out[way] = {"seconds": time.perf_counter() - start, "peak_extra_bytes": memory.peak}
+    trainer.close()
     return out
 
 
@@ -163,7 +195,7 @@ def worker(args: argparse.Namespace) -> None:
         folder.mkdir(exist_ok=True)
     if distributed:
         dist.barrier()
-    saves = time_saves(ShardedAutoencoder.from_full(sae, grid), distributed, args.device, folder)
+    saves = time_saves(ShardedAutoencoder.from_full(sae, grid), x, distributed, args.device, folder)
     if distributed:
         for way in saves.values():
             peak = torch.tensor([float(way["peak_extra_bytes"])])
@@ -246,6 +278,11 @@ def main() -> None:
                 "save_sliced_peak_bytes": saves["sliced"]["peak_extra_bytes"],
                 "save_gathered_s": saves["gathered"]["seconds"],
                 "save_gathered_peak_bytes": saves["gathered"]["peak_extra_bytes"],
+                **{
+                    f"checkpoint_{way}_{key}": saves[f"checkpoint-{way}"][field]
+                    for way in ("sliced", "gathered")
+                    for key, field in (("s", "seconds"), ("peak_bytes", "peak_extra_bytes"))
+                },
             }
         )
     tmp.unlink(missing_ok=True)
@@ -287,16 +324,20 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Saving the SAELens folder of the whole dictionary ({single['dictionary_bytes'] / 1e6:.0f} MB of tensors): "
-        "seconds, and the largest peak extra memory of any rank during the save.",
+        f"Saving the SAELens folder of the whole dictionary ({single['dictionary_bytes'] / 1e6:.0f} MB of tensors), "
+        "then a training checkpoint (about 3x that: Adam's two moments): seconds, and the largest peak extra memory "
+        "of any rank during the save.",
         "",
-        "| ranks | sliced save (s) | peak extra/rank | gathered save (s) | peak extra/rank |",
-        "|---|---|---|---|---|",
+        "| ranks | sliced save (s) | peak extra/rank | gathered save (s) | peak extra/rank | "
+        "checkpoint sliced (s) | peak extra/rank | checkpoint gathered (s) | peak extra/rank |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['ranks']} | {r['save_sliced_s']:.2f} | {r['save_sliced_peak_bytes'] / 1e6:.1f} MB | "
-            f"{r['save_gathered_s']:.2f} | {r['save_gathered_peak_bytes'] / 1e6:.1f} MB |"
+            f"{r['save_gathered_s']:.2f} | {r['save_gathered_peak_bytes'] / 1e6:.1f} MB | "
+            f"{r['checkpoint_sliced_s']:.2f} | {r['checkpoint_sliced_peak_bytes'] / 1e6:.1f} MB | "
+            f"{r['checkpoint_gathered_s']:.2f} | {r['checkpoint_gathered_peak_bytes'] / 1e6:.1f} MB |"
         )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
