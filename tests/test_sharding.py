@@ -546,3 +546,14 @@ def test_sliced_checkpoint_in_one_process_is_the_gathered_one_and_atomic(tmp_pat
         trainer.save_checkpoint()
     root = fusedsae.checkpoint.checkpoint_root(tmp_path / "run")
     assert [p.name for p in root.iterdir()] == ["step-000000004"]
+
+
+def test_the_blockwise_finite_check_finds_a_nan_or_inf_in_any_block(monkeypatch):
+    """Saves check finiteness in blocks (no whole-tensor temporaries); a bad value in the last, partial block counts."""
+    monkeypatch.setattr(fusedsae.checkpoint, "FINITE_BLOCK", 7)
+    clean = torch.randn(5, 10)
+    last, first = clean.clone(), clean.clone()
+    last[4, 9] = float("nan")
+    first[0, 0] = float("-inf")
+    tensors = {"clean": clean, "last": last, "first": first, "ints": torch.arange(3), "scalar": torch.tensor(1.0)}
+    assert fusedsae.checkpoint.nonfinite_tensors(tensors) == ["last", "first"]
