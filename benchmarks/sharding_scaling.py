@@ -301,7 +301,7 @@ def main() -> None:
         # other processes sharing the CPU slow every row: the 1-minute load average before and after the runs
         "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
     }
-    name = f"sharding-{args.device}-{meta['commit']}"
+    name = f"sharding-{args.device}-{meta['commit']}-d{args.d_sae}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# Latent sharding scaling ({meta['device']}, torch {meta['torch']}, commit {meta['commit']})",
