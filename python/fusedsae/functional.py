@@ -21,6 +21,7 @@ from fusedsae import ops, reference
 from fusedsae.config import check_matryoshka_widths
 
 __all__ = [
+    "MatryoshkaLoss",
     "SparseCode",
     "auxk_reconstruction",
     "batchtopk_encode",
@@ -31,7 +32,6 @@ __all__ = [
     "head_partial_sums",
     "jumprelu",
     "jumprelu_encode",
-    "MatryoshkaLoss",
     "matryoshka_decode",
     "matryoshka_decode_loss",
     "relu_encode",
@@ -354,8 +354,8 @@ def matryoshka_decode(
     ordinary reconstruction). See :func:`fusedsae.reference.matryoshka_decode`.
 
     Runs the PyTorch implementation on every device (one ``embedding_bag`` pass, differentiable) and holds every
-    prefix; a training loss wants :func:`matryoshka_decode_loss`, which never forms them. ``check_indices=False`` skips the index range check (a host read), for
-    indices that come from our own encoder."""
+    prefix; a training loss wants :func:`matryoshka_decode_loss`, which never forms them. ``check_indices=False``
+    skips the index range check (a host read), for indices that come from our own encoder."""
     _check_sparse(values, indices, W_dec, b_dec, check_indices)
     widths = check_matryoshka_widths(widths, W_dec.shape[0])
     v2, lead = _flat(values)

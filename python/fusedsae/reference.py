@@ -366,8 +366,8 @@ def level_bags(values: Tensor, indices: Tensor, level: Tensor, levels: int) -> L
 
 
 def _level_partial(W_dec: Tensor, bags: LevelBags, n: int, level: int) -> Tensor:
-    """``[N, d_out]`` in :func:`accumulation_dtype`: each token's sum of its level-``level`` entries (one ``embedding_bag`` over that
-    level's run of :func:`level_bags`; rounded to W_dec's dtype once per level)."""
+    """``[N, d_out]`` in :func:`accumulation_dtype`: each token's sum of its level-``level`` entries (one
+    ``embedding_bag`` over that level's run of :func:`level_bags`; rounded to W_dec's dtype once per level)."""
     lo, hi = bags.bounds[level], bags.bounds[level + 1]
     part = F.embedding_bag(
         bags.indices[lo:hi],
