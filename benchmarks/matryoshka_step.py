@@ -2,8 +2,11 @@
 
 Times the Trainer's step (AuxK at its default width with a fifth of the latents dead, normalised decoder, Adam) of
 a TopK SAE and of the same SAE with five nested Matryoshka widths, side by side in one process, and reports the
-ratio (target on a GPU: <= 1.15x). With dictionary_learning or SAELens installed it would time their Matryoshka
-steps too; neither is installed here, so they are not measured.
+ratio (target on a GPU: <= 1.15x). Then, on the same code, the Matryoshka decoder and loss alone, forward and
+backward: the fused op ``fusedsae.functional.matryoshka_decode_loss`` (no ``[N, L, d]`` prefixes) against the
+path it replaced (``matryoshka_decode``'s prefixes, the L losses in PyTorch, autograd through ``embedding_bag``),
+with the backend the device gets (the reference on the CPU). With dictionary_learning or SAELens installed it would
+time their Matryoshka steps too; neither is installed here, so they are not measured.
 
     python benchmarks/matryoshka_step.py                        # CPU, 2 threads
     python benchmarks/matryoshka_step.py --device cuda --d-in 768 --d-sae 32768 --k 32 --batch 16384
@@ -19,6 +22,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,6 +56,43 @@ def time_step(sae: fusedsae.SparseAutoencoder, x: torch.Tensor, dead: torch.Tens
     return sorted(times)[len(times) // 2]
 
 
+def time_decode_loss(sae: fusedsae.SparseAutoencoder, x: torch.Tensor, rounds: int, warmup: int) -> dict[str, Any]:
+    """Median seconds of the Matryoshka decoder + loss forward and backward, fused and as before, on the SAE's own
+    code for ``x`` (the encoder runs once, outside the timing), and the backend that ran the fused op."""
+    widths = sae.cfg.matryoshka_widths
+    assert widths is not None
+    with torch.no_grad():
+        code = fusedsae.functional.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k=sae.cfg.k)
+    values = code.values.detach().requires_grad_()
+    W_dec, b_dec = sae.W_dec, sae.b_dec
+
+    def fused() -> None:
+        _, sq = fusedsae.functional.matryoshka_decode_loss(values, code.indices, W_dec, b_dec, x, widths)
+        sq.mean(0).sum().backward()
+
+    def unfused() -> None:
+        prefixes = fusedsae.functional.matryoshka_decode(values, code.indices, W_dec, b_dec, widths)
+        (prefixes - x[:, None]).pow(2).sum(-1).mean(0).sum().backward()
+
+    out: dict[str, Any] = {
+        "backend": fusedsae.backends.chosen("matryoshka_decode_loss", values, code.indices, W_dec, b_dec, x, widths)
+    }
+    for name, fn in (("fused", fused), ("unfused", unfused)):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(rounds):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[name] = sorted(times)[len(times) // 2]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-in", type=int, default=768)
@@ -77,6 +118,9 @@ def main() -> None:
         sae = fusedsae.SparseAutoencoder(**common, **extra, device=args.device)
         rows[name] = time_step(sae, x, dead, args.rounds, args.warmup)
     ratio = rows["matryoshka"] / rows["plain"]
+    decode_loss = time_decode_loss(sae, x, args.rounds, args.warmup)
+    decode_ratio = decode_loss["unfused"] / decode_loss["fused"]
+    backend = decode_loss.pop("backend")
     commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     meta = {
         "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {args.threads} threads)",
@@ -89,14 +133,23 @@ def main() -> None:
     text = (
         f"{args.activation} step, d_in={args.d_in}, d_sae={args.d_sae}, k={args.k}, batch {args.batch}, AuxK on "
         f"(a fifth dead), on {meta['device']}: plain {1e3 * rows['plain']:.1f} ms, Matryoshka with widths {widths} "
-        f"{1e3 * rows['matryoshka']:.1f} ms: {ratio:.2f}x"
+        f"{1e3 * rows['matryoshka']:.1f} ms: {ratio:.2f}x. Matryoshka decoder + loss, forward and backward "
+        f"({backend} backend): fused {1e3 * decode_loss['fused']:.1f} ms, as before (every prefix, losses in "
+        f"PyTorch) {1e3 * decode_loss['unfused']:.1f} ms: the fused op is {decode_ratio:.2f}x faster"
     )
     print(text)
     if args.save:
         name = f"matryoshka-{args.device}-{meta['commit']}"
         results = ROOT / "benchmarks" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": meta, "step_s": rows, "ratio": ratio}
+        payload = {
+            "meta": meta,
+            "step_s": rows,
+            "ratio": ratio,
+            "decode_loss_s": decode_loss,
+            "decode_loss_backend": backend,
+            "decode_loss_speedup": decode_ratio,
+        }
         (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
         (results / f"{name}.md").write_text(f"# Matryoshka step vs plain ({meta['commit']})\n\n{text}\n")
 
