@@ -404,7 +404,8 @@ def matryoshka_decode_loss(
     sq_err = torch.empty(n, levels, dtype=acc_dtype, device=y.device)
     for level in range(levels):
         acc += _level_partial(W_dec, bags, n, level)
-        sq_err[:, level] = (acc - target).pow(2).sum(-1)
+        err = acc - target
+        sq_err[:, level] = err.mul_(err).sum(-1)  # squared in place: one temporary per level
     recon = acc if b_dec is None else acc + b_dec.to(acc_dtype)
     return recon.to(y.dtype), sq_err.to(y.dtype)
 
@@ -458,9 +459,8 @@ def matryoshka_decode_loss_backward(
     table = torch.empty(n, levels, y.shape[1], dtype=y.dtype, device=y.device)
     g2 = 2 * grad_sq.to(acc_dtype)
     for lev in range(levels - 1, -1, -1):
-        step = g2[:, lev, None] * e
-        suffix += step
-        dy -= step
+        suffix.addcmul_(g2[:, lev, None], e)
+        dy.addcmul_(g2[:, lev, None], e, value=-1)
         table[:, lev] = suffix
         if lev:
             e -= _level_partial(W_dec, bags, n, lev)

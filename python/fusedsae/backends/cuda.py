@@ -361,7 +361,7 @@ def sparse_decode_backward(
         )  # fmt: skip
         _lib().segment_sum_rows(
             dtype=dtype,
-            out=dW_dec.data_ptr(), order=by_level.order.data_ptr(), keys=keys.data_ptr(), offsets=offsets.data_ptr(),
+            out=dW_dec.data_ptr(), order=order.data_ptr(), keys=keys.data_ptr(), offsets=offsets.data_ptr(),
             n_entries=order.numel(), part=part.data_ptr(),
             weights=values.data_ptr(), weights_stride=values.stride(0), m=m,
             src=grad_out.data_ptr(), src_stride=grad_out.stride(0),
