@@ -185,28 +185,29 @@ void head_partial_sums(int dtype, int index_dtype, uintptr_t out, uintptr_t x, i
   });
 }
 
-// The level of each entry is int32; values, table, bias, y, recon and the gradients share `dtype`.
+// Each row of the code is in latent order with its level runs ending at `ends` (int32 [n_rows, n_levels]); values,
+// table, bias, y, recon and the gradients share `dtype`.
 template <typename T, typename IdxT>
 fusedsae::MatryoshkaArgs<T, IdxT> matryoshka_args(uintptr_t values, int64_t values_stride, uintptr_t indices,
-                                                  int64_t indices_stride, uintptr_t levels, int64_t levels_stride,
+                                                  int64_t indices_stride, uintptr_t ends, int64_t ends_stride,
                                                   uintptr_t table, int64_t table_stride, uintptr_t y, int64_t y_stride,
                                                   int64_t n_rows, int64_t m, int64_t d, int64_t n_levels) {
   return {ptr<const T>(values), values_stride, ptr<const IdxT>(indices), indices_stride,
-          ptr<const int32_t>(levels), levels_stride, ptr<const T>(table), table_stride,
+          ptr<const int32_t>(ends), ends_stride, ptr<const T>(table), table_stride,
           ptr<const T>(y), y_stride, n_rows, m, d, n_levels};
 }
 
 void matryoshka_decode_loss(int dtype, int index_dtype, uintptr_t recon, int64_t recon_stride, uintptr_t sq_part,
                             uintptr_t values, int64_t values_stride, uintptr_t indices, int64_t indices_stride,
-                            uintptr_t levels, int64_t levels_stride, uintptr_t table, int64_t table_stride,
+                            uintptr_t ends, int64_t ends_stride, uintptr_t table, int64_t table_stride,
                             uintptr_t y, int64_t y_stride, uintptr_t bias, int64_t n_rows, int64_t m, int64_t d,
                             int64_t n_levels, uintptr_t stream) {
   with_float_type(dtype, [&](auto t) {
     using T = typename decltype(t)::type;
     with_index_type(index_dtype, [&](auto i) {
       using IdxT = typename decltype(i)::type;
-      const auto args = matryoshka_args<T, IdxT>(values, values_stride, indices, indices_stride, levels,
-                                                 levels_stride, table, table_stride, y, y_stride, n_rows, m, d,
+      const auto args = matryoshka_args<T, IdxT>(values, values_stride, indices, indices_stride, ends,
+                                                 ends_stride, table, table_stride, y, y_stride, n_rows, m, d,
                                                  n_levels);
       check(fusedsae::matryoshka_decode_loss<T, IdxT>(ptr<T>(recon), recon_stride, ptr<float>(sq_part), args,
                                                       ptr<const T>(bias), stream_of(stream)),
@@ -217,7 +218,7 @@ void matryoshka_decode_loss(int dtype, int index_dtype, uintptr_t recon, int64_t
 
 void matryoshka_decode_loss_backward(int dtype, int index_dtype, uintptr_t dv_part, uintptr_t suffix, uintptr_t dy,
                                      int64_t dy_stride, uintptr_t values, int64_t values_stride, uintptr_t indices,
-                                     int64_t indices_stride, uintptr_t levels, int64_t levels_stride, uintptr_t table,
+                                     int64_t indices_stride, uintptr_t ends, int64_t ends_stride, uintptr_t table,
                                      int64_t table_stride, uintptr_t y, int64_t y_stride, uintptr_t recon,
                                      int64_t recon_stride, uintptr_t grad_recon, int64_t grad_recon_stride,
                                      uintptr_t grad_sq, int64_t grad_sq_stride, int64_t n_rows, int64_t m, int64_t d,
@@ -226,8 +227,8 @@ void matryoshka_decode_loss_backward(int dtype, int index_dtype, uintptr_t dv_pa
     using T = typename decltype(t)::type;
     with_index_type(index_dtype, [&](auto i) {
       using IdxT = typename decltype(i)::type;
-      const auto args = matryoshka_args<T, IdxT>(values, values_stride, indices, indices_stride, levels,
-                                                 levels_stride, table, table_stride, y, y_stride, n_rows, m, d,
+      const auto args = matryoshka_args<T, IdxT>(values, values_stride, indices, indices_stride, ends,
+                                                 ends_stride, table, table_stride, y, y_stride, n_rows, m, d,
                                                  n_levels);
       check(fusedsae::matryoshka_decode_loss_backward<T, IdxT>(
                 ptr<float>(dv_part), ptr<T>(suffix), ptr<T>(dy), dy_stride, args, ptr<const T>(recon), recon_stride,
@@ -285,13 +286,13 @@ PYBIND11_MODULE(_C, module) {
              py::arg("stream"));
   module.def("matryoshka_decode_loss", &matryoshka_decode_loss, release, py::arg("dtype"), py::arg("index_dtype"),
              py::arg("recon"), py::arg("recon_stride"), py::arg("sq_part"), py::arg("values"),
-             py::arg("values_stride"), py::arg("indices"), py::arg("indices_stride"), py::arg("levels"),
-             py::arg("levels_stride"), py::arg("table"), py::arg("table_stride"), py::arg("y"), py::arg("y_stride"),
+             py::arg("values_stride"), py::arg("indices"), py::arg("indices_stride"), py::arg("ends"),
+             py::arg("ends_stride"), py::arg("table"), py::arg("table_stride"), py::arg("y"), py::arg("y_stride"),
              py::arg("bias"), py::arg("n_rows"), py::arg("m"), py::arg("d"), py::arg("n_levels"), py::arg("stream"));
   module.def("matryoshka_decode_loss_backward", &matryoshka_decode_loss_backward, release, py::arg("dtype"),
              py::arg("index_dtype"), py::arg("dv_part"), py::arg("suffix"), py::arg("dy"), py::arg("dy_stride"),
              py::arg("values"), py::arg("values_stride"), py::arg("indices"), py::arg("indices_stride"),
-             py::arg("levels"), py::arg("levels_stride"), py::arg("table"), py::arg("table_stride"), py::arg("y"),
+             py::arg("ends"), py::arg("ends_stride"), py::arg("table"), py::arg("table_stride"), py::arg("y"),
              py::arg("y_stride"), py::arg("recon"), py::arg("recon_stride"), py::arg("grad_recon"),
              py::arg("grad_recon_stride"), py::arg("grad_sq"), py::arg("grad_sq_stride"), py::arg("n_rows"),
              py::arg("m"), py::arg("d"), py::arg("n_levels"), py::arg("stream"));

@@ -79,7 +79,8 @@ cudaError_t segment_sum_columns(T* out, T* out_sum, const Segments& segments, co
 
 // ---- matryoshka.cu: the Matryoshka decoder + per-prefix squared errors, and their backward ---------------------
 
-// The code [n_rows, m] with each entry's level (int32 in [0, n_levels): l for widths[l-1] <= index < widths[l]),
+// The code [n_rows, m] with each row in latent order, so that level l's entries (widths[l-1] <= index < widths[l])
+// are the slots [ends[n, l-1], ends[n, l]) (ends int32 [n_rows, n_levels], level 0 from slot 0, the last end m);
 // the decoder table W_dec [d_sae, d] (unit column stride) and the target y [n_rows, d].
 template <typename T, typename IdxT>
 struct MatryoshkaArgs {
@@ -87,8 +88,8 @@ struct MatryoshkaArgs {
   int64_t values_stride;
   const IdxT* indices;
   int64_t indices_stride;
-  const int32_t* levels;
-  int64_t levels_stride;
+  const int32_t* ends;
+  int64_t ends_stride;
   const T* table;
   int64_t table_stride;
   const T* y;

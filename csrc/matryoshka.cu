@@ -9,8 +9,9 @@
 // S_l = grad_recon + sum_{l' >= l} 2 grad_sq[l'] e_l' per column: each level-l entry's W_dec row, gathered once,
 // gives its d value partial S_l . W_dec[i] (block-reduced into dv_part[column block][n][j]) and steps the error
 // down to the previous prefix, e_{l-1} = e_l - value * W_dec[i]; S_l is stored per (token, level) for the per-latent
-// sums of dW_dec (segment_sum_rows on the entries re-addressed to those rows). A token's slots are walked once per
-// level (its level, value and index are broadcast loads); a row is loaded only at the slot's own level.
+// sums of dW_dec (segment_sum_rows on the entries re-addressed to those rows). Each row of the code is in latent
+// order, so a level is one run of slots [ends[l-1], ends[l]): the slots are walked once in all (their value and
+// index are broadcast loads) and each W_dec row is gathered once per pass.
 #include <algorithm>
 
 #include "common.cuh"
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(kMatMaxThreads)
   const bool active = c < a.d;  // no early return: every thread takes part in the block sums
   const T* v_row = a.values + n * a.values_stride;
   const IdxT* i_row = a.indices + n * a.indices_stride;
-  const int32_t* l_row = a.levels + n * a.levels_stride;
+  const int32_t* e_row = a.ends + n * a.ends_stride;
   float acc[VEC], target[VEC], b[VEC];
 #pragma unroll
   for (int u = 0; u < VEC; ++u) acc[u] = target[u] = b[u] = 0.f;
@@ -58,9 +59,10 @@ __global__ void __launch_bounds__(kMatMaxThreads)
 #pragma unroll
     for (int u = 0; u < VEC; ++u) target[u] -= b[u];  // the running sum is compared with y - b_dec
   }
+  int64_t start = 0;
   for (int64_t level = 0; level < a.n_levels; ++level) {
-    for (int64_t j = 0; j < a.m; ++j) {
-      if (l_row[j] != level) continue;  // the same slot for the whole block: no divergence
+    const int64_t end = e_row[level];
+    for (int64_t j = start; j < end; ++j) {
       const float v = to_float(v_row[j]);
       if (v == 0.f || !active) continue;  // padding adds nothing
       float w[VEC];
@@ -68,6 +70,7 @@ __global__ void __launch_bounds__(kMatMaxThreads)
 #pragma unroll
       for (int u = 0; u < VEC; ++u) acc[u] = fmaf(v, w[u], acc[u]);
     }
+    start = end;
     float sq = 0.f;
     if (active) {
 #pragma unroll
@@ -98,7 +101,7 @@ __global__ void __launch_bounds__(kMatMaxThreads)
   const bool active = c < a.d;
   const T* v_row = a.values + n * a.values_stride;
   const IdxT* i_row = a.indices + n * a.indices_stride;
-  const int32_t* l_row = a.levels + n * a.levels_stride;
+  const int32_t* e_row = a.ends + n * a.ends_stride;
   float err[VEC], s[VEC], d_y[VEC];
 #pragma unroll
   for (int u = 0; u < VEC; ++u) err[u] = s[u] = d_y[u] = 0.f;
@@ -122,8 +125,8 @@ __global__ void __launch_bounds__(kMatMaxThreads)
       }
       store_floats<T, VEC>(suffix + (n * a.n_levels + level) * a.d + c, s);
     }
-    for (int64_t j = 0; j < a.m; ++j) {
-      if (l_row[j] != level) continue;  // uniform over the block, so the barriers in block_sum are safe
+    // the run is the same for the whole block (one token), so every thread reaches the barriers in block_sum
+    for (int64_t j = level ? e_row[level - 1] : 0; j < e_row[level]; ++j) {
       float w[VEC];
       float dot = 0.f;
       if (active) {

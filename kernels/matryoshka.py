@@ -2,23 +2,25 @@
 active entries, and the backward in one more (docs/architecture.md#decoder; maths in
 ``fusedsae.reference.matryoshka_decode_loss`` and ``matryoshka_decode_loss_backward``).
 
-With ``values``/``indices [N, m]``, each entry's level ``levels [N, m]`` (``l`` for ``widths[l-1] <= index <
-widths[l]``), ``W_dec [d_sae, D]`` and the target ``y [N, D]``:
+With ``values``/``indices [N, m]`` sorted by latent within each row, so that level l's entries (``widths[l-1] <=
+index < widths[l]``) are the slots ``[ends[:, l-1], ends[:, l])`` (``ends [N, L]`` int32, level 0 from slot 0),
+``W_dec [d_sae, D]`` and the target ``y [N, D]``:
 
 * ``_matryoshka_decode_loss_fwd_kernel``: one program per (BLOCK_T tokens, BLOCK_D columns) visits the levels in
-  order, adds each level's entries into one float32 running sum, and after level l adds ``||sum + b_dec - y||^2``
+  order, adds each level's run into one float32 running sum, and after level l adds ``||sum + b_dec - y||^2``
   over its columns to ``sq_part[column block, token, l]``; the launcher sums the column blocks in order. The
   ``[N, L, D]`` prefixes never exist: the cost is one sparse decode plus ``L`` squared norms per token.
 * ``_matryoshka_decode_loss_bwd_kernel``: the same tiles run the levels last to first from ``e = recon - y``. With
   ``G_l = 2 grad_sq[:, l] e_l`` and the suffix ``S_l = grad_recon + sum_{l' >= l} G_l'``, each level-l entry's
   W_dec row, gathered once, serves both its ``d value`` partial ``S_l · W_dec[i]`` (over the program's columns, to
-  ``dv_part``) and the step down ``e_{l-1} = e_l - value * W_dec[i]``. ``S_l`` is stored per (token, level) for the
-  per-latent sums of ``d W_dec`` (the sparse kernels' segment sum), ``dy = -sum_l G_l`` directly.
+  ``dv_part``, in sorted slot order) and the step down ``e_{l-1} = e_l - value * W_dec[i]``. ``S_l`` is stored per
+  (token, level) for the per-latent sums of ``d W_dec`` (the sparse kernels' segment sum), ``dy = -sum_l G_l``.
 
-Both walk each token's m slots once per level (the slot's value, index and level are [BLOCK_T] loads; a row of
-W_dec is gathered only at the slot's own level), so the gathers are those of one sparse decode. Loads use int64
-offsets and accumulate in float32. The forward skips entries whose value is exactly 0 (padding); the backward
-gathers them too, since ``d value`` at a zero value is still ``S_l · W_dec[i]``.
+A level's loop runs over the union of its tokens' runs (the block's smallest start to its largest end, each token
+masked to its own run), so the slots are walked about once in all, and each row of W_dec is gathered once: the
+gathers of one sparse decode. Loads use int64 offsets and accumulate in float32. The forward skips entries whose
+value is exactly 0 (padding); the backward gathers them too, since ``d value`` at a zero value is still
+``S_l · W_dec[i]``.
 """
 
 import triton
@@ -29,7 +31,7 @@ import triton.language as tl
 def _matryoshka_decode_loss_fwd_kernel(
     values_ptr,
     indices_ptr,
-    levels_ptr,
+    ends_ptr,
     table_ptr,
     bias_ptr,
     y_ptr,
@@ -41,7 +43,7 @@ def _matryoshka_decode_loss_fwd_kernel(
     L,
     stride_vn,
     stride_in,
-    stride_ln,
+    stride_en,
     stride_tr,
     stride_yn,
     stride_rn,
@@ -69,14 +71,17 @@ def _matryoshka_decode_loss_fwd_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     level_ids = tl.arange(0, BLOCK_L)
     sq = tl.zeros([BLOCK_T, BLOCK_L], dtype=tl.float32)
+    start = tl.zeros([BLOCK_T], dtype=tl.int32)
     for level in range(0, L):
-        for j in range(0, M):
-            v = tl.load(values_ptr + tok64 * stride_vn + j, mask=tok_mask, other=0.0).to(tl.float32)
-            i = tl.load(indices_ptr + tok64 * stride_in + j, mask=tok_mask, other=0).to(tl.int64)
-            lev = tl.load(levels_ptr + tok64 * stride_ln + j, mask=tok_mask, other=-1)
-            live = ((lev == level) & (v != 0.0))[:, None] & col_mask[None, :]
+        end = tl.load(ends_ptr + tok64 * stride_en + level, mask=tok_mask, other=0)
+        for j in range(tl.min(start, axis=0), tl.max(end, axis=0)):
+            mine = tok_mask & (j >= start) & (j < end)
+            v = tl.load(values_ptr + tok64 * stride_vn + j, mask=mine, other=0.0).to(tl.float32)
+            i = tl.load(indices_ptr + tok64 * stride_in + j, mask=mine, other=0).to(tl.int64)
+            live = (v != 0.0)[:, None] & col_mask[None, :]
             w = tl.load(table_ptr + i[:, None] * stride_tr + cols64[None, :], mask=live, other=0.0)
             acc += v[:, None] * w.to(tl.float32)
+        start = end
         err = tl.where(tile, acc - target, 0.0)
         sq += tl.where(level_ids[None, :] == level, tl.sum(err * err, axis=1)[:, None], 0.0)
     acc += bias[None, :]
@@ -89,7 +94,7 @@ def _matryoshka_decode_loss_fwd_kernel(
 def _matryoshka_decode_loss_bwd_kernel(
     values_ptr,
     indices_ptr,
-    levels_ptr,
+    ends_ptr,
     table_ptr,
     recon_ptr,
     y_ptr,
@@ -104,7 +109,7 @@ def _matryoshka_decode_loss_bwd_kernel(
     L,
     stride_vn,
     stride_in,
-    stride_ln,
+    stride_en,
     stride_tr,
     stride_rn,
     stride_yn,
@@ -116,7 +121,7 @@ def _matryoshka_decode_loss_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """For this program's tokens and columns: ``suffix [N, L, D]`` (``S_l``), ``dv_part [col blocks, N, M]`` (each
-    slot's ``S_l · table[i]`` over these columns, written once, at the slot's level) and ``dy [N, D]``."""
+    sorted slot's ``S_l · table[i]`` over these columns, written once, at the slot's level) and ``dy [N, D]``."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tok_mask = tokens < N
@@ -142,11 +147,14 @@ def _matryoshka_decode_loss_bwd_kernel(
         dy -= contrib
         suffix = suffix_ptr + (tok64 * L + level)[:, None] * D + cols64[None, :]
         tl.store(suffix, s.to(suffix_ptr.dtype.element_ty), mask=tile)
-        for j in range(0, M):
-            v = tl.load(values_ptr + tok64 * stride_vn + j, mask=tok_mask, other=0.0).to(tl.float32)
-            i = tl.load(indices_ptr + tok64 * stride_in + j, mask=tok_mask, other=0).to(tl.int64)
-            lev = tl.load(levels_ptr + tok64 * stride_ln + j, mask=tok_mask, other=-1)
-            mine = tok_mask & (lev == level)
+        end = tl.load(ends_ptr + tok64 * stride_en + level, mask=tok_mask, other=0)
+        # level 0 starts at slot 0 (the load reads level 0's end and is discarded)
+        previous = tl.load(ends_ptr + tok64 * stride_en + tl.maximum(level - 1, 0), mask=tok_mask, other=0)
+        start = tl.where(level > 0, previous, 0)
+        for j in range(tl.min(start, axis=0), tl.max(end, axis=0)):
+            mine = tok_mask & (j >= start) & (j < end)
+            v = tl.load(values_ptr + tok64 * stride_vn + j, mask=mine, other=0.0).to(tl.float32)
+            i = tl.load(indices_ptr + tok64 * stride_in + j, mask=mine, other=0).to(tl.int64)
             w = tl.load(
                 table_ptr + i[:, None] * stride_tr + cols64[None, :], mask=mine[:, None] & col_mask[None, :], other=0.0
             ).to(tl.float32)

@@ -283,22 +283,25 @@ class EmulatedLaunchers:
 
     MATRYOSHKA_COLUMNS = 256
 
-    def _matryoshka_code(self, dtype, index_dtype, values, values_stride, indices, indices_stride, levels,
-                         levels_stride, table, table_stride, y, y_stride, n_rows, m, d):  # fmt: skip
+    def _matryoshka_code(self, dtype, index_dtype, values, values_stride, indices, indices_stride, ends, ends_stride,
+                         table, table_stride, y, y_stride, n_rows, m, d, n_levels):  # fmt: skip
         T = _FLOATS[dtype]
         v = _at(values, T, (n_rows, m), (values_stride, 1)).float()
         idx = _at(indices, _INDEX[index_dtype], (n_rows, m), (indices_stride, 1)).long()
-        lev = _at(levels, torch.int32, (n_rows, m), (levels_stride, 1)).long()
+        assert (idx.diff(dim=1) >= 0).all(), "each row of the code is in latent order"
+        run_ends = _at(ends, torch.int32, (n_rows, n_levels), (ends_stride, 1)).long()
+        assert (run_ends[:, -1] == m).all() and (run_ends.diff(dim=1) >= 0).all()
+        lev = (torch.arange(m)[None, :, None] >= run_ends[:, None, :]).sum(-1)  # each slot's level from the runs
         rows = int(idx.max()) + 1 if idx.numel() else 0
         W = _at(table, T, (rows, d), (table_stride, 1)).float()
         return T, v, idx, lev, W, _at(y, T, (n_rows, d), (y_stride, 1)).float()
 
     def matryoshka_decode_loss(self, dtype, index_dtype, recon, recon_stride, sq_part, values, values_stride,
-                               indices, indices_stride, levels, levels_stride, table, table_stride, y, y_stride, bias,
+                               indices, indices_stride, ends, ends_stride, table, table_stride, y, y_stride, bias,
                                n_rows, m, d, n_levels, stream):  # fmt: skip
         T, v, idx, lev, W, yy = self._matryoshka_code(dtype, index_dtype, values, values_stride, indices,
-                                                      indices_stride, levels, levels_stride, table, table_stride, y,
-                                                      y_stride, n_rows, m, d)  # fmt: skip
+                                                      indices_stride, ends, ends_stride, table, table_stride, y,
+                                                      y_stride, n_rows, m, d, n_levels)  # fmt: skip
         b = _at(bias, T, (1, d), (d, 1)).float() if bias else torch.zeros(1, d)
         acc, sq = torch.zeros(n_rows, d), torch.zeros(n_rows, n_levels)
         for level in range(n_levels):  # levels in order, the zero values skipped
@@ -311,12 +314,12 @@ class EmulatedLaunchers:
         _at(sq_part, torch.float32, (n_rows, n_levels), (n_levels, 1)).copy_(sq)
 
     def matryoshka_decode_loss_backward(self, dtype, index_dtype, dv_part, suffix, dy, dy_stride, values,
-                                        values_stride, indices, indices_stride, levels, levels_stride, table,
+                                        values_stride, indices, indices_stride, ends, ends_stride, table,
                                         table_stride, y, y_stride, recon, recon_stride, grad_recon, grad_recon_stride,
                                         grad_sq, grad_sq_stride, n_rows, m, d, n_levels, stream):  # fmt: skip
         T, v, idx, lev, W, yy = self._matryoshka_code(dtype, index_dtype, values, values_stride, indices,
-                                                      indices_stride, levels, levels_stride, table, table_stride, y,
-                                                      y_stride, n_rows, m, d)  # fmt: skip
+                                                      indices_stride, ends, ends_stride, table, table_stride, y,
+                                                      y_stride, n_rows, m, d, n_levels)  # fmt: skip
         err = _at(recon, T, (n_rows, d), (recon_stride, 1)).float() - yy
         s = _at(grad_recon, T, (n_rows, d), (grad_recon_stride, 1)).float() if grad_recon else torch.zeros(n_rows, d)
         g = _at(grad_sq, T, (n_rows, n_levels), (grad_sq_stride, 1)).float()

@@ -141,7 +141,7 @@ def make_code(n, d_sae, k, widths, kind, dtype):
             values[row, :count] = torch.rand(count) + 0.1
         return values.to(dtype), indices
     if kind == "repeated":
-        return torch.randn(n, k).to(dtype), torch.randint(0, d_sae, (n, k))
+        return torch.randn(n, k).to(dtype), torch.randint(0, d_sae, (n, k), dtype=torch.int32)  # int32 too
     if kind == "one level":  # every entry in the second level: the first is empty, the last adds nothing
         lo, hi = widths[0], widths[1]
         return torch.rand(n, k).to(dtype), torch.stack([torch.randperm(hi - lo)[:k] + lo for _ in range(n)])

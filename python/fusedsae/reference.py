@@ -336,6 +336,29 @@ def matryoshka_levels(indices: Tensor, widths: list[int]) -> Tensor:
     return level
 
 
+class LevelRuns(NamedTuple):
+    """A code with each row in latent order, so that each Matryoshka level's entries are one run of slots
+    (:func:`level_runs`). ``values``/``indices [N, m]`` sorted; ``perm [N, m]`` int64: the original slot of each
+    sorted one; ``ends [N, L]`` int32: level l holds sorted slots ``[ends[:, l-1], ends[:, l])`` (from 0; the last
+    end is m)."""
+
+    values: Tensor
+    indices: Tensor
+    perm: Tensor
+    ends: Tensor
+
+
+def level_runs(values: Tensor, indices: Tensor, widths: list[int]) -> LevelRuns:
+    """:class:`LevelRuns` of a code: one stable sort of each row by latent (cheap next to any gather: ``[N, m]``) and
+    the run ends as counts of entries below each width (compared with Python ints: no host-to-device copy). The
+    kernels then visit each level's slots only, instead of every slot once per level."""
+    indices, perm = torch.sort(indices, dim=1, stable=True)
+    ends = torch.full((indices.shape[0], len(widths)), indices.shape[1], dtype=torch.int32, device=indices.device)
+    for level, width in enumerate(widths[:-1]):
+        ends[:, level] = (indices < width).sum(1)
+    return LevelRuns(values.gather(1, perm), indices, perm, ends)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for 16- and 32-bit inputs, float64 for float64: what the Matryoshka sums accumulate in."""
     return torch.float64 if dtype == torch.float64 else torch.float32

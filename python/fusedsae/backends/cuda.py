@@ -497,13 +497,15 @@ def supports_matryoshka_decode_loss_backward(
     )
 
 
-def _matryoshka_args(values: Tensor, indices: Tensor, level: Tensor, W_dec: Tensor, y: Tensor) -> dict[str, int]:
-    """The keyword arguments of ``MatryoshkaArgs`` (csrc/fusedsae.h) shared by both launchers."""
+def _matryoshka_args(runs: reference.LevelRuns, W_dec: Tensor, y: Tensor) -> dict[str, int]:
+    """The keyword arguments of ``MatryoshkaArgs`` (csrc/fusedsae.h) shared by both launchers: the code in latent
+    order with its level runs (:func:`fusedsae.reference.level_runs`)."""
+    values, indices = runs.values, runs.indices
     return {
         "dtype": FLOAT_CODES[values.dtype], "index_dtype": INDEX_CODES[indices.dtype],
         "values": values.data_ptr(), "values_stride": values.stride(0),
         "indices": indices.data_ptr(), "indices_stride": indices.stride(0),
-        "levels": level.data_ptr(), "levels_stride": level.stride(0),
+        "ends": runs.ends.data_ptr(), "ends_stride": runs.ends.stride(0),
         "table": W_dec.data_ptr(), "table_stride": W_dec.stride(0),
         "y": y.data_ptr(), "y_stride": y.stride(0),
         "n_rows": indices.shape[0], "m": indices.shape[1], "d": W_dec.shape[1],
@@ -524,14 +526,14 @@ def matryoshka_decode_loss(
     values, indices, W_dec, y = _row_major(values), _row_major(indices), W_dec.contiguous(), _row_major(y)
     bias = None if b_dec is None else b_dec.contiguous()
     n, d, levels = indices.shape[0], W_dec.shape[1], len(widths)
-    level = reference.matryoshka_levels(indices, widths)
+    runs = reference.level_runs(values, indices, widths)
     recon = y.new_empty(n, d)
     sq_part = torch.zeros(_column_blocks(d), n, levels, dtype=torch.float32, device=y.device)
     with _device_guard(values):
         _lib().matryoshka_decode_loss(
             recon=recon.data_ptr(), recon_stride=recon.stride(0), sq_part=sq_part.data_ptr(),
             bias=_ptr(bias), n_levels=levels, stream=_stream(values),
-            **_matryoshka_args(values, indices, level, W_dec, y),
+            **_matryoshka_args(runs, W_dec, y),
         )  # fmt: skip
     return recon, sq_part.sum(0).to(y.dtype)
 
@@ -559,6 +561,7 @@ def matryoshka_decode_loss_backward(
     grad_recon = None if grad_recon is None else _row_major(grad_recon)
     (n, m), (d_sae, d), levels = indices.shape, W_dec.shape, len(widths)
     level = reference.matryoshka_levels(indices, widths)
+    runs = reference.level_runs(values, indices, widths)
     suffix = y.new_zeros(n, levels, d)
     dy = y.new_zeros(n, d)
     dv_part = torch.zeros(_column_blocks(d), n, m, dtype=torch.float32, device=y.device)
@@ -574,7 +577,7 @@ def matryoshka_decode_loss_backward(
             recon=recon.data_ptr(), recon_stride=recon.stride(0),
             grad_recon=_ptr(grad_recon), grad_recon_stride=0 if grad_recon is None else grad_recon.stride(0),
             grad_sq=grad_sq.data_ptr(), grad_sq_stride=grad_sq.stride(0), n_levels=levels, stream=stream,
-            **_matryoshka_args(values, indices, level, W_dec, y),
+            **_matryoshka_args(runs, W_dec, y),
         )  # fmt: skip
         _lib().segment_sum_rows(
             dtype=FLOAT_CODES[values.dtype],
@@ -585,4 +588,6 @@ def matryoshka_decode_loss_backward(
             n_latents=d_sae, d=d, stream=stream,
         )  # fmt: skip
     db_dec = suffix[:, 0].sum(0, dtype=torch.float32).to(y.dtype)
-    return dv_part.sum(0).to(values.dtype), dW_dec, db_dec, dy
+    # the kernel wrote d values in each row's sorted slot order: back to the caller's slots
+    d_values = torch.empty_like(values).scatter_(1, runs.perm, dv_part.sum(0).to(values.dtype))
+    return d_values, dW_dec, db_dec, dy

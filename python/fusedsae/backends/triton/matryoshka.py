@@ -52,11 +52,11 @@ def matryoshka_decode_loss(
     col_blocks = triton.cdiv(d, block_d)
     sq_part = torch.zeros(col_blocks, n, levels, dtype=torch.float32, device=y.device)
     if n and d:
-        level = reference.matryoshka_levels(indices, widths)
+        runs = reference.level_runs(values, indices, widths)
         kernels._matryoshka_decode_loss_fwd_kernel[checked_grid(triton.cdiv(n, block_t), col_blocks)](
-            values,
-            indices,
-            level,
+            runs.values,
+            runs.indices,
+            runs.ends,
             W_dec,
             bias,
             y,
@@ -66,9 +66,9 @@ def matryoshka_decode_loss(
             m,
             d,
             levels,
-            values.stride(0),
-            indices.stride(0),
-            level.stride(0),
+            runs.values.stride(0),
+            runs.indices.stride(0),
+            runs.ends.stride(0),
             W_dec.stride(0),
             y.stride(0),
             recon.stride(0),
@@ -117,11 +117,12 @@ def matryoshka_decode_loss_backward(
     block_t, block_d, launch = _matryoshka_blocks(y)
     col_blocks = triton.cdiv(d, block_d)
     dv_part = torch.zeros(col_blocks, n, m, dtype=torch.float32, device=y.device)
+    runs = reference.level_runs(values, indices, widths)
     if n and d:
         kernels._matryoshka_decode_loss_bwd_kernel[checked_grid(triton.cdiv(n, block_t), col_blocks)](
-            values,
-            indices,
-            level,
+            runs.values,
+            runs.indices,
+            runs.ends,
             W_dec,
             recon,
             y,
@@ -134,9 +135,9 @@ def matryoshka_decode_loss_backward(
             m,
             d,
             levels,
-            values.stride(0),
-            indices.stride(0),
-            level.stride(0),
+            runs.values.stride(0),
+            runs.indices.stride(0),
+            runs.ends.stride(0),
             W_dec.stride(0),
             recon.stride(0),
             y.stride(0),
@@ -169,4 +170,6 @@ def matryoshka_decode_loss_backward(
         rows = indices[:, None, :].expand(n, levels, m).reshape(n * levels, m)
         segment_sums(table, None, rows, weights, dW_dec, d_sae, (dW_dec.stride(0), 1), None, None)
     db_dec = suffix[:, 0].sum(0, dtype=torch.float32).to(y.dtype)
-    return dv_part.sum(0).to(values.dtype), dW_dec, db_dec, dy
+    # the kernel wrote d values in each row's sorted slot order: back to the caller's slots
+    d_values = torch.empty_like(values).scatter_(1, runs.perm, dv_part.sum(0).to(values.dtype))
+    return d_values, dW_dec, db_dec, dy
