@@ -21,6 +21,7 @@ import fusedsae
 from conftest import assert_close_lowp, requires_cuda
 from fusedsae import backends, reference
 from fusedsae import functional as F
+from fusedsae.diagnostics import HostSyncCounter
 
 
 def naive_levels(values, indices, W_dec, b_dec, widths):
@@ -200,6 +201,36 @@ def test_reference_decode_loss_and_gradients_match_dense_masking(case):
     expected = _grads(naive_decode_loss, *inputs, widths, grad_sq, grad_recon)
     for name, a, b in zip(NAMES, got, expected):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_reference_without_host_reads_matches(monkeypatch):
+    """Where the host may not read the level boundaries (an accelerator), the reference sums every level's bags in
+    one ``embedding_bag`` instead of one per level: the same results."""
+    *shape, widths, kind = CASES[3]
+    inputs = _inputs(*shape, widths, kind, torch.float64)
+    grad_sq = torch.randn(shape[0], len(widths), dtype=torch.float64)
+    with backends.use("reference"):
+        per_level = _grads(_fused, *inputs, widths, grad_sq, None)
+        monkeypatch.setattr(reference, "CPU_HOST_READS", False)
+        at_once = _grads(_fused, *inputs, widths, grad_sq, None)
+    for name, a, b in zip(NAMES, at_once, per_level):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_matryoshka_training_step_issues_no_host_sync(monkeypatch, backend):
+    """docs/architecture.md#sync holds for Matryoshka TopK too: forward, loss and backward read nothing back to the
+    host (the reference as it runs on a GPU; triton in the interpreter)."""
+    monkeypatch.setattr(reference, "CPU_HOST_READS", False)
+    if backend == "triton":
+        _triton()
+    sae = fusedsae.SparseAutoencoder(d_in=16, d_sae=64, activation="topk", k=3, matryoshka_widths=[8, 24])
+    x = torch.randn(24, 16)
+    with backends.use(backend), HostSyncCounter() as counter:
+        out = sae.training_forward(x, dead_mask=torch.arange(64) % 3 == 0, dead_capacity=22, defer_checks=True)
+        out.loss.backward()
+    assert "inner_mse_loss_24" in out.losses
+    assert dict(counter.by_op) == {}
 
 
 def test_loss_only_gradient_and_no_bias():

@@ -367,30 +367,49 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class LevelBags(NamedTuple):
     """The entries of an ``[N, m]`` code grouped level-major (:func:`level_bags`): ``indices``/``values [N*m]``
     sorted so that bag ``l * N + n`` (token n's level-l entries, slots in order) is
-    ``[offsets[l*N + n], offsets[l*N + n + 1])``; ``bounds``: the ``L + 1`` level boundaries as Python ints."""
+    ``[offsets[l*N + n], offsets[l*N + n + 1])``; ``bounds``: the ``L + 1`` level boundaries as Python ints, or None
+    where the host may not read them (see :func:`level_bags`)."""
 
     indices: Tensor
     values: Tensor
     offsets: Tensor
-    bounds: list[int]
+    bounds: list[int] | None
 
 
 def level_bags(values: Tensor, indices: Tensor, level: Tensor, levels: int) -> LevelBags:
     """:class:`LevelBags` of a code whose entries have levels ``level [N, m]``: one stable sort, after which each
-    level's bags are one contiguous run and every entry is gathered once over all levels. The ``L + 1`` level
-    boundaries are read to the host once (``embedding_bag`` wants each run's offsets from 0); on an accelerator
-    that is a synchronisation, which is why the triton and cuda backends run their own kernels there."""
+    level's bags are one contiguous run and every entry is gathered once over all levels. On the CPU the ``L + 1``
+    level boundaries are read to the host (``embedding_bag`` wants each run's offsets from 0), so each level is
+    summed on its own; elsewhere (:data:`CPU_HOST_READS`) that read would synchronise, so ``bounds`` is None and
+    :func:`level_partials` sums every level's bags at once."""
     n = indices.shape[0]
     key = (level.long() * n + torch.arange(n, device=indices.device)[:, None]).reshape(-1)
     key, order = torch.sort(key, stable=True)
     offsets = torch.searchsorted(key, torch.arange(levels * n + 1, device=indices.device))
-    bounds = offsets[:: max(1, n)].tolist() if n else [0] * (levels + 1)
+    bounds = None
+    if CPU_HOST_READS and indices.device.type == "cpu":
+        bounds = offsets[:: max(1, n)].tolist() if n else [0] * (levels + 1)
     return LevelBags(indices.reshape(-1)[order], values.reshape(-1)[order], offsets, bounds)
+
+
+def level_partials(W_dec: Tensor, bags: LevelBags, n: int, levels: int) -> Callable[[int], Tensor]:
+    """``partial(l) -> [N, d_out]`` in :func:`accumulation_dtype`: each token's sum of its level-l entries. With the
+    level boundaries on the host, one ``embedding_bag`` per level when asked (one ``[N, d_out]`` at a time);
+    without them, one ``embedding_bag`` over all ``L * N`` bags up front (``[L, N, d_out]``: the memory of the
+    prefixes, but no synchronisation)."""
+    acc_dtype = accumulation_dtype(W_dec.dtype)
+    if bags.bounds is None:
+        every = F.embedding_bag(
+            bags.indices, W_dec, bags.offsets[:-1], per_sample_weights=bags.values, mode="sum"
+        ).view(levels, n, -1)
+        return lambda level: every[level].to(acc_dtype)
+    return lambda level: _level_partial(W_dec, bags, n, level)
 
 
 def _level_partial(W_dec: Tensor, bags: LevelBags, n: int, level: int) -> Tensor:
     """``[N, d_out]`` in :func:`accumulation_dtype`: each token's sum of its level-``level`` entries (one
     ``embedding_bag`` over that level's run of :func:`level_bags`; rounded to W_dec's dtype once per level)."""
+    assert bags.bounds is not None
     lo, hi = bags.bounds[level], bags.bounds[level + 1]
     part = F.embedding_bag(
         bags.indices[lo:hi],
@@ -420,13 +439,13 @@ def matryoshka_decode_loss(
     Padding entries (value 0) add nothing. Gradients: :func:`matryoshka_decode_loss_backward`.
     """
     n, levels = indices.shape[0], len(widths)
-    bags = level_bags(values, indices, matryoshka_levels(indices, widths), levels)
+    partial = level_partials(W_dec, level_bags(values, indices, matryoshka_levels(indices, widths), levels), n, levels)
     acc_dtype = accumulation_dtype(y.dtype)
     target = y.to(acc_dtype) if b_dec is None else y.to(acc_dtype) - b_dec.to(acc_dtype)
     acc = torch.zeros(y.shape, dtype=acc_dtype, device=y.device)
     sq_err = torch.empty(n, levels, dtype=acc_dtype, device=y.device)
     for level in range(levels):
-        acc += _level_partial(W_dec, bags, n, level)
+        acc += partial(level)
         err = acc - target
         sq_err[:, level] = err.mul_(err).sum(-1)  # squared in place: one temporary per level
     recon = acc if b_dec is None else acc + b_dec.to(acc_dtype)
@@ -474,7 +493,7 @@ def matryoshka_decode_loss_backward(
     n, m = indices.shape
     levels = len(widths)
     level = matryoshka_levels(indices, widths)
-    bags = level_bags(values, indices, level, levels)
+    partial = level_partials(W_dec, level_bags(values, indices, level, levels), n, levels)
     acc_dtype = accumulation_dtype(y.dtype)
     e = recon.to(acc_dtype) - y.to(acc_dtype)
     suffix = grad_recon.to(acc_dtype, copy=True) if grad_recon is not None else torch.zeros_like(e)
@@ -486,7 +505,7 @@ def matryoshka_decode_loss_backward(
         dy.addcmul_(g2[:, lev, None], e, value=-1)
         table[:, lev] = suffix
         if lev:
-            e -= _level_partial(W_dec, bags, n, lev)
+            e -= partial(lev)
     table = table.view(n * levels, -1)
     rows = torch.arange(n, device=indices.device)[:, None] * levels + level
     d_values = gather_dot(W_dec, indices, table, rows)
