@@ -434,8 +434,8 @@ def matryoshka_decode_loss(
 
     Levels are visited in order with one ``[N, d_out]`` float32 running sum: level l's entries (one
     ``embedding_bag`` over the level-major bags, every entry gathered once) are added and the error of prefix l
-    is taken, so no ``[N, L, d_out]`` tensor exists. Sums are float32 (float64 for float64 inputs) and rounded
-    once to the inputs' dtype.
+    is taken, so on the CPU no ``[N, L, d_out]`` tensor exists (elsewhere :func:`level_partials` trades that for
+    not synchronising). Sums are float32 (float64 for float64 inputs) and rounded once to the inputs' dtype.
     Padding entries (value 0) add nothing. Gradients: :func:`matryoshka_decode_loss_backward`.
     """
     n, levels = indices.shape[0], len(widths)
