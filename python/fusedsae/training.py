@@ -1069,7 +1069,7 @@ def _sum_over_ranks(t: Tensor) -> Tensor:
     return t
 
 
-def plain(value: Any) -> Any:
+def json_plain(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, other objects their ``str``), for comparing a
     setting with its saved copy."""
     return json.loads(json.dumps(value, default=str))
@@ -1082,13 +1082,13 @@ def setting_differences(
     ``"an SAE with d_sae=64, but this SAE has d_sae=32"`` phrases; the device and :data:`RESUME_MAY_CHANGE` may
     differ."""
     out = []
-    mine, theirs = plain(sae.to_dict()), plain(saved_sae.to_dict())
+    mine, theirs = json_plain(sae.to_dict()), json_plain(saved_sae.to_dict())
     for name in mine:
         if name != "device" and mine[name] != theirs.get(name):
             out.append(f"an SAE with {name}={theirs.get(name)!r}, but this SAE has {name}={mine[name]!r}")
-    mine_train = plain(asdict(train))
+    mine_train = json_plain(asdict(train))
     for name in mine_train:
-        if name not in RESUME_MAY_CHANGE and name in saved_train and plain(saved_train[name]) != mine_train[name]:
+        if name not in RESUME_MAY_CHANGE and name in saved_train and json_plain(saved_train[name]) != mine_train[name]:
             out.append(f"{name}={saved_train[name]!r}, but this run has {name}={mine_train[name]!r}")
     return out
 
@@ -1101,7 +1101,7 @@ DATA_LOCATION_FIELDS = frozenset({"path"})
 def describe_data(source: Any) -> dict[str, Any]:
     """The source's ``describe()`` as it reads back from JSON (``{}`` for a source without one): kind, shapes, seed,
     a content fingerprint where cheap (see :mod:`fusedsae.data`)."""
-    return plain(source.describe()) if hasattr(source, "describe") else {}
+    return json_plain(source.describe()) if hasattr(source, "describe") else {}
 
 
 def data_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
