@@ -331,6 +331,20 @@ def test_triton_decode_loss_bfloat16_and_loss_only_gradient():
     _check_backend("triton", CASES[0], torch.bfloat16, _triton(), grad_recon=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests run the GPU blocks compiled")
+def test_triton_gpu_blocks_in_the_interpreter():
+    """The launchers' GPU tiles (4 tokens x 256 columns) through the interpreter: a partial last token block,
+    masked columns, and at d_out = 300 two column blocks whose partial squared errors and d values are summed."""
+    _triton()
+    from fusedsae.backends import triton as tt
+
+    tt.assume_gpu(2)
+    try:
+        _check_backend("triton", (13, 50, 6, 300, [5, 17, 50], "padded"), torch.float32, "cpu")
+    finally:
+        tt.assume_gpu(None)
+
+
 @contextlib.contextmanager
 def _deterministic(flag):
     from fusedsae.backends import triton as tt
