@@ -7,6 +7,13 @@ A SAELens 6.x folder holds ``cfg.json`` (``d_in``, ``d_sae``, ``dtype``, ``archi
 ``threshold`` for JumpReLU) and optionally ``sparsity.safetensors`` (log10 firing frequency). fusedsae writes its
 own full config under ``metadata["fusedsae"]`` so that BatchTopK, ``n_heads`` and the loss coefficients survive a
 round trip; SAELens keeps unknown metadata keys.
+
+Matryoshka BatchTopK SAEs follow SAELens (>= 6.15): its training folder has ``architecture:
+"matryoshka_batchtopk"`` with ``matryoshka_widths`` and the scalar ``topk_threshold``; its inference folder (what
+``save_inference_model`` writes, and what fusedsae writes) is a ``jumprelu`` folder whose
+``metadata.training_architecture`` is ``"matryoshka_batchtopk"`` and whose ``metadata.training_architecture_details``
+holds ``k`` and ``matryoshka_widths``. fusedsae reads both back as a Matryoshka BatchTopK SAE (eval mode: the same
+JumpReLU maths SAELens serves; training mode: the widths' inner losses).
 """
 
 from __future__ import annotations
@@ -170,9 +177,60 @@ def sae_lens_config(sae: Any) -> dict[str, Any]:
         **cfg.metadata,
         "sae_lens_version": SAE_LENS_SCHEMA_VERSION,
         "fusedsae_version": __version__,
+        **matryoshka_metadata(cfg),
         "fusedsae": fused,
     }
     return out
+
+
+MATRYOSHKA_ARCHITECTURE = "matryoshka_batchtopk"
+
+
+def matryoshka_metadata(cfg: SAEConfig) -> dict[str, Any]:
+    """The ``metadata`` keys SAELens's ``save_inference_model`` writes for a Matryoshka BatchTopK SAE
+    (``training_architecture`` and its ``training_architecture_details``), so that SAELens tools and fusedsae see
+    the widths; ``{}`` for any other SAE (SAELens has no Matryoshka TopK: those widths live in
+    ``metadata.fusedsae`` only). The decoder norms are already folded in a fusedsae SAE, hence
+    ``rescale_acts_by_decoder_norm: false``."""
+    if not cfg.matryoshka_widths or cfg.activation != "batchtopk":
+        return {}
+    return {
+        "training_architecture": MATRYOSHKA_ARCHITECTURE,
+        "training_architecture_details": {
+            "k": cfg.k,
+            "aux_loss_coefficient": cfg.aux_loss_coefficient,
+            "rescale_acts_by_decoder_norm": False,
+            "topk_threshold_lr": cfg.topk_threshold_lr,
+            "matryoshka_widths": list(cfg.matryoshka_widths),
+            "use_matryoshka_aux_loss": False,
+        },
+    }
+
+
+def sae_lens_matryoshka(raw: dict[str, Any], path: Path) -> tuple[int, list[int]] | None:
+    """``(k, matryoshka_widths)`` of a SAELens Matryoshka BatchTopK folder's ``cfg.json`` (6.x schema), either
+    form: the training folder (``architecture: "matryoshka_batchtopk"``, top-level fields) or the inference one
+    (``jumprelu`` with ``metadata.training_architecture_details``); ``None`` for any other SAE. Raises
+    :class:`SAEFormatError` naming the field when ``k`` or the widths are missing or malformed."""
+    meta = raw.get("metadata") or {}
+    if raw.get("architecture") == MATRYOSHKA_ARCHITECTURE:
+        fields, prefix = raw, ""
+    elif raw.get("architecture") == "jumprelu" and meta.get("training_architecture") == MATRYOSHKA_ARCHITECTURE:
+        fields, prefix = meta.get("training_architecture_details"), "metadata.training_architecture_details."
+        if not isinstance(fields, dict):
+            raise _field_error(
+                path, "metadata.training_architecture_details", "must be an object holding k and matryoshka_widths"
+            )
+    else:
+        return None
+    k, widths = fields.get("k"), fields.get("matryoshka_widths")
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)  # SAELens types BatchTopK's k as a float
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise _field_error(path, prefix + "k", f"must be a positive integer (fusedsae's BatchTopK k), got {k!r}")
+    if not isinstance(widths, list) or not widths:
+        raise _field_error(path, prefix + "matryoshka_widths", f"must be a non-empty list of widths, got {widths!r}")
+    return k, list(widths)
 
 
 def save_sae(sae: Any, path: str | os.PathLike[str], sparsity: Tensor | None = None) -> Path:
@@ -371,13 +429,23 @@ def _config_from_sae_lens(
     raw = upgrade_sae_lens_config(raw)
     meta = raw.get("metadata") or {}
     architecture = raw.get("architecture", "standard")
-    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(
-        architecture
-    )
+    matryoshka = sae_lens_matryoshka(raw, path)
+    if matryoshka is not None:
+        # read as a Matryoshka BatchTopK SAE: the training folder's scalar threshold (below, as batchtopk), or the
+        # inference folder's per-latent JumpReLU threshold, which a fusedsae BatchTopK uses in eval mode
+        raw = {**raw, "k": matryoshka[0]}
+        architecture = "batchtopk" if architecture == MATRYOSHKA_ARCHITECTURE else "matryoshka_inference"
+    activation = {
+        "standard": "relu",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "batchtopk": "batchtopk",
+        "matryoshka_inference": "batchtopk",
+    }.get(architecture)
     if activation is None:
         raise SAEFormatError(
             f"{path}: architecture {architecture!r} is not supported (fusedsae reads standard, topk, batchtopk, "
-            "jumprelu, and gated for inference)"
+            "matryoshka_batchtopk, jumprelu, and gated for inference)"
         )
     if raw.get("normalize_activations") not in (None, "none"):
         raise SAEFormatError(
@@ -391,7 +459,7 @@ def _config_from_sae_lens(
     weights = dict(tensors)
     k = raw.get("k")
     rescale = bool(raw.get("rescale_acts_by_decoder_norm", False)) and activation == "topk"
-    if activation == "batchtopk":
+    if architecture == "batchtopk":
         # A SAELens BatchTopK training checkpoint: the scalar EMA threshold becomes our threshold buffer, which
         # eval mode uses (JumpReLU maths, as SAELens's own inference save); its training config rescales by the
         # decoder norms by default, so fold them in (selection on pre * norm == selection after folding).
@@ -408,12 +476,18 @@ def _config_from_sae_lens(
         dtype=str(raw.get("dtype", "float32")),
         metadata=_user_metadata(meta),
         normalize_decoder=False,
+        matryoshka_widths=None if matryoshka is None else matryoshka[1],
     )
     return cfg, weights, rescale
 
 
 def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k not in ("fusedsae", "fusedsae_version", "sae_lens_version")}
+    """The metadata a user or SAELens put in a folder, without what fusedsae regenerates when it saves (its own
+    config and versions, and the Matryoshka training-architecture keys of :func:`matryoshka_metadata`)."""
+    ours = {"fusedsae", "fusedsae_version", "sae_lens_version"}
+    if meta.get("training_architecture") == MATRYOSHKA_ARCHITECTURE:
+        ours |= {"training_architecture", "training_architecture_details", "sae_lens_training_version"}
+    return {k: v for k, v in meta.items() if k not in ours}
 
 
 def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> SAEConfig:
@@ -539,9 +613,10 @@ def load_sae(
     dtype: str | torch.dtype | None = None,
     layer: str | None = None,
 ) -> Any:
-    """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu, and
-    gated for inference), sparsify (one layer, or ``layer=`` of a multi-layer root) or dictionary_learning
-    (``ae.pt`` + ``config.json``: AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder).
+    """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu,
+    Matryoshka BatchTopK in its training or inference form, read back as Matryoshka, and gated for inference),
+    sparsify (one layer, or ``layer=`` of a multi-layer root) or dictionary_learning (``ae.pt`` + ``config.json``:
+    AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder).
 
     Returns a :class:`fusedsae.SparseAutoencoder`, except for SAELens gated folders: a
     :class:`fusedsae.compat.sae_lens.GatedSAE` (inference only: ``encode``, ``decode``, ``forward``).

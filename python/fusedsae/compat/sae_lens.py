@@ -50,6 +50,7 @@ from fusedsae import functional as F
 from fusedsae.config import dtype_from_name, dtype_name
 from fusedsae.formats import (
     CFG_FILE,
+    MATRYOSHKA_ARCHITECTURE,
     SAE_LENS_SCHEMA_VERSION,
     WEIGHTS_FILE,
     SAEFormatError,
@@ -700,8 +701,10 @@ class SAE(nn.Module):
         converter: Any = None,
         fold_W_dec_norm: bool = False,
     ) -> SAE:
-        """Reads a SAELens folder (6.x or older ``cfg.json``). ``SAE``/inference classes turn a BatchTopK training
-        folder into the JumpReLU SAE SAELens saves for inference; ``TrainingSAE`` keeps training architectures."""
+        """Reads a SAELens folder (6.x or older ``cfg.json``). ``SAE``/inference classes turn a BatchTopK or
+        Matryoshka BatchTopK training folder into the JumpReLU SAE SAELens saves for inference; ``TrainingSAE`` keeps
+        training architectures (Matryoshka training is fusedsae's own: ``fusedsae.load`` reads either folder as a
+        Matryoshka SAE)."""
         if converter is not None:
             raise ValueError("custom converters are not supported by fusedsae.compat.sae_lens; pass a SAELens folder")
         folder = Path(path)
@@ -715,12 +718,13 @@ class SAE(nn.Module):
         raw = {**raw, "device": device}
         if dtype is not None:
             raw["dtype"] = dtype
-        if not training and raw.get("architecture") == "batchtopk":
+        if not training and raw.get("architecture") in ("batchtopk", MATRYOSHKA_ARCHITECTURE):
+            # a Matryoshka BatchTopK training folder serves as the same JumpReLU SAE (its widths only shape training)
             raw, tensors = _batchtopk_as_jumprelu(raw, tensors)
         if not training and raw.get("architecture") not in _INFERENCE:
             raise SAEFormatError(
                 f"{folder}: architecture {raw.get('architecture')!r} is not supported by fusedsae.compat.sae_lens "
-                f"(it reads {', '.join(sorted({*_INFERENCE, 'batchtopk'}))})"
+                f"(it reads {', '.join(sorted({*_INFERENCE, 'batchtopk', MATRYOSHKA_ARCHITECTURE}))})"
             )
         sae = cls.from_dict(raw)
         state = sae.state_dict()
