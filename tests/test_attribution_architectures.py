@@ -1,0 +1,77 @@
+"""Per-head attribution (docs/architecture.md#attribution) for the architectures beyond the four plain ones (issue 13
+items 3-4): Matryoshka SAEs, whose prefixes shape training only, so every active latent, inner or outer, splits
+exactly into per-head terms plus a constant.
+
+Tolerance: the float32 worst-case rounding bound of the sums (Higham's gamma_n times the sum of the magnitudes of
+the terms, computed in float64), as tests/test_attribution.py; a wrong head, sign or bias moves a result by the size
+of a term, orders of magnitude above it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedsae import SparseAutoencoder, TrainConfig, Trainer
+from fusedsae.analysis import head_contributions
+from fusedsae.data import TensorSource
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+U = torch.finfo(torch.float32).eps / 2
+H, DH = 4, 8
+D_IN = H * DH
+
+
+def gamma(n: int) -> float:
+    return n * U / (1 - n * U)
+
+
+def head_data(n: int, seed: int) -> torch.Tensor:
+    """``[n, D_IN]`` head-major rows: per head a few sparse directions plus noise and an offset (so that the two
+    conventions differ)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(H, 6, DH, generator=g)
+    on = torch.rand(n, H, 6, generator=g) < 0.3
+    z = torch.einsum("nhf,hfd->nhd", on * torch.rand(n, H, 6, generator=g), dirs)
+    return (z + 0.05 * torch.randn(n, H, DH, generator=g) + 0.4).reshape(n, D_IN)
+
+
+@pytest.fixture(scope="module", params=["topk", "batchtopk"])
+def matryoshka(request) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(
+        d_in=D_IN, d_sae=61, activation=request.param, k=4, n_heads=H, matryoshka_widths=[5, 23]
+    )  # 61 and 23: widths that are no multiple of any block
+    cfg = TrainConfig(steps=40, batch_size=256, lr=3e-3, checkpoint_every=0, log_every=40, progress=False)
+    Trainer(sae, TensorSource(head_data(4096, 1), batch_size=256), cfg).train()
+    return sae.eval()
+
+
+@pytest.mark.parametrize("convention", ["raw", "centred"])
+def test_matryoshka_contributions_reproduce_every_active_latent_of_every_level(matryoshka, convention):
+    sae = matryoshka
+    z = head_data(300, 2)
+    hc = head_contributions(sae, z, convention=convention)
+    dense = sae.encode(z)
+    assert int(hc.active.sum()) == int((dense != 0).sum()) > 0
+    fired = hc.indices[hc.active]
+    # the identity is checked on latents of the innermost prefix, the middle level and the outer one alike
+    assert (fired < 5).any() and ((fired >= 5) & (fired < 23)).any() and (fired >= 23).any()
+    W = sae.W_enc.detach().double()
+    b_dec = sae.b_dec.detach().double()
+    zd = z.double()
+    pre = (zd - b_dec) @ W + sae.b_enc.detach().double()
+    mag = (zd.abs() + b_dec.abs()) @ W.abs() + sae.b_enc.detach().double().abs()
+    exact = pre.gather(1, hc.indices)[hc.active]
+    bound = gamma(D_IN + H + 4) * mag.gather(1, hc.indices)[hc.active]
+    total = hc.total()[hc.active].double()
+    assert ((total - exact).abs() <= bound).all()
+    assert ((total - hc.activations[hc.active].double()).abs() <= 2 * bound).all()
+    offset = b_dec if convention == "centred" else torch.zeros_like(b_dec)
+    for h in range(H):
+        cols = slice(h * DH, (h + 1) * DH)
+        term = ((zd[:, cols] - offset[cols]) @ W[cols]).gather(1, hc.indices)[hc.active]
+        term_mag = ((zd[:, cols].abs() + offset[cols].abs()) @ W[cols].abs()).gather(1, hc.indices)[hc.active]
+        err = (hc.contributions[..., h][hc.active].double() - term).abs()
+        assert (err <= gamma(DH + 2) * term_mag).all(), f"head {h}"
