@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusedsae import toy
-from fusedsae.experiments import ABSORB_COS, absorption_rate
+from fusedsae.experiments import ABSORB_COS, LabConfig, absorption_rate, lab_absorption
 
 DATA = toy.HierarchicalFeatureData(n_parents=3, children=2, p_parent=0.5, p_child=0.6, d_in=12, seed=4)
 
@@ -106,3 +106,22 @@ def test_absorption_rate_needs_orthonormal_directions():
     crowded = toy.HierarchicalFeatureData(n_parents=4, children=3, d_in=8)
     with pytest.raises(ValueError, match="orthonormal toy directions"):
         absorption_rate(crowded, torch.eye(8), torch.zeros(3, 8), torch.zeros(3, 8))
+
+
+def test_absorption_lab_trains_plain_and_matryoshka_saes_and_summarises_them(tmp_path, one_thread):
+    """The experiment's plumbing on a few steps (its findings need ~2000 steps: docs/matryoshka.md)."""
+    from fusedsae.cli import main
+
+    cfg = LabConfig(seeds=1, steps=15, batch_size=128, eval_size=512, progress=False)
+    result = lab_absorption(cfg, cells=(("topk", 2), ("batchtopk", 1)))
+    assert [(r["objective"], r["k"], r["matryoshka"]) for r in result.summary] == [
+        ("topk", 2, "none"),
+        ("topk", 2, "[4, 36]"),
+        ("batchtopk", 1, "none"),
+        ("batchtopk", 1, "[4, 36]"),
+    ]
+    for row in result.rows:
+        assert 0.0 <= row["absorption_rate"] <= 1.0 and 0.0 < row["parent_cos"] <= 1.0 + 1e-6
+    assert main(["toy", "absorption", "--seeds", "1", "--steps", "5", "--no-plots", "--out", str(tmp_path)]) == 0
+    record = (tmp_path / "absorption.json").read_text()
+    assert '"absorption_rate_sd"' in record and '"matryoshka": "[4, 36]"' in record
