@@ -1,6 +1,7 @@
 """Per-head attribution (docs/architecture.md#attribution) for the architectures beyond the four plain ones (issue 13
 items 3-4): Matryoshka SAEs, whose prefixes shape training only, so every active latent, inner or outer, splits
-exactly into per-head terms plus a constant.
+exactly into per-head terms plus a constant; gated SAEs, whose active latents are their magnitude path's
+(``GatedSAE.magnitude_path``) wherever the gate is open.
 
 Tolerance: the float32 worst-case rounding bound of the sums (Higham's gamma_n times the sum of the magnitudes of
 the terms, computed in float64), as tests/test_attribution.py; a wrong head, sign or bias moves a result by the size
@@ -75,3 +76,63 @@ def test_matryoshka_contributions_reproduce_every_active_latent_of_every_level(m
         term_mag = ((zd[:, cols].abs() + offset[cols].abs()) @ W[cols].abs()).gather(1, hc.indices)[hc.active]
         err = (hc.contributions[..., h][hc.active].double() - term).abs()
         assert (err <= gamma(DH + 2) * term_mag).all(), f"head {h}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gated SAEs (SAELens "gated"): attribution of the magnitude path, on the latents the gate opens
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gated_sae(d_in: int, d_sae: int):
+    from fusedsae.compat import sae_lens as csl
+
+    torch.manual_seed(3)
+    sae = csl.GatedSAE(csl.GatedSAEConfig(d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in**-0.5)
+        sae.W_dec.normal_(0, 0.3)
+        for name in ("b_gate", "b_mag", "r_mag"):
+            getattr(sae, name).normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.2)
+    return sae
+
+
+@pytest.mark.parametrize("convention", ["raw", "centred"])
+def test_gated_sae_active_latents_split_exactly_into_head_terms(convention):
+    sae = gated_sae(D_IN, 45)
+    z = head_data(200, 4)
+    gated = sae.encode(z)
+    assert 0 < int((gated != 0).sum()) < gated.numel()  # the gate opens some latents, not all
+    mag = sae.magnitude_path(n_heads=H)
+    hc = head_contributions(mag, z, convention=convention)
+    # every latent the gate opens is among the magnitude path's active ones, with the gated activation
+    # (scatter_reduce: the padded form repeats feature 0 in its inactive slots)
+    found = torch.zeros_like(gated).scatter_reduce(1, hc.indices, hc.active.float(), "amax") > 0
+    assert found[gated != 0].all()
+    acts = torch.zeros_like(gated).scatter_reduce(1, hc.indices, torch.where(hc.active, hc.activations, 0.0), "sum")
+    torch.testing.assert_close(acts[gated != 0], gated[gated != 0])
+    # the identity on the gated SAE's own active latents, against float64
+    opened = (gated.gather(1, hc.indices) != 0) & hc.active
+    W = mag.W_enc.detach().double()
+    b_dec = sae.b_dec.detach().double()
+    zd = z.double()
+    pre = (zd - b_dec) @ W + sae.b_mag.detach().double()
+    scale = (zd.abs() + b_dec.abs()) @ W.abs() + sae.b_mag.detach().double().abs()
+    bound = gamma(D_IN + H + 4) * scale.gather(1, hc.indices)[opened]
+    assert ((hc.total()[opened].double() - pre.gather(1, hc.indices)[opened]).abs() <= bound).all()
+    assert ((hc.total()[opened] - gated.gather(1, hc.indices)[opened]).abs().double() <= 2 * bound).all()
+
+
+def test_gated_fixture_written_by_sae_lens_attributes_its_own_outputs():
+    from safetensors.torch import load_file
+
+    from conftest import FIXTURES
+    from fusedsae.compat import sae_lens as csl
+
+    folder = FIXTURES / "saelens_gated"
+    want = load_file(str(folder / "expected.safetensors"))
+    sae = csl.SAE.load_from_disk(folder)
+    hc = head_contributions(sae.magnitude_path(n_heads=2), want["x"])
+    opened = (want["encode"].gather(1, hc.indices) != 0) & hc.active
+    assert int(opened.sum()) == int((want["encode"] != 0).sum()) > 0
+    torch.testing.assert_close(hc.total()[opened], want["encode"].gather(1, hc.indices)[opened])

@@ -938,6 +938,37 @@ class JumpReLUSAE(SAE):
 class GatedSAE(SAE):
     """Inference only: ``acts = 1[x W_enc + b_gate > 0] * relu(x (W_enc ∘ exp(r_mag)) + b_mag)``."""
 
+    @torch.no_grad()
+    def magnitude_path(self, n_heads: int | None = None) -> Any:
+        """The gated SAE's magnitude path as a ReLU :class:`fusedsae.SparseAutoencoder` (``W_enc ∘ exp(r_mag)``,
+        ``b_mag``, the same ``W_dec``, ``b_dec``): wherever the gate is open its activations are the gated SAE's,
+        so :func:`fusedsae.analysis.head_contributions` on it attributes every active gated latent exactly (keep
+        the latents with ``self.encode(z) != 0``: the gate decides which fire, the magnitude path how much).
+        ``n_heads``: for SAEs on concatenated attention outputs."""
+        from fusedsae.sae import SparseAutoencoder
+
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                f"normalize_activations={self.cfg.normalize_activations!r} rescales each input at run time, so the "
+                "magnitude path is not a fixed SparseAutoencoder"
+            )
+        sae = SparseAutoencoder(
+            d_in=self.cfg.d_in,
+            d_sae=self.cfg.d_sae,
+            activation="relu",
+            n_heads=n_heads,
+            apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
+            dtype=self.cfg.dtype,
+            device=str(self.device),
+            normalize_decoder=False,
+            metadata=self.cfg.metadata.to_dict(),
+        )
+        sae.W_enc.copy_(self.W_enc * self.r_mag.exp())
+        sae.b_enc.copy_(self.b_mag)
+        sae.W_dec.copy_(self.W_dec)
+        sae.b_dec.copy_(self.b_dec)
+        return sae.eval()
+
 
 class StandardTrainingSAE(TrainingSAE):
     pass
