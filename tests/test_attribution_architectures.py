@@ -136,3 +136,23 @@ def test_gated_fixture_written_by_sae_lens_attributes_its_own_outputs():
     opened = (want["encode"].gather(1, hc.indices) != 0) & hc.active
     assert int(opened.sum()) == int((want["encode"] != 0).sum()) > 0
     torch.testing.assert_close(hc.total()[opened], want["encode"].gather(1, hc.indices)[opened])
+
+
+def test_dictionary_learning_gated_autoencoder_loads_runs_and_attributes():
+    """A GatedAutoEncoder folder written by dictionary_learning itself: its outputs, and exact attribution."""
+    from safetensors.torch import load_file
+
+    import fusedsae
+    from conftest import FIXTURES
+    from fusedsae.compat import sae_lens as csl
+
+    folder = FIXTURES / "dictionary_learning_GatedAutoEncoder"
+    want = load_file(str(folder / "expected.safetensors"))
+    sae = fusedsae.load(folder)
+    assert isinstance(sae, csl.GatedSAE) and sae.cfg.metadata["dict_class"] == "GatedAutoEncoder"
+    torch.testing.assert_close(sae.encode(want["x"]), want["encode"])
+    torch.testing.assert_close(sae(want["x"]), want["forward"])
+    hc = head_contributions(sae.magnitude_path(n_heads=4), want["x"])
+    opened = (want["encode"].gather(1, hc.indices) != 0) & hc.active
+    assert int(opened.sum()) == int((want["encode"] != 0).sum()) > 0
+    torch.testing.assert_close(hc.total()[opened], want["encode"].gather(1, hc.indices)[opened])

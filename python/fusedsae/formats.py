@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fusedsae._version import __version__
-from fusedsae.config import SAEConfig, dtype_from_name
+from fusedsae.config import SAEConfig, dtype_from_name, dtype_name
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -540,14 +540,16 @@ _DICTIONARY_LEARNING = {
     "AutoEncoderTopK": "topk",
     "BatchTopKSAE": "batchtopk",
     "JumpReluAutoEncoder": "jumprelu",
+    "GatedAutoEncoder": "gated",  # inference only, as fusedsae.compat.sae_lens.GatedSAE (same maths as SAELens's)
 }
 DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 DICTIONARY_LEARNING_CONFIG = "config.json"
 
 
-def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig | None, dict[str, Tensor]]:
     """dictionary_learning's ``ae.pt`` (a state dict; read with ``torch.load(weights_only=True)``, which refuses
-    anything but tensors and plain containers) + ``config.json`` ``{"trainer": {"dict_class": ...}}``."""
+    anything but tensors and plain containers) + ``config.json`` ``{"trainer": {"dict_class": ...}}``. A
+    GatedAutoEncoder has no :class:`SAEConfig`: ``(None, its weights by SAELens's gated names)``."""
     config = read_json(folder / DICTIONARY_LEARNING_CONFIG)
     trainer = config.get("trainer") or {}
     dict_class = trainer.get("dict_class")
@@ -574,6 +576,15 @@ def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig, dict[str, Tensor
         return [state[n] for n in names]
 
     apply_b_dec = True
+    if activation == "gated":
+        # GatedAutoEncoder: encoder.weight [F, d] (no bias), gate_bias, mag_bias, r_mag, decoder.weight [d, F],
+        # decoder_bias subtracted before encoding: SAELens's gated maths with W_enc = encoder.weightᵀ
+        enc_w, dec_w, b_dec, b_gate, b_mag, r_mag = need(
+            "encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "mag_bias", "r_mag"
+        )
+        weights = {"W_enc": enc_w.t(), "W_dec": dec_w.t(), "b_dec": b_dec, "b_gate": b_gate, "b_mag": b_mag}
+        weights["r_mag"] = r_mag
+        return None, weights  # no SAEConfig can say "gated": load_sae builds the compat GatedSAE
     if activation == "jumprelu":
         W_enc, b_enc, W_dec, b_dec, threshold = need("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
         apply_b_dec = False  # JumpReluAutoEncoder sets apply_b_dec_to_input = False and does not save it
@@ -616,9 +627,9 @@ def load_sae(
     """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu,
     Matryoshka BatchTopK in its training or inference form, read back as Matryoshka, and gated for inference),
     sparsify (one layer, or ``layer=`` of a multi-layer root) or dictionary_learning (``ae.pt`` + ``config.json``:
-    AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder).
+    AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder, and GatedAutoEncoder for inference).
 
-    Returns a :class:`fusedsae.SparseAutoencoder`, except for SAELens gated folders: a
+    Returns a :class:`fusedsae.SparseAutoencoder`, except for gated folders (SAELens, dictionary_learning): a
     :class:`fusedsae.compat.sae_lens.GatedSAE` (inference only: ``encode``, ``decode``, ``forward``).
     ``device``/``dtype`` override the stored ones. Raises :class:`SAEFormatError` naming the file and the problem
     for a missing, truncated or inconsistent folder, and listing the layers of a multi-layer root.
@@ -639,6 +650,8 @@ def load_sae(
     if not cfg_path.is_file():
         if (folder / DICTIONARY_LEARNING_WEIGHTS).is_file() and (folder / DICTIONARY_LEARNING_CONFIG).is_file():
             cfg, weights = _from_dictionary_learning(folder)
+            if cfg is None:
+                return _gated_sae(weights, folder, device, dtype)
             return _build(SparseAutoencoder, cfg, weights, folder, device, dtype, fold=False)
         layers = sparsify_layers(folder)
         if layers:
@@ -694,6 +707,27 @@ def _build(
     _assign(sae, weights, folder)
     if fold:
         sae.fold_W_dec_norm()
+    return sae
+
+
+def _gated_sae(
+    weights: dict[str, Tensor], folder: Path, device: str | torch.device | None, dtype: str | torch.dtype | None
+) -> Any:
+    """A :class:`fusedsae.compat.sae_lens.GatedSAE` (inference: ``encode``, ``decode``, ``forward``,
+    ``magnitude_path``) holding a dictionary_learning GatedAutoEncoder's weights (SAELens names)."""
+    from fusedsae.compat.sae_lens import GatedSAE, GatedSAEConfig
+
+    W_enc = weights["W_enc"]
+    sae = GatedSAE(
+        GatedSAEConfig(
+            d_in=int(W_enc.shape[0]),
+            d_sae=int(W_enc.shape[1]),
+            dtype=dtype_name(dtype_from_name(dtype if dtype is not None else W_enc.dtype)),
+            device=str(device or "cpu"),
+            metadata={"source": "dictionary_learning", "dict_class": "GatedAutoEncoder"},
+        )
+    )
+    _assign(sae, weights, folder)
     return sae
 
 
