@@ -149,3 +149,60 @@ def test_compat_layer_serves_sae_lens_matryoshka_folders_as_sae_lens_does():
         assert isinstance(sae, csl.JumpReLUSAE)
         torch.testing.assert_close(sae.encode(want["x"]), want["encode"])
         torch.testing.assert_close(sae(want["x"]), want["forward"])
+
+
+def test_compat_matryoshka_training_sae_reads_writes_and_trains_as_sae_lens(tmp_path):
+    """``csl.MatryoshkaBatchTopKTrainingSAE``: SAELens's training folder in, its losses on SAELens's weights, and
+    both of SAELens's folder forms out, each read back by ``fusedsae.load`` as the same Matryoshka SAE."""
+    from fusedsae.compat.sae_lens import TrainStepInput
+
+    folder = FIXTURES / "saelens_matryoshka_train"
+    want = expected(folder)
+    sae = csl.TrainingSAE.load_from_disk(folder)
+    assert isinstance(sae, csl.MatryoshkaBatchTopKTrainingSAE) and sae.cfg.matryoshka_widths == [4, 9, 16]
+    sae.save_model(tmp_path / "train")
+    raw = json.loads((tmp_path / "train" / "cfg.json").read_text())
+    assert raw["architecture"] == "matryoshka_batchtopk" and raw["matryoshka_widths"] == [4, 9, 16]
+    sae.save_inference_model(tmp_path / "inference")
+    ours = fusedsae.load(folder).eval()
+    for form in ("train", "inference"):
+        back = fusedsae.load(tmp_path / form).eval()
+        assert back.cfg.matryoshka_widths == [4, 9, 16] and back.cfg.k == 3, form
+        torch.testing.assert_close(back(want["x"]), ours(want["x"]), msg=form)
+    assert sae.to_fusedsae().cfg.matryoshka_widths == [4, 9, 16]
+    # after the files (a training step moves the BatchTopK threshold's EMA)
+    out = sae.training_forward_pass(TrainStepInput(want["x"], {}, None, 0, False))
+    for key in ("mse_loss", "inner_mse_loss_4", "inner_mse_loss_9"):
+        torch.testing.assert_close(out.losses[key], want[f"loss.{key}"], msg=key)
+    out.loss.backward()  # the inner losses train the encoder through the shared BatchTopK activations
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="use_matryoshka_aux_loss"):
+        csl.MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=4, d_sae=8, k=2, matryoshka_widths=[2], use_matryoshka_aux_loss=True
+        )
+    assert csl.MatryoshkaBatchTopKTrainingSAEConfig(d_in=4, d_sae=8, k=2, matryoshka_widths=[2]).matryoshka_widths == [
+        2,
+        8,
+    ]
+
+
+def test_sae_lens_reads_the_compat_matryoshka_training_folder(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae_lens not installed (the fixtures cover reading in CI)")
+    from sae_lens.saes.sae import TrainStepInput as TheirInput
+
+    from fusedsae.compat.sae_lens import TrainStepInput
+
+    torch.manual_seed(2)
+    cfg = csl.MatryoshkaBatchTopKTrainingSAEConfig(d_in=8, d_sae=12, k=2, matryoshka_widths=[3, 7])
+    ours = csl.MatryoshkaBatchTopKTrainingSAE(cfg)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    ours.save_model(tmp_path / "m")
+    theirs = sae_lens.TrainingSAE.load_from_disk(str(tmp_path / "m"))
+    assert type(theirs).__name__ == "MatryoshkaBatchTopKTrainingSAE"
+    x = torch.randn(10, 8)
+    mine = ours.training_forward_pass(TrainStepInput(x, {}, None, 0, False)).losses
+    their = theirs.training_forward_pass(TheirInput(x, {}, None, 0, False)).losses
+    for key in ("mse_loss", "inner_mse_loss_3", "inner_mse_loss_7"):
+        torch.testing.assert_close(mine[key], their[key], msg=key)

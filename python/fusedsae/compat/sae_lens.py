@@ -4,10 +4,12 @@ Covered (names, fields, defaults and maths as SAELens 6.x):
 
 - configs: ``StandardSAEConfig``, ``TopKSAEConfig``, ``JumpReLUSAEConfig``, ``GatedSAEConfig`` (inference) and
   ``StandardTrainingSAEConfig``, ``TopKTrainingSAEConfig``, ``BatchTopKTrainingSAEConfig``,
-  ``JumpReLUTrainingSAEConfig`` (training), with ``architecture()``, ``to_dict``, ``from_dict`` and
-  ``metadata`` (:class:`SAEMetadata`: ``cfg.metadata.hook_name``, missing keys read as None);
+  ``MatryoshkaBatchTopKTrainingSAEConfig``, ``JumpReLUTrainingSAEConfig`` (training), with ``architecture()``,
+  ``to_dict``, ``from_dict`` and ``metadata`` (:class:`SAEMetadata`: ``cfg.metadata.hook_name``, missing keys
+  read as None);
 - ``SAE`` / ``TrainingSAE`` and one class per architecture (``StandardSAE``, ``TopKSAE``, ``JumpReLUSAE``,
-  ``GatedSAE``, ``StandardTrainingSAE``, ``TopKTrainingSAE``, ``BatchTopKTrainingSAE``, ``JumpReLUTrainingSAE``),
+  ``GatedSAE``, ``StandardTrainingSAE``, ``TopKTrainingSAE``, ``BatchTopKTrainingSAE``,
+  ``MatryoshkaBatchTopKTrainingSAE``, ``JumpReLUTrainingSAE``),
   constructible from these configs, from SAELens's own config objects, or from dicts (``SAE.from_dict``);
 - ``encode``, ``decode``, ``forward`` (with ``use_error_term``), ``encode_with_hidden_pre``,
   ``training_forward_pass(TrainStepInput)`` → :class:`TrainStepOutput` (``sae_in``, ``sae_out``,
@@ -19,10 +21,11 @@ Covered (names, fields, defaults and maths as SAELens 6.x):
 
 Not covered, and why: TransformerLens ``HookPoint``s and ``HookedSAETransformer`` (hook points would force the
 dense activations the fused kernels avoid; splice the SAE in with your own forward hook), ``from_pretrained``
-(fusedsae never downloads; fetch the folder and call ``load_from_disk``), transcoders, Matryoshka and the newer
-research architectures, ``covariance_whitening``, JumpReLU's ``pre_act_loss_coefficient`` and
-``jumprelu_ste_to_input=True`` (refused at construction with that reason), gated *training* (gated folders load
-for inference), and ``use_sparse_activations`` (the sparse path is what fusedsae always runs).
+(fusedsae never downloads; fetch the folder and call ``load_from_disk``), transcoders, Matryoshka's
+``use_matryoshka_aux_loss`` and the newer research architectures, ``covariance_whitening``, JumpReLU's
+``pre_act_loss_coefficient`` and ``jumprelu_ste_to_input=True`` (refused at construction with that reason), gated
+*training* (gated folders load for inference), and ``use_sparse_activations`` (the sparse path is what fusedsae
+always runs).
 
 Where it goes through the fused kernels: TopK and BatchTopK ``training_forward_pass`` and ``forward`` run the
 fused encoder + selection (+ AuxK selection among dead latents) and the sparse decoder without forming the
@@ -47,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae.config import dtype_from_name, dtype_name
+from fusedsae.config import check_matryoshka_widths, dtype_from_name, dtype_name
 from fusedsae.formats import (
     CFG_FILE,
     MATRYOSHKA_ARCHITECTURE,
@@ -230,6 +233,11 @@ class TrainingSAEConfig(SAEConfig):
         names = {f.name for f in dataclasses.fields(inference_cls)}
         out = {name: getattr(self, name) for name in names}
         out["metadata"] = {**self.metadata.to_dict(), "training_architecture": self.architecture()}
+        if self.architecture() == MATRYOSHKA_ARCHITECTURE:  # as SAELens: the widths survive the inference save
+            inference_fields = {f.name for f in dataclasses.fields(inference_cls)}
+            out["metadata"]["training_architecture_details"] = {
+                f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in inference_fields
+            }
         out["architecture"] = inference_cls.architecture()
         return out
 
@@ -264,6 +272,33 @@ class BatchTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "batchtopk"
+
+
+@dataclass
+class MatryoshkaBatchTopKTrainingSAEConfig(BatchTopKTrainingSAEConfig):
+    """SAELens's ``matryoshka_batchtopk`` (>= 6.15): ``matryoshka_widths`` strictly increasing, ``d_sae`` appended
+    when missing (as SAELens does). ``use_matryoshka_aux_loss=True`` (AuxK per level) is not implemented."""
+
+    matryoshka_widths: list[int] = field(default_factory=list)
+    use_matryoshka_aux_loss: bool = False
+
+    @classmethod
+    def architecture(cls) -> str:
+        return MATRYOSHKA_ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.matryoshka_widths:
+            raise ValueError("matryoshka_widths must not be empty")
+        widths = [int(w) for w in self.matryoshka_widths]
+        if widths[-1] != self.d_sae:
+            widths.append(self.d_sae)
+        self.matryoshka_widths = check_matryoshka_widths(widths, self.d_sae)
+        if self.use_matryoshka_aux_loss:
+            raise ValueError(
+                "use_matryoshka_aux_loss=True is not implemented by fusedsae.compat.sae_lens (AuxK reconstructs the "
+                "whole SAE's residual, SAELens's default); leave it False"
+            )
 
 
 @dataclass
@@ -418,7 +453,8 @@ class SAE(nn.Module):
             raise ValueError(f"a {cfg.architecture()!r} config builds a {expected.__name__}, not {type(self).__name__}")
         self.cfg = cfg
         self.use_error_term = use_error_term
-        self.architecture = cfg.architecture()
+        # the maths to run: a Matryoshka BatchTopK SAE is a BatchTopK SAE plus inner losses in training
+        self.architecture = _RUNS_AS.get(cfg.architecture(), cfg.architecture())
         self._hook_z = cfg.reshape_activations == "hook_z" and not self._training_class
         self.d_head: int | None = None
         factory = {"dtype": dtype_from_name(cfg.dtype), "device": cfg.device}
@@ -766,6 +802,7 @@ class SAE(nn.Module):
             dtype=self.cfg.dtype,
             device=str(self.device),
             normalize_decoder=False,
+            matryoshka_widths=getattr(self.cfg, "matryoshka_widths", None),
             metadata=self.cfg.metadata.to_dict(),
         )
         with torch.no_grad():
@@ -920,7 +957,8 @@ def _batchtopk_as_jumprelu(raw: dict[str, Any], tensors: dict[str, Tensor]) -> t
     return {**raw, "architecture": "jumprelu"}, tensors
 
 
-_INFERENCE_ARCHITECTURE = {"batchtopk": "jumprelu"}
+_INFERENCE_ARCHITECTURE = {"batchtopk": "jumprelu", MATRYOSHKA_ARCHITECTURE: "jumprelu"}
+_RUNS_AS = {MATRYOSHKA_ARCHITECTURE: "batchtopk"}
 
 
 class StandardSAE(SAE):
@@ -982,6 +1020,27 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
     pass
 
 
+class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
+    """SAELens's ``MatryoshkaBatchTopKTrainingSAE``: the BatchTopK step plus ``inner_mse_loss_<w>`` for every inner
+    width (the reconstruction from the latents below w of the same BatchTopK activations, weight 1 each).
+    ``save_model`` writes SAELens's ``matryoshka_batchtopk`` training folder, ``save_inference_model`` its
+    ``jumprelu`` folder with ``metadata.training_architecture_details``; ``fusedsae.load`` reads both back as a
+    Matryoshka SAE (:meth:`to_fusedsae` too)."""
+
+    def training_forward_pass(self, step_input: Any) -> TrainStepOutput:
+        out = super().training_forward_pass(step_input)
+        acts = out.feature_acts.reshape(-1, self.cfg.d_sae)
+        if self._rescales():
+            acts = acts * (1 / self.W_dec.norm(dim=-1))
+        lead = out.sae_in.shape[:-1]
+        for width in self.cfg.matryoshka_widths[:-1]:
+            inner = self._sae_out(F.decode(acts[:, :width], self.W_dec[:width], self.b_dec), lead)
+            loss = (inner - out.sae_in).pow(2).sum(-1).mean()
+            out.losses[f"inner_mse_loss_{width}"] = loss
+            out.loss = out.loss + loss
+        return out
+
+
 class JumpReLUTrainingSAE(TrainingSAE):
     pass
 
@@ -997,6 +1056,7 @@ _TRAINING: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
     "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
     "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+    MATRYOSHKA_ARCHITECTURE: (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
     "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
 }
 
@@ -1010,6 +1070,8 @@ __all__ = [
     "JumpReLUSAEConfig",
     "JumpReLUTrainingSAE",
     "JumpReLUTrainingSAEConfig",
+    "MatryoshkaBatchTopKTrainingSAE",
+    "MatryoshkaBatchTopKTrainingSAEConfig",
     "SAEConfig",
     "SAEMetadata",
     "StandardSAE",
