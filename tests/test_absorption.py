@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusedsae import toy
-from fusedsae.experiments import ABSORB_COS, LabConfig, absorption_rate, lab_absorption
+from fusedsae.experiments import ABSORB_COS, LabConfig, absorption_rate, lab_absorption, lab_figures
 
 DATA = toy.HierarchicalFeatureData(n_parents=3, children=2, p_parent=0.5, p_child=0.6, d_in=12, seed=4)
 
@@ -125,3 +125,5 @@ def test_absorption_lab_trains_plain_and_matryoshka_saes_and_summarises_them(tmp
     assert main(["toy", "absorption", "--seeds", "1", "--steps", "5", "--no-plots", "--out", str(tmp_path)]) == 0
     record = (tmp_path / "absorption.json").read_text()
     assert '"absorption_rate_sd"' in record and '"matryoshka": "[4, 36]"' in record
+    (figure,) = lab_figures(result, tmp_path / "figures", seeds=1)
+    assert figure.name == "absorption.png" and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1485,6 +1485,18 @@ def lab_figures(result: LabResult, out: Any, seeds: int) -> list[Any]:
         ax.legend(fontsize=6, loc="upper right")
         ax.set_title("parents and children: does the child's latent absorb the parent?", fontsize=9)
         save(fig, "hierarchy.png")
+    elif result.name == "absorption":
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        labels = [f"{r['objective']} k={r['k']}\n{'Matryoshka' if r['matryoshka'] != 'none' else 'plain'}" for r in S]
+        cols = ("absorption_rate", "parent_recall_with_child", "child_parent_cos", "fvu")
+        for n, col in enumerate(cols):
+            xs = [i + (n - 1.5) * 0.2 for i in range(len(S))]
+            ax.bar(xs, [r[col] for r in S], 0.2, yerr=[r.get(f"{col}_sd", 0.0) for r in S], label=col, capsize=2)
+        ax.set_xticks(range(len(S)), labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=6, loc="upper right")
+        ax.set_title(f"absorption, plain vs Matryoshka (mean ± sd over {seeds} seeds)", fontsize=9)
+        save(fig, "absorption.png")
     return paths
 
 
