@@ -67,6 +67,8 @@ def test_a_perfectly_absorbed_dictionary_scores_one():
     assert got["absorption_rate"] == 1.0
     assert got["parent_recall_with_child"] == 0.0 and got["parent_recall_alone"] == 1.0
     assert got["child_parent_cos"] == pytest.approx(2**-0.5)
+    scaled = W * torch.linspace(0.2, 3.0, len(W))[:, None]  # decoder norms do not matter, only directions
+    assert absorption_rate(DATA, scaled, encode(on, route), x) == pytest.approx(got)
 
 
 def test_each_condition_of_the_definition_is_needed():
