@@ -1,9 +1,15 @@
 """The encoder's Hopper configurations (CANDIDATE_CONFIGS, TMA and pointer operands, the split epilogue) and the
-launch-grid limits, through the interpreter with the GPU tile sizes; compared with the reference."""
+launch-grid limits, through the interpreter with the GPU tile sizes; compared with the reference. And every kernel
+launch compiled for sm_90 at the DESIGN shapes (tests/compile_for_gpu.py), without a GPU."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,7 +78,9 @@ def test_every_candidate_config_selects_like_the_reference(gpu_tiles, name):
     [
         (40, True, 5, 3),  # W_enc as a transposed view: descriptors of W_enc^T (W_T)
         (13, False, 1, 0),  # rows of 52 B: pointer loads; k = 1
-        (40, False, 64, 0),  # k = 64: the quarter-tile epilogue falls back to halves (one column per bucket)
+        (40, False, 64, 0),  # k = 64 over 32-column quarters: the bound's buckets in two slices
+        (40, False, 20, 100),  # AuxK's 128 buckets over quarters: four slices, one column per bucket
+        (40, False, 2, 1),  # k = 2, aux_k = 1: buckets of 16 and 32 columns of each quarter
     ],
 )
 def test_default_config_layouts_and_k(gpu_tiles, d_in, transposed, k, aux_k):
@@ -114,6 +122,37 @@ def test_encoder_config_is_chosen_by_name(monkeypatch):
         tt.encoder_config()
     with pytest.raises(ValueError, match="unknown encoder config 'nope'"):
         tt.set_encoder_config("nope")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="with a GPU every other test compiles and runs the kernels")
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter accepts code the compiler rejects (tl.dot shapes, layouts, runtime loop bounds), so every
+    kernel launch the launchers make at the DESIGN shapes' real arguments is also compiled to an sm_90 cubin with
+    triton's bundled ptxas, without a GPU (bfloat16 here; the script does all dtypes). Runs under the GPU
+    machines' triton 3.6 and under the newest triton (scripts/newest_triton.sh)."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas for NVIDIA targets")
+    script = Path(__file__).resolve().parent / "compile_for_gpu.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "report"
+    run = subprocess.run(
+        [sys.executable, str(script), "--dtypes", "bfloat16", "--report", str(report)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    # non-zero: a launch failed to compile, ptxas failed, or a kernel of fusedsae.kernels was never launched
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = json.loads(report.with_suffix(".json").read_text())["runs"]["current"]["rows"]
+    fused = [row for row in rows if row["kernel"] == "_topk_encode_fwd_kernel"]
+    assert fused and all(row["mma"] == "wgmma" for row in fused), [(r["cases"], r["mma"]) for r in fused]
+    # the hot path at 768 -> 32768, k = 32: two resident blocks, so one block's epilogue runs under the other's MMAs
+    hot = [row for row in fused if "768->32768 k=32 bfloat16 topk" in row["cases"]]
+    assert len(hot) == 1 and hot[0]["blocks_per_sm"] >= 2, hot
 
 
 # ---------------------------------------------------------------------------------------------------------------
