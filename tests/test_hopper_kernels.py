@@ -42,9 +42,9 @@ def gpu_tiles(monkeypatch):
     occur at test sizes)."""
     if GPU:
         pytest.skip("on a GPU the other tests run the GPU configurations compiled")
-    monkeypatch.setattr(tt, "_gpu", lambda t: True)
-    monkeypatch.setattr(tt, "_sm_count", lambda t: 2)
+    tt.assume_gpu(2)
     yield
+    tt.assume_gpu(None)
     tt.set_encoder_config(None)
 
 
@@ -78,9 +78,9 @@ def test_every_candidate_config_selects_like_the_reference(gpu_tiles, name):
     [
         (40, True, 5, 3),  # W_enc as a transposed view: descriptors of W_enc^T (W_T)
         (13, False, 1, 0),  # rows of 52 B: pointer loads; k = 1
-        (40, False, 64, 0),  # k = 64 over 32-column quarters: the bound's buckets in two slices
-        (40, False, 20, 100),  # AuxK's 128 buckets over quarters: four slices, one column per bucket
-        (40, False, 2, 1),  # k = 2, aux_k = 1: buckets of 16 and 32 columns of each quarter
+        (40, False, 64, 0),  # k = 64: as many buckets as a half tile has columns
+        (40, False, 20, 100),  # AuxK with 128 buckets, one per column of the tile
+        (40, False, 2, 1),  # k = 2, aux_k = 1: buckets of many columns
     ],
 )
 def test_default_config_layouts_and_k(gpu_tiles, d_in, transposed, k, aux_k):
@@ -105,6 +105,56 @@ def test_split_epilogue_ties_and_all_negative_rows(gpu_tiles):
         negative = torch.ops.fusedsae.topk_encode(x[:3], 0 * W_enc, -1 - torch.rand(d_sae), None, 7, 0, None)
     assert_same_topk(ours, reference.topk_encode(x, W_enc, b_enc, None, 20, 0, None))
     assert (negative[0] < 0).all() and negative[1].shape == (3, 7)
+
+
+@pytest.mark.parametrize(
+    ("split", "k", "aux_k"),
+    [
+        (4, 64, 100),  # 32-column quarters: k = 64's buckets in two slices, AuxK's 128 in four
+        (4, 20, 128),  # one column per bucket for TopK (KP = 32), four AuxK slices
+        (2, 2, 1),  # halves: buckets of 32 and 64 columns
+        (1, 5, 3),  # the whole tile at once
+    ],
+)
+def test_fused_filter_splits_at_any_bound_width(split, k, aux_k):
+    # The fused encoder's filter with tile parts narrower than its bounds' buckets (the bucket maxima in slices),
+    # launched directly: the launcher halves the split until a part holds the bound's buckets, so it does not reach
+    # these cases at the interpreter's tile sizes. Each row's candidates must hold its top k (and top aux_k among
+    # the mask) in the reference's order. Integers make the sums exact and ties exact, broken by the lower index;
+    # the buffers hold every column, so nothing overflows. The first tile's first 64 columns carry large biases:
+    # the bucket maxima of the slices holding them are far above the others', so a bound taken over some slices
+    # only would drop the rest of the top k.
+    import triton
+
+    from fusedsae.kernels import encoder as kernels
+
+    n, d_in, d_sae, block_n = 20, 8, 2000, 128
+    W_enc = torch.randint(-8, 9, (d_in, d_sae), device=DEVICE).float()
+    b_enc = torch.randint(-8, 9, (d_sae,), device=DEVICE).float()
+    b_enc[:64] += 1000
+    x = torch.randint(-8, 9, (n, d_in), device=DEVICE).float()
+    mask = aux_mask_for(d_sae, aux_k)
+    tiles = triton.cdiv(d_sae, block_n)
+    cap = tiles * block_n
+    cand, aux_cand = (torch.empty(n, 1, cap, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    count, aux_count = (torch.empty(n, 1, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    kernels._topk_encode_fwd_kernel[(triton.cdiv(n, 16),)](
+        x, W_enc, b_enc, mask.view(torch.uint8), cand, count, aux_cand, aux_count,
+        n, d_in, d_sae, tiles, 1, cap, cap, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        HAS_AUX=True, USE_TMA=False, W_T=False, UPCAST_DOT=False, DOT_PRECISION="ieee",
+        KP=triton.next_power_of_2(k), KP_AUX=triton.next_power_of_2(aux_k),
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=16, EPILOGUE_SPLIT=split,
+    )  # fmt: skip
+    expected = reference.topk_encode(x, W_enc, b_enc, None, k, aux_k, mask)
+
+    def best(keys, counts, m):
+        """Column indices of each row's m largest keys, in key order (the low 32 bits hold 0xFFFFFFFF - column)."""
+        assert (counts[:, 0] >= m).all() and (counts[:, 0] <= cap).all()
+        rows = [keys[r, 0, : counts[r, 0]].topk(m).values for r in range(n)]
+        return 0xFFFFFFFF - (torch.stack(rows) & 0xFFFFFFFF)
+
+    assert torch.equal(best(cand, count, k), expected[1])
+    assert torch.equal(best(aux_cand, aux_count, aux_k), expected[3])
 
 
 def test_encoder_config_is_chosen_by_name(monkeypatch):
@@ -161,14 +211,14 @@ def test_kernels_compile_for_hopper(tmp_path):
 
 
 def test_grids_at_the_hardware_limits_launch_and_beyond_them_refuse():
-    assert tt._checked_grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
+    assert tt.checked_grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
     with pytest.raises(ValueError, match="needs 65536 programs on grid axis y, above the GPU's limit of 65535"):
-        tt._checked_grid(1, 65536)
+        tt.checked_grid(1, 65536)
     with pytest.raises(ValueError, match="grid axis x"):
-        tt._checked_grid(2**31)
+        tt.checked_grid(2**31)
     # the tiled axes: d_sae = 2**31 - 1 in 256-wide column blocks needs 129 launches of at most 65535 blocks
     blocks = -(-(2**31 - 1) // 256)
-    chunks = tt._axis_chunks(blocks, axis=1)
+    chunks = tt.launch.axis_chunks(blocks, axis=1)
     assert all(0 < stop - start <= 65535 for start, stop in chunks)
     assert chunks[0][0] == 0 and chunks[-1][1] == blocks and len(chunks) == 129
     assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
@@ -177,12 +227,12 @@ def test_grids_at_the_hardware_limits_launch_and_beyond_them_refuse():
 def test_launches_tile_axes_past_a_limit(monkeypatch):
     # The limits lowered to 2 blocks on y and z, so that the tiled launches happen at test sizes: JumpReLU
     # (column blocks on y) and the keys of the two-pass selection (row blocks on y) give the reference's results.
-    monkeypatch.setattr(tt, "_GRID_LIMITS", (2**31 - 1, 2, 2))
+    monkeypatch.setattr(tt.launch, "GRID_LIMITS", (2**31 - 1, 2, 2))
     pre = randn(40, 150)
     threshold = torch.rand(150, device=DEVICE) - 0.5
     with on_triton():
-        out = tt.jumprelu_fwd(pre, threshold)
-        step = tt.step_fwd(pre, threshold)
+        out = tt.jumprelu.jumprelu(pre, threshold)
+        step = tt.jumprelu.step(pre, threshold)
         values, indices = torch.ops.fusedsae.row_topk(pre, 130)  # k > FUSED_K_MAX: keys + torch.topk
     torch.testing.assert_close(out, reference.jumprelu(pre, threshold), rtol=0, atol=0)
     torch.testing.assert_close(step, reference.step(pre, threshold), rtol=0, atol=0)
@@ -208,7 +258,7 @@ def test_encoder_head_partials_match_the_reference(n, n_heads, d_head, m, center
     b = b_dec if center else None
     features = torch.randint(0, d_sae, (m,), device=DEVICE)
     with on_triton():
-        pre, parts = tt.encode_head_partials_fwd(x, W_enc, b_enc, b, features, n_heads)
+        pre, parts = tt.heads.encode_head_partials(x, W_enc, b_enc, b, features, n_heads)
         via_op = torch.ops.fusedsae.head_partial_sums(x, W_enc, b, features.expand(n, -1), n_heads)
     expected_pre, expected_parts = reference.encode_head_partials(x, W_enc, b_enc, b, features, n_heads)
     torch.testing.assert_close(parts, expected_parts)
@@ -225,7 +275,7 @@ def test_encoder_head_partials_low_precision(dtype):
     x, (W_enc, b_enc, b_dec, _) = randn(33, 48).to(dtype), [t.to(dtype) for t in make_weights(48, 40)]
     features = torch.tensor([3, 0, 39, 3], device=DEVICE)
     with on_triton():
-        pre, parts = tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, features, 3)
+        pre, parts = tt.heads.encode_head_partials(x, W_enc, b_enc, b_dec, features, 3)
     exact_pre, exact_parts = reference.encode_head_partials(
         x.double(), W_enc.double(), b_enc.double(), b_dec.double(), features, 3
     )
@@ -238,4 +288,4 @@ def test_encoder_head_partials_refuse_what_they_cannot_take():
     x = randn(4, 12)
     W_enc, b_enc, b_dec, _ = make_weights(12, 20)
     with pytest.raises(ValueError, match="n_heads=5 must divide d_in=12"):
-        tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, torch.tensor([1, 2]), 5)
+        tt.heads.encode_head_partials(x, W_enc, b_enc, b_dec, torch.tensor([1, 2]), 5)
