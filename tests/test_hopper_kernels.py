@@ -159,7 +159,8 @@ def test_fused_filter_splits_at_any_bound_width(split, k, aux_k):
 
 def test_encoder_config_is_chosen_by_name(monkeypatch):
     assert tt.encoder_config() == (tt.DEFAULT_ENCODER_CONFIG, tt.CANDIDATE_CONFIGS[tt.DEFAULT_ENCODER_CONFIG])
-    assert tt.encoder_config(torch.bfloat16, 64)[0] == tt.encoder_config(torch.float32, 32)[0] == "m64n128"
+    assert tt.encoder_config(torch.bfloat16, 64)[0] == tt.DEFAULT_ENCODER_CONFIG
+    assert tt.encoder_config(torch.bfloat16, 128)[0] == tt.encoder_config(torch.float32, 32)[0] == "m64n128"
     monkeypatch.setenv("FUSEDSAE_ENCODER_CONFIG", "m64n256")
     assert tt.encoder_config()[0] == "m64n256"
     tt.set_encoder_config("m128n128")
