@@ -321,17 +321,20 @@ class SparseAutoencoder(nn.Module):
             assert cfg.k is not None
             code = select(x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k)
             values, indices = code.values, code.indices
-            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
-                levels = F.matryoshka_decode(
-                    values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths, check_indices=False
+            if cfg.matryoshka_widths:
+                # the reconstruction and every prefix's squared error from one fused pass (no [N, L, d] prefixes);
+                # the last level is the whole code, i.e. the ordinary MSE
+                sae_out, sq_errors = F.matryoshka_decode_loss(
+                    values, indices, self.W_dec, self.b_dec, x2, cfg.matryoshka_widths, check_indices=False
                 )
-                sae_out = levels[:, -1]
-                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
-                    losses[f"inner_mse_loss_{width}"] = (level - x2).pow(2).sum(-1).mean()
+                per_level = sq_errors.mean(0)
+                for level, width in enumerate(cfg.matryoshka_widths[:-1]):
+                    losses[f"inner_mse_loss_{width}"] = per_level[level]
+                mse = per_level[-1]
             else:
                 # our own encoder's indices: skip the range check, a device-to-host sync per call
                 sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
-            mse = (sae_out - x2).pow(2).sum(-1).mean()
+                mse = (sae_out - x2).pow(2).sum(-1).mean()
             if dead_mask is not None and cfg.aux_k:
                 n_dead = dead_mask.sum()
                 residual = (x2 - sae_out).detach()
