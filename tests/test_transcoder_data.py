@@ -1,0 +1,284 @@
+"""Transcoder data (issue 13 item 2): ``(x, y)`` pairs become rows ``[x | y]`` from tensors, iterables, a pair of
+tensor files, two hooks of one MiniLM forward pass, a pair cache and live capture; each source records ``d_in`` and
+``d_out``; a plain SAE given pairs, a transcoder given plain rows and other mistakes are one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import minilm
+from fusedsae import cache as K
+from fusedsae import capture as C
+from fusedsae import cli
+from fusedsae.data import (
+    DataError,
+    IterableSource,
+    TensorSource,
+    as_source,
+    check_widths,
+    from_spec,
+    join_pair,
+    parse_live_spec,
+    split_pair,
+)
+
+D_IN, D_OUT = 6, 5
+
+
+def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_IN, generator=g), torch.randn(n, D_OUT, generator=g)
+
+
+def test_join_and_split_are_inverse_views():
+    x, y = _pairs(7)
+    rows = join_pair(x, y)
+    assert rows.shape == (7, D_IN + D_OUT)
+    x2, y2 = split_pair(rows, D_IN)
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    assert x2.data_ptr() == rows.data_ptr()  # views: the trainer's split copies nothing
+    with pytest.raises(DataError, match="x has 7 rows but y has 6; a transcoder pair needs one y row per x row"):
+        join_pair(x, y[:6])
+    with pytest.raises(DataError, match=r"y is a torch.int64 tensor of shape \(7, 5\)"):
+        join_pair(x, y.long())
+    with pytest.raises(DataError, match=r"x is a torch.float32 tensor of shape \(7, 2, 3\)"):
+        join_pair(x.view(7, 2, 3), y)
+
+
+def test_a_tensor_pair_is_shuffled_as_joined_rows_and_resumes():
+    """The rows stay paired through the shuffle, every epoch, and across a resume (the permutation is the same one
+    a plain source of the joined rows draws)."""
+    x, y = _pairs(50)
+    source = as_source((x, y), 8, seed=3)
+    assert isinstance(source, TensorSource) and (source.d_in, source.d_out) == (D_IN, D_OUT)
+    assert source.describe() == {"kind": "tensor", "n": 50, "d_in": D_IN, "d_out": D_OUT}
+    plain = TensorSource(torch.cat([x, y], 1), 8, seed=3)
+    assert plain.d_out is None and plain.d_in == D_IN + D_OUT
+    batches = [source.next_batch() for _ in range(9)]  # 6 batches per epoch: crosses into the second
+    for batch in batches:
+        bx, by = split_pair(batch, D_IN)
+        rows = (bx[:, None, :] == x[None]).all(-1).int().argmax(1)  # which row of x each batch row is
+        assert torch.equal(by, y[rows])
+    assert all(torch.equal(a, plain.next_batch()) for a in batches)
+    again = as_source((x, y), 8, seed=3)
+    again.load_state_dict(json.loads(json.dumps(_state_after(as_source((x, y), 8, seed=3), 4))))
+    assert all(torch.equal(again.next_batch(), b) for b in batches[4:])
+    joined = TensorSource(torch.cat([x, y], 1), 8, d_out=D_OUT)  # rows joined already, widths given
+    assert (joined.d_in, joined.d_out) == (D_IN, D_OUT)
+    with pytest.raises(DataError, match="x has 50 rows but y has 49"):
+        as_source((x, y[:49]), 8)
+    with pytest.raises(DataError, match="d_out=11 does not split rows of width 11"):
+        TensorSource(torch.cat([x, y], 1), 8, d_out=D_IN + D_OUT)
+
+
+def _state_after(source, n):
+    for _ in range(n):
+        source.next_batch()
+    return source.state_dict()
+
+
+def test_an_iterable_of_pairs_and_a_dataloader_over_x_and_y():
+    items = [_pairs(n, seed=n) for n in (5, 11, 3, 16)]  # 35 rows: two batches of 16
+    source = IterableSource(items, 16)
+    assert (source.d_in, source.d_out) == (D_IN, D_OUT) and source.describe()["d_out"] == D_OUT
+    rows = torch.cat([join_pair(x, y) for x, y in items])
+    assert torch.equal(source.next_batch(), rows[:16]) and torch.equal(source.next_batch(), rows[16:32])
+    x, y = _pairs(40)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)  # yields [x, y]
+    source = as_source(loader, 16)
+    assert isinstance(source, IterableSource) and source.d_out == D_OUT
+    assert torch.equal(source.next_batch(), join_pair(x[:16], y[:16]))
+    with pytest.raises(DataError, match=r"item 1 .* is a single tensor but the first item was \(x, y\) pairs"):
+        IterableSource([_pairs(4), torch.randn(4, D_IN + D_OUT)], 8).next_batch()
+    with pytest.raises(DataError, match=r"item 1 .* is an \(x, y\) pair but the first item was single tensors"):
+        IterableSource([torch.randn(4, D_IN), _pairs(4)], 8).next_batch()
+    with pytest.raises(DataError, match="item 1 .* has d_in=6, d_out=3 but the first one had d_in=6, d_out=5"):
+        IterableSource([_pairs(4), (torch.randn(4, D_IN), torch.randn(4, 3))], 8).next_batch()
+    with pytest.raises(DataError, match="item 0 .*: x has 4 rows but y has 3"):
+        IterableSource([(torch.randn(4, D_IN), torch.randn(3, D_OUT))], 8)
+
+
+def test_a_pair_of_tensor_files(tmp_path):
+    x, y = _pairs(40)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    save_file({"y": y}, str(tmp_path / "y.safetensors"))
+    save_file({"y": y[:30]}, str(tmp_path / "short.safetensors"))
+    spec = f"{tmp_path / 'x.safetensors'},{tmp_path / 'y.safetensors'}"
+    source = from_spec(spec, 10, seed=1)
+    assert (source.d_in, source.d_out) == (D_IN, D_OUT)
+    assert torch.equal(source.activations, join_pair(x, y))
+    with pytest.raises(DataError, match="x has 40 rows but y has 30"):
+        from_spec(f"{tmp_path / 'x.safetensors'},{tmp_path / 'short.safetensors'}", 10)
+    with pytest.raises(DataError, match="no such file .*nope.safetensors"):
+        from_spec(f"{tmp_path / 'x.safetensors'},{tmp_path / 'nope.safetensors'}", 10)
+    with pytest.raises(DataError, match="is a tensor file: a target hook applies to data captured from a model"):
+        from_spec(str(tmp_path / "x.safetensors"), 10, target_hook="encoder.layer.3.output.dense")
+
+
+def test_check_widths_names_the_mismatch_in_one_line():
+    pairs, plain = as_source(_pairs(20), 4), as_source(torch.randn(20, D_IN), 4)
+    check_widths(pairs, D_IN, D_OUT)
+    check_widths(plain, D_IN, None)
+    with pytest.raises(DataError, match=r"holds transcoder \(x, y\) pairs \(d_in=6, d_out=5\) but the SAE is a plain"):
+        check_widths(pairs, D_IN, None)
+    with pytest.raises(DataError, match=r"holds plain activations \(d_in=6\) but the SAE is a transcoder"):
+        check_widths(plain, D_IN, D_OUT)
+    with pytest.raises(
+        DataError, match=r"has \(x, y\) pairs d_in=6, d_out=5 but the SAE expects \(x, y\) pairs d_in=6, d_out=4"
+    ):
+        check_widths(pairs, D_IN, 4)
+
+
+def test_hook_and_live_spec_parsing():
+    assert C.HookSpec.parse("a.b") == C.HookSpec("a.b", "input")
+    assert C.HookSpec.parse("a.b", io="output") == C.HookSpec("a.b", "output")
+    assert C.HookSpec.parse("a.b:input", io="output") == C.HookSpec("a.b", "input")
+    assert C.HookSpec.parse(C.HookSpec("a.b", "output").text()) == C.HookSpec("a.b", "output")
+    with pytest.raises(ValueError, match="ends in 'outptu'"):
+        C.HookSpec.parse("a.b:outptu")
+    assert parse_live_spec("live:minilm:3") == ("minilm", [3], None)
+    assert parse_live_spec("live:minilm:1,3") == ("minilm", [1, 3], None)
+    name, layers, hook = parse_live_spec("live:minilm:encoder.layer.3.intermediate")
+    assert (name, layers, hook) == ("minilm", None, C.HookSpec("encoder.layer.3.intermediate", "input"))
+    assert parse_live_spec("live:m:x.y:output")[2] == C.HookSpec("x.y", "output")
+    with pytest.raises(DataError, match="expected live:<model>:<layer>"):
+        parse_live_spec("live:minilm")
+    with pytest.raises(DataError, match="ends in 'sideways'"):
+        parse_live_spec("live:minilm:x.y:sideways")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MiniLM layer 3's MLP: input and output of one forward pass
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mlp():
+    return C.mlp_hooks(minilm.model()[0], minilm.LAYER)
+
+
+def test_two_hooks_of_one_pass_are_the_mlp_input_and_its_output():
+    """The pairs are the same tokens: y is the MLP (intermediate dense + GELU, then output.dense) applied to x, row by
+    row, and x is the attention block's output; padding is removed from both alike."""
+    model, tok = minilm.model()
+    hooks = _mlp()
+    assert hooks.input == C.HookSpec("encoder.layer.3.intermediate", "input")
+    assert hooks.output == C.HookSpec("encoder.layer.3.output.dense", "output")
+    inputs = C.tokenize(tok, list(minilm.texts(6)), 128)
+    batch = C.capture_pairs(model, inputs, hooks.input, hooks.output)
+    x, y = batch.acts["x"], batch.acts["y"]
+    assert batch.n_tokens == int(inputs["attention_mask"].sum()) and x.shape == y.shape == (batch.n_tokens, 384)
+    assert torch.equal(batch.acts["pairs"], torch.cat([x, y], 1))
+    layer = model.encoder.layer[minilm.LAYER]
+    with torch.no_grad():
+        expected = layer.output.dense(layer.intermediate(x))
+    torch.testing.assert_close(y, expected)
+    attention = C.capture(model, inputs, {"a": C.HookSpec(f"encoder.layer.{minilm.LAYER}.attention", "output")})
+    assert torch.equal(attention.acts["a"], x)
+    with pytest.raises(ValueError, match="layer 6 is out of range"):
+        C.mlp_hooks(model, 6)
+
+
+def test_a_pair_cache_round_trips_and_is_refused_for_a_plain_sae(tmp_path):
+    model, tok = minilm.model()
+    texts = list(minilm.texts(8))
+    hooks = _mlp()
+    cache = K.write_cache(
+        tmp_path / "pairs", model, tok, texts, hooks.input, batch_size=4, shard_tokens=60, target_hook=hooks.output
+    )
+    assert (cache.d_in, cache.d_out, cache.width) == (384, 384, 768) and cache.n_shards >= 2
+    manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
+    assert manifest["version"] == K.PAIR_CACHE_VERSION and (manifest["d_in"], manifest["d_out"]) == (384, 384)
+    assert manifest["source"]["target_hook"] == hooks.output.to_dict()
+    captured = torch.cat(
+        [
+            b.acts["pairs"]
+            for b in (
+                C.capture_pairs(model, C.tokenize(tok, texts[i : i + 4], 128), hooks.input, hooks.output)
+                for i in (0, 4)
+            )
+        ]
+    )
+    stored = torch.cat([cache.activations(i) for i in range(cache.n_shards)])
+    assert torch.equal(stored, captured)
+    source = from_spec(str(tmp_path / "pairs"), 64, seed=0)
+    assert (source.d_in, source.d_out) == (384, 384) and source.next_batch().shape == (64, 768)
+    assert source.describe()["d_out"] == 384
+    from_spec(str(tmp_path / "pairs"), 64, target_hook=hooks.output.text())  # the cache's own target: accepted
+    with pytest.raises(DataError, match="the cache's target is encoder.layer.3.output.dense:output, not x.y:output"):
+        from_spec(str(tmp_path / "pairs"), 64, target_hook="x.y")
+    with pytest.raises(DataError, match=r"holds transcoder \(x, y\) pairs \(d_in=384, d_out=384\) but the SAE"):
+        check_widths(source, 384, None)
+    # a plain capture into the pair cache's folder is refused, not mixed in
+    with pytest.raises(K.CacheError, match="d_out: folder has 384, asked for None"):
+        K.write_cache(tmp_path / "pairs", model, tok, texts, hooks.input, batch_size=4, shard_tokens=60)
+    # a plain cache for a transcoder
+    plain = K.write_cache(tmp_path / "plain", model, tok, texts[:2], hooks.input, batch_size=4)
+    assert plain.d_out is None and json.loads((tmp_path / "plain" / "manifest.json").read_text())["version"] == 1
+    with pytest.raises(DataError, match="the cache holds plain activations, not \\(x, y\\) pairs"):
+        from_spec(str(tmp_path / "plain"), 16, target_hook=hooks.output.text())
+    with pytest.raises(DataError, match=r"holds plain activations \(d_in=384\) but the SAE is a transcoder"):
+        check_widths(K.CacheSource(plain, 16), 384, 384)
+
+
+def test_a_damaged_pair_manifest_is_named(tmp_path):
+    model, tok = minilm.model()
+    hooks = _mlp()
+    K.write_cache(tmp_path / "c", model, tok, list(minilm.texts(2)), hooks.input, target_hook=hooks.output)
+    path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["d_out"], manifest["manifest_sha256"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(K.CacheError, match="field 'd_out' must be a positive integer in a pair cache"):
+        K.ActivationCache(tmp_path / "c")
+
+
+def test_live_pairs_match_the_capture():
+    model, tok = minilm.model()
+    texts = list(minilm.texts(8))
+    hooks = _mlp()
+    live = K.LiveSource(
+        model, tok, texts, hooks.input, 50, capture_batch_size=4, shuffle=False, target_hook=hooks.output
+    )
+    assert (live.d_in, live.d_out) == (384, 384)
+    info = live.describe()
+    assert info["target_hook"] == hooks.output.to_dict() and info["hook"] == hooks.input.to_dict()
+    first = C.capture_pairs(model, C.tokenize(tok, texts[:4], 128), hooks.input, hooks.output).acts["pairs"]
+    assert torch.equal(live.next_batch(), first[:50])
+    with pytest.raises(ValueError, match="a transcoder reads one hook and reconstructs another; got 2 input hooks"):
+        K.LiveSource(model, tok, texts, [hooks.input, hooks.input], 50, target_hook=hooks.output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cache_command_writes_pairs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(C, "load_model", lambda name, device="cpu": minilm.model())
+    out = tmp_path / "c"
+    args = ["cache", "--out", str(out), "--hook", "encoder.layer.3.intermediate", "--max-tokens", "200"]
+    assert cli.main([*args, "--target-hook", "encoder.layer.3.output.dense", "--no-progress"]) == 0
+    assert "d_in=384 + d_out=384 (pairs [x | y])" in capsys.readouterr().out
+    cache = K.ActivationCache(out, verify=True)
+    assert cache.d_out == 384 and cache.source["target_hook"]["module"] == "encoder.layer.3.output.dense"
+    with pytest.raises(SystemExit, match="--target-hook: a transcoder reads one tensor; --layer"):
+        cli.main(["cache", "--out", str(tmp_path / "d"), "--layer", "1,3", "--target-hook", "x.y"])
+
+
+def test_train_flags_refuse_what_cannot_work(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run"), "--steps", "1"]
+    with pytest.raises(SystemExit, match="--target-hook applies to data captured from a model"):
+        cli.main(["train", "--target-hook", "x.y", *out])
+    with pytest.raises(SystemExit, match="--skip-connection makes a skip-transcoder, which needs"):
+        cli.main(["train", "--skip-connection", *out])
+    save_file({"x": torch.randn(64, D_IN)}, str(tmp_path / "x.safetensors"))
+    save_file({"y": torch.randn(64, D_OUT)}, str(tmp_path / "y.safetensors"))
+    pair = f"{tmp_path / 'x.safetensors'},{tmp_path / 'y.safetensors'}"
+    with pytest.raises(SystemExit, match="a sweep .* trains plain SAEs; train one transcoder per run"):
+        cli.main(["train", "--data", pair, "--d-sae", "8,16", "--k", "2", "--batch-size", "16", *out])
+    with pytest.raises(SystemExit, match="expected live:<model>:<layer>"):
+        cli.main(["train", "--data", "live:minilm", *out])
