@@ -131,6 +131,18 @@ def test_check_widths_names_the_mismatch_in_one_line():
         DataError, match=r"has \(x, y\) pairs d_in=6, d_out=5 but the SAE expects \(x, y\) pairs d_in=6, d_out=4"
     ):
         check_widths(pairs, D_IN, 4)
+    with pytest.raises(DataError, match="the data has d_in=6 but the SAE expects d_in=7"):
+        check_widths(plain, 7, None)
+
+    class Custom:  # a user's own source that does not say how its rows split: its width is all that is checked
+        d_in = D_IN + D_OUT
+
+    check_widths(Custom(), D_IN, D_OUT)
+    with pytest.raises(
+        DataError,
+        match=r"rows of width 11 but the transcoder trains on \[x \| y\] rows of width d_in \+ d_out = 6 \+ 4 = 10",
+    ):
+        check_widths(Custom(), D_IN, 4)
 
 
 def test_hook_and_live_spec_parsing():
@@ -273,8 +285,6 @@ def test_train_flags_refuse_what_cannot_work(tmp_path, capsys):
     out = ["--out", str(tmp_path / "run"), "--steps", "1"]
     with pytest.raises(SystemExit, match="--target-hook applies to data captured from a model"):
         cli.main(["train", "--target-hook", "x.y", *out])
-    with pytest.raises(SystemExit, match="--skip-connection makes a skip-transcoder, which needs"):
-        cli.main(["train", "--skip-connection", *out])
     save_file({"x": torch.randn(64, D_IN)}, str(tmp_path / "x.safetensors"))
     save_file({"y": torch.randn(64, D_OUT)}, str(tmp_path / "y.safetensors"))
     pair = f"{tmp_path / 'x.safetensors'},{tmp_path / 'y.safetensors'}"

@@ -198,7 +198,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     sae.add_argument(
         "--skip-connection",
         action="store_true",
-        help="transcoders: add a learned linear skip x @ W_skip to the reconstruction (a skip-transcoder)",
+        help="add a learned linear skip from x to the reconstruction (a skip-transcoder, with (x, y) pair data)",
     )
 
     train = p.add_argument_group("training")
@@ -393,16 +393,11 @@ def _build_data(settings: dict[str, Any], rank: int, world: int) -> Any:
 
 
 def _check_pair_settings(settings: dict[str, Any], source: Any) -> None:
-    """Transcoder options against the data: --skip-connection needs (x, y) pairs, a sweep takes none, and a
-    resumed run's data must split as it did (the run config records ``widths``)."""
+    """Transcoder options against the data: a sweep takes no (x, y) pairs, and a resumed run's data must split as it
+    did (the run config records ``widths``)."""
     from fusedsae.data import widths_text
 
     d_out = getattr(source, "d_out", None)
-    if settings.get("skip_connection") and d_out is None:
-        raise UsageError(
-            f"--skip-connection makes a skip-transcoder, which needs (x, y) pairs; --data {settings['data']} gives "
-            "plain activations (add --target-hook to live data, or use a cache written with --target-hook)"
-        )
     if d_out is not None and (isinstance(settings["d_sae"], list) or isinstance(settings["k"], list)):
         raise UsageError("a sweep (--d-sae/--k lists) trains plain SAEs; train one transcoder per run")
     widths = {"d_in": int(source.d_in), "d_out": d_out}
@@ -640,7 +635,8 @@ def make_trainer(
     d_out = getattr(data, "d_out", None)
     if d_out is not None:  # transcoder pairs: d_in and d_out come from the data
         sae_kwargs["d_out"] = d_out
-        sae_kwargs["skip_connection"] = bool(settings.get("skip_connection"))
+    if settings.get("skip_connection"):  # a skip-transcoder (sparsify allows the skip on an SAE too, and so do we)
+        sae_kwargs["skip_connection"] = True
     activation = settings["activation"]
     decay = settings["lr_decay_steps"]
     try:

@@ -110,8 +110,24 @@ def widths_text(d_in: int, d_out: int | None) -> str:
 def check_widths(data: Any, d_in: int, d_out: int | None, model: str = "the SAE") -> None:
     """Refuses, with one :class:`DataError` line, data whose rows do not split as ``model`` reads them: a plain SAE
     (``d_out=None``) given ``(x, y)`` pairs, a transcoder (``d_out`` an int) given plain activations, or other
-    widths. ``data`` is a source (its ``d_in`` and, for pairs, ``d_out``)."""
-    has_in, has_out = int(data.d_in), getattr(data, "d_out", None)
+    widths. ``data`` is a source: its ``d_in`` and ``d_out``.
+
+    A source that has no ``d_out`` attribute at all (a user's own source that predates pairs) does not say how its
+    rows split: its ``d_in`` is then taken as its row width and must be ``d_in + d_out`` (the split cannot be
+    checked). Every source of :mod:`fusedsae` says ``d_out`` (None for plain activations).
+    """
+    has_in = int(data.d_in)
+    if not hasattr(data, "d_out"):
+        width = d_in + (d_out or 0)
+        if has_in == width:
+            return
+        if d_out is None:
+            raise DataError(f"the data has d_in={has_in} but {model} expects d_in={d_in}")
+        raise DataError(
+            f"the data has rows of width {has_in} but the transcoder trains on [x | y] rows of width d_in + d_out = "
+            f"{d_in} + {d_out} = {width}"
+        )
+    has_out = data.d_out
     if has_out == d_out and has_in == d_in:
         return
     kind = describe_kind(data)
@@ -127,6 +143,8 @@ def check_widths(data: Any, d_in: int, d_out: int | None, model: str = "the SAE"
             "that needs (x, y) pairs: give (x, y) tensors, a cache written with --target-hook, or live data with "
             "--target-hook"
         )
+    if d_out is None:  # the message the trainer has always given
+        raise DataError(f"the data has d_in={has_in} but {model} expects d_in={d_in}")
     raise DataError(f"{kind} has {widths_text(has_in, has_out)} but {model} expects {widths_text(d_in, d_out)}")
 
 
@@ -146,6 +164,8 @@ class ToySource:
         self.rank = rank
         self.world_size = world_size
         self.index = 0
+        if hasattr(data, "d_out"):  # toy transcoder pairs say how their rows split; others leave it unsaid
+            self.d_out = data.d_out
 
     @property
     def d_in(self) -> int:
