@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import minilm
@@ -292,3 +293,42 @@ def test_train_flags_refuse_what_cannot_work(tmp_path, capsys):
         cli.main(["train", "--data", pair, "--d-sae", "8,16", "--k", "2", "--batch-size", "16", *out])
     with pytest.raises(SystemExit, match="expected live:<model>:<layer>"):
         cli.main(["train", "--data", "live:minilm", *out])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spliced-in evaluation: x read at one hook, y replaced at another, in one pass
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_splice_pair_replaces_y_from_x_of_the_same_pass():
+    """Replacing the MLP's output by the MLP applied to the kept input changes nothing; replacing it by zeros changes
+    the hidden states; and a target that runs before the input is refused in one line."""
+    from fusedsae import evals as E
+
+    model, tok = minilm.model()
+    hooks = _mlp()
+    inputs = C.tokenize(tok, list(minilm.texts(3)), 128)
+    mask = inputs["attention_mask"].bool()
+    layer = model.encoder.layer[minilm.LAYER]
+    with torch.no_grad():
+        clean = model(**inputs).last_hidden_state
+        seen = []
+
+        def exact(x, y):
+            seen.append((x.shape, y.shape))
+            # the MLP by its weights: calling the hooked modules here would fire the splice's own hooks again
+            hidden = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+            return F.linear(hidden, layer.output.dense.weight, layer.output.dense.bias)
+
+        with E.splice_pair(model, hooks.input, hooks.output, exact, mask):
+            same = model(**inputs).last_hidden_state
+        with E.splice_pair(model, hooks.input, hooks.output, lambda x, y: torch.zeros_like(y), mask):
+            zeroed = model(**inputs).last_hidden_state
+    n = int(mask.sum())
+    assert seen == [((n, 384), (n, 384))]
+    torch.testing.assert_close(same[mask], clean[mask])
+    assert (zeroed[mask] - clean[mask]).abs().max() > 0.1
+    late = C.HookSpec(f"encoder.layer.{minilm.LAYER + 1}.intermediate", "input")
+    refused = pytest.raises(RuntimeError, match="ran before encoder.layer.4.intermediate .* input must come before")
+    with refused, torch.no_grad(), E.splice_pair(model, late, hooks.output, lambda x, y: y, mask):
+        model(**inputs)

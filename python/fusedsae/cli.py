@@ -598,7 +598,8 @@ def add_periodic_evals(trainers: list[Any], settings: dict[str, Any], device: st
                 batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
             loaded = (model, batches)
         hook = HookSpec.from_dict(info["hook"])
-        trainer.callbacks.append(E.PeriodicEval(trainer, loaded[0], loaded[1], hook, every))
+        target = HookSpec.from_dict(info["target_hook"]) if isinstance(info.get("target_hook"), dict) else None
+        trainer.callbacks.append(E.PeriodicEval(trainer, loaded[0], loaded[1], hook, every, target_hook=target))
 
 
 def _is_multi(settings: dict[str, Any], source: Any) -> bool:
@@ -1182,6 +1183,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     hook = p.add_argument_group("hook (default: the one the SAE was trained on, from its metadata)")
     hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
     hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
+    hook.add_argument(
+        "--target-hook",
+        default=None,
+        help="transcoders: the tensor whose value the transcoder's output replaces, MODULE[:input|:output] "
+        "(default output; default: from the transcoder's metadata)",
+    )
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plot")
     _add_common_args(p)
 
@@ -1190,6 +1197,27 @@ def _eval_name(folder: str, taken: set[str]) -> str:
     path = Path(folder).resolve()
     name = path.parent.name if path.name == "sae" else path.name
     return name if name not in taken else str(folder)
+
+
+def _eval_target_hook(args: argparse.Namespace, folder: str, sae: Any, recorded: dict[str, Any]) -> Any:
+    """A transcoder's y (the tensor its output replaces): --target-hook, else what its metadata records; None for an
+    SAE (which takes no --target-hook)."""
+    from fusedsae.capture import HookSpec
+    from fusedsae.data import parse_target_hook
+
+    transcoder = getattr(sae.cfg, "d_out", None) is not None
+    if args.target_hook and not transcoder:
+        raise UsageError(f"--target-hook: {folder} is an SAE (it reconstructs its own input), not a transcoder")
+    if not transcoder:
+        return None
+    if args.target_hook:
+        return parse_target_hook(args.target_hook)
+    if isinstance(recorded.get("target_hook"), dict):
+        return HookSpec.from_dict(recorded["target_hook"])
+    raise UsageError(
+        f"{folder} is a transcoder that does not record which tensor it reconstructs; give --target-hook "
+        "MODULE[:input|:output]"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -1212,8 +1240,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             hook = HookSpec.from_dict(recorded["hook"])
         else:
             raise UsageError(f"{folder} does not record which tensor it was trained on; give --hook and --io")
+        target = _eval_target_hook(args, folder, sae, recorded)
         models.add(args.model or recorded.get("model"))
-        targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook))
+        targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook, target))
     if None in models:
         raise UsageError("an SAE does not record its model; give --model (a name or a local folder)")
     if len(models) > 1:
