@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import minilm
+from fusedsae import SparseAutoencoder, cli
 from fusedsae import cache as K
 from fusedsae import capture as C
-from fusedsae import cli
 from fusedsae.data import (
     DataError,
     IterableSource,
@@ -170,7 +170,7 @@ def test_hook_and_live_spec_parsing():
 
 
 def _mlp():
-    return C.mlp_hooks(minilm.model()[0], minilm.LAYER)
+    return minilm.mlp_hooks()
 
 
 def test_two_hooks_of_one_pass_are_the_mlp_input_and_its_output():
@@ -271,7 +271,8 @@ def test_live_pairs_match_the_capture():
 
 
 def test_cache_command_writes_pairs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(C, "load_model", lambda name, device="cpu": minilm.model())
+    loaded = minilm.model()  # loaded before the patch: minilm.model() itself calls capture.load_model
+    monkeypatch.setattr(C, "load_model", lambda name, device="cpu": loaded)
     out = tmp_path / "c"
     args = ["cache", "--out", str(out), "--hook", "encoder.layer.3.intermediate", "--max-tokens", "200"]
     assert cli.main([*args, "--target-hook", "encoder.layer.3.output.dense", "--no-progress"]) == 0
@@ -280,6 +281,9 @@ def test_cache_command_writes_pairs(tmp_path, monkeypatch, capsys):
     assert cache.d_out == 384 and cache.source["target_hook"]["module"] == "encoder.layer.3.output.dense"
     with pytest.raises(SystemExit, match="--target-hook: a transcoder reads one tensor; --layer"):
         cli.main(["cache", "--out", str(tmp_path / "d"), "--layer", "1,3", "--target-hook", "x.y"])
+    SparseAutoencoder(d_in=384, d_sae=16, activation="topk", k=2).save(tmp_path / "sae")
+    with pytest.raises(SystemExit, match=r"holds transcoder \(x, y\) pairs; attribute reads a one-hook cache"):
+        cli.main(["attribute", "--sae", str(tmp_path / "sae"), "--cache", str(out)])
 
 
 def test_train_flags_refuse_what_cannot_work(tmp_path, capsys):

@@ -919,7 +919,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     pair = f" + d_out={cache.d_out} (pairs [x | y])" if cache.d_out is not None else ""
     print(
         f"cache {cache.path}: {cache.rows:,} tokens x d_in={cache.d_in}{pair} ({cache.dtype}) in {cache.n_shards} "
-        f"shard(s) from {len(texts)} texts; {_hooks_text(hook if target is None else [hook, target])}"
+        f"shard(s) from {len(texts)} texts; "
+        + (_hooks_text(hook) if target is None else f"x: {_hooks_text(hook)}, y: {_hooks_text(target)}")
         + (f", {n_heads} heads" if n_heads else "")
     )
     return 0
@@ -995,6 +996,11 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         from fusedsae.cache import ActivationCache
 
         cache = ActivationCache(args.cache)
+        if cache.d_out is not None:
+            raise UsageError(
+                f"{args.cache} holds transcoder (x, y) pairs; attribute reads a one-hook cache (capture x alone, or "
+                "scan live text with --layer)"
+            )
         _check_width(args, sae, cache.d_in, f"the cache {args.cache}")
         info = cache.source
         model_name = args.model or info.get("model")
