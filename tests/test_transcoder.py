@@ -23,6 +23,7 @@ import naive
 from conftest import FIXTURES
 from fusedsae import SAEConfig, SparseAutoencoder, TrainConfig, Trainer, backends
 from fusedsae import checkpoint as ckpt
+from fusedsae.analysis import head_contributions, single_head_ablations, weight_head_shares
 from fusedsae.compat import sparsify as csp
 from fusedsae.data import DataError, split_pair
 from fusedsae.toy import generator, random_directions
@@ -509,3 +510,44 @@ def test_sparsify_format_refuses_what_sparsify_cannot_hold(tmp_path):
         random_transcoder("relu", False).save(tmp_path / "b", format="sparsify")
     with pytest.raises(ValueError, match="unknown SAE file format 'hdf5'"):
         random_transcoder("topk", False).save(tmp_path / "c", format="hdf5")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-head attribution (docs/architecture.md#attribution): the identity holds for any active latent
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_head_attribution_of_a_transcoder(activation, skip):
+    """A transcoder reading concatenated attention outputs z (4 heads of 5) and writing another activation: every
+    active latent's activation is the sum of its per-head terms z_h · W_enc[h, f] plus b_enc[f] (its input is never
+    centred, so both conventions agree), each head's term matches float64 einsum, and zeroing a head moves the
+    pre-activation by exactly minus its term."""
+    heads, d_head = 4, 5
+    sae = make(activation, heads * d_head, 7, 23, 3, skip, "float64").eval()
+    sae.cfg.n_heads = heads
+    if activation == "batchtopk":
+        with torch.no_grad():
+            sae.threshold.fill_(0.1)
+    z = torch.randn(2, N, heads * d_head, dtype=torch.float64)
+    hc = head_contributions(sae, z, "raw")
+    centred = head_contributions(sae, z, "centred")
+    assert torch.equal(hc.contributions, centred.contributions) and torch.equal(hc.constant, centred.constant)
+    dense = sae.encode(z)
+    assert int(hc.active.sum()) == int((dense != 0).sum()) > 0
+    torch.testing.assert_close(hc.total()[hc.active], hc.activations[hc.active], rtol=1e-12, atol=1e-12)
+    W = sae.W_enc.detach()
+    terms = torch.einsum("bnhd,hdf->bnhf", z.view(2, N, heads, d_head), W.view(heads, d_head, -1))
+    want = terms.gather(3, hc.indices[..., None, :].expand(-1, -1, heads, -1)).transpose(-1, -2)
+    torch.testing.assert_close(hc.contributions, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hc.constant, sae.b_enc.detach()[hc.indices])
+    features = [0, 5, 22]
+    d_pre, _ = single_head_ablations(sae, z, features)
+    contributions = head_contributions(sae, z, "raw", features=features).contributions
+    torch.testing.assert_close(d_pre, -contributions, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="writes its output y .* use which='encoder'"):
+        weight_head_shares(sae, "decoder")
+    assert weight_head_shares(sae, "encoder").shape == (23, heads)
+    with pytest.raises(ValueError, match="b_dec lives in its output space"):
+        single_head_ablations(sae, z, features, replacement="b_dec")
