@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,3 +554,63 @@ def test_head_attribution_of_a_transcoder(activation, skip):
     assert weight_head_shares(sae, "encoder").shape == (23, heads)
     with pytest.raises(ValueError, match="b_dec lives in its output space"):
         single_head_ablations(sae, z, features, replacement="b_dec")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data parallelism (gloo, two processes): two ranks on [x | y] batches of B train one process's weights on 2B
+# ---------------------------------------------------------------------------------------------------------------
+
+DP_STEPS, DP_BATCH = 8, 32
+DP_SAE = dict(d_in=16, d_out=12, d_sae=32, activation="topk", k=4, dtype="float64", aux_k=6, skip_connection=True)
+DP_RANK_SCRIPT = f"""
+import sys, torch, torch.distributed as dist, fusedsae
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from test_transcoder import PairData
+from safetensors.torch import save_file
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+sae = fusedsae.SparseAutoencoder(**{DP_SAE!r})
+source = fusedsae.ToySource(PairData(), {DP_BATCH}, rank=dist.get_rank(), world_size=dist.get_world_size())
+cfg = fusedsae.TrainConfig(steps={DP_STEPS}, batch_size={DP_BATCH}, lr=3e-3, b_dec_init="mean", dead_tokens=128,
+                           progress=False, log_every=4)
+fusedsae.Trainer(sae, source, cfg).train()
+if dist.get_rank() == 0:
+    save_file(dict(sae.state_dict()), sys.argv[1])
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_train_the_transcoder_of_one_process(tmp_path):
+    """AuxK on (latents die after 128 tokens), normalised by the global batch's residual y - ŷ; b_dec from the
+    mean of rank 0's first y (what the ranks broadcast)."""
+    script = tmp_path / "rank.py"
+    script.write_text(DP_RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(fusedsae.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    result = subprocess.run(
+        [*cmd, str(tmp_path / "ddp.safetensors")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+
+    data = PairData()
+
+    class Concatenated:  # global batch i = rank 0's share, then rank 1's
+        d_in, index = data.d_in, 0
+
+        def next_batch(self):
+            i, self.index = self.index, self.index + 1
+            return torch.cat([data.sample(2 * i, DP_BATCH), data.sample(2 * i + 1, DP_BATCH)])
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(**DP_SAE)
+    sae.init_b_dec(split_pair(data.sample(0, DP_BATCH), 16)[1], "mean")
+    cfg = TrainConfig(
+        steps=DP_STEPS, batch_size=2 * DP_BATCH, lr=3e-3, b_dec_init="keep", dead_tokens=128, progress=False
+    )
+    Trainer(sae, Concatenated(), cfg).train()
+    for name, tensor in sae.state_dict().items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch.equal(ddp["W_skip"], torch.zeros_like(ddp["W_skip"]))
