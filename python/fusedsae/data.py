@@ -473,6 +473,12 @@ def parse_live_spec(spec: str) -> tuple[str, list[int] | None, Any]:
         raise DataError(f"data {spec!r}: {exc}; {LIVE_HELP}") from exc
 
 
+def split_pair(batch: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
+    """A transcoder's training rows ``[..., d_in + d_out]`` (``[x | y]``, the one layout every data source gives)
+    split into ``x [..., d_in]`` and ``y [..., d_out]`` (views, no copy)."""
+    return batch[..., :d_in], batch[..., d_in:]
+
+
 def as_source(
     data: Any,
     batch_size: int,
