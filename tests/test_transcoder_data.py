@@ -336,3 +336,41 @@ def test_splice_pair_replaces_y_from_x_of_the_same_pass():
     refused = pytest.raises(RuntimeError, match="ran before encoder.layer.4.intermediate .* input must come before")
     with refused, torch.no_grad(), E.splice_pair(model, late, hooks.output, lambda x, y: y, mask):
         model(**inputs)
+
+
+def test_train_a_skip_transcoder_from_a_pair_of_files_and_resume(tmp_path, capsys):
+    """d_in and d_out come from the data; the saved folder is a SAELens skip-transcoder; the run config records the
+    widths and a resume on data of other widths is refused in one line."""
+    pairs = minilm.mlp_pairs()
+    x, y = split_pair(pairs, 384)
+    save_file({"x": x.contiguous()}, str(tmp_path / "x.safetensors"))
+    save_file({"y": y[:, :200].contiguous()}, str(tmp_path / "y.safetensors"))
+    spec = f"{tmp_path / 'x.safetensors'},{tmp_path / 'y.safetensors'}"
+    out = tmp_path / "run"
+    args = ["train", "--data", spec, "--d-sae", "64", "--k", "4", "--batch-size", "64", "--skip-connection"]
+    args += ["--out", str(out), "--no-plots", "--no-progress", "--checkpoint-every", "3", "--log-every", "3"]
+    assert cli.main([*args, "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "topk skip-transcoder, d_in=384, d_out=200, d_sae=64, k=4" in printed and "explained_variance" in printed
+    cfg = json.loads((out / "sae" / "cfg.json").read_text())
+    assert (cfg["d_in"], cfg["d_out"], cfg["architecture"]) == (384, 200, "topk_skip_transcoder")
+    assert json.loads((out / "run_config.json").read_text())["widths"] == {"d_in": 384, "d_out": 200}
+    assert cli.main([*args, "--steps", "6", "--resume"]) == 0
+    save_file({"y": y[:, :100].contiguous()}, str(tmp_path / "y.safetensors"))  # the same spec, other data
+    with pytest.raises(SystemExit, match=r"the run was trained on \(x, y\) pairs d_in=384, d_out=200 but .* d_out=100"):
+        cli.main([*args, "--steps", "9", "--resume"])
+
+
+def test_train_a_transcoder_live_from_two_hooks(tmp_path, monkeypatch, capsys):
+    loaded = minilm.model()
+    monkeypatch.setattr(C, "load_model", lambda name, device="cpu": loaded)
+    monkeypatch.setattr(C, "offline_texts", lambda source="pydoc": list(minilm.texts(8)))
+    out = tmp_path / "live"
+    args = ["train", "--data", "live:minilm:encoder.layer.3.intermediate", "--target-hook"]
+    args += ["encoder.layer.3.output.dense", "--d-sae", "64", "--k", "4", "--batch-size", "64", "--steps", "2"]
+    assert cli.main([*args, "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    assert "topk transcoder, d_in=384, d_out=384" in capsys.readouterr().out
+    meta = json.loads((out / "sae" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "encoder.layer.3.intermediate"
+    assert meta["hook_name_out"] == "encoder.layer.3.output.dense"
+    assert meta["target_hook_spec"] == minilm.mlp_hooks().output.to_dict()

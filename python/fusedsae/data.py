@@ -67,8 +67,9 @@ class DataSource(Protocol):
 
 
 def split_pair(batch: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
-    """``(x [N, d_in], y [N, d_out])`` of a batch of joined rows ``[N, d_in + d_out]`` (views, no copy)."""
-    return batch[:, :d_in], batch[:, d_in:]
+    """A transcoder's training rows ``[..., d_in + d_out]`` (``[x | y]``, the one layout every data source gives)
+    split into ``x [..., d_in]`` and ``y [..., d_out]`` (views, no copy)."""
+    return batch[..., :d_in], batch[..., d_in:]
 
 
 def join_pair(x: Tensor, y: Tensor, what: str = "the data") -> Tensor:
@@ -471,12 +472,6 @@ def parse_live_spec(spec: str) -> tuple[str, list[int] | None, Any]:
         return parts[1], None, HookSpec.parse(where, io="input")
     except ValueError as exc:
         raise DataError(f"data {spec!r}: {exc}; {LIVE_HELP}") from exc
-
-
-def split_pair(batch: Tensor, d_in: int) -> tuple[Tensor, Tensor]:
-    """A transcoder's training rows ``[..., d_in + d_out]`` (``[x | y]``, the one layout every data source gives)
-    split into ``x [..., d_in]`` and ``y [..., d_out]`` (views, no copy)."""
-    return batch[..., :d_in], batch[..., d_in:]
 
 
 def as_source(

@@ -30,7 +30,7 @@ from fusedsae import checkpoint as ckpt
 from fusedsae import metrics as M
 from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderError
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
-from fusedsae.data import DataError, as_source, split_pair
+from fusedsae.data import DataError, as_source, check_widths, split_pair
 from fusedsae.formats import atomic_write, read_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 from fusedsae.sharding import LATENT_DIM, ProcessGrid, ShardedAutoencoder
@@ -233,13 +233,8 @@ class Trainer:
         self.data = as_source(
             data, self.cfg.batch_size, seed=self.cfg.seed, rank=self.data_rank, world_size=self.world_size
         )
-        if int(self.data.d_in) != sae.cfg.data_width:
-            if sae.cfg.is_transcoder:
-                raise DataError(
-                    f"the data has rows of width {self.data.d_in} but the transcoder trains on [x | y] rows of width "
-                    f"d_in + d_out = {sae.cfg.d_in} + {sae.cfg.d_out} = {sae.cfg.data_width}"
-                )
-            raise DataError(f"the data has d_in={self.data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
+        # d_in and d_out both: a transcoder refuses plain rows of the right total width (and an SAE pairs)
+        check_widths(self.data, sae.cfg.d_in, sae.cfg.d_out)
         check_batch_size(sae.cfg, self.cfg.batch_size)
         self.device = sae.device
         params = [p for p in sae.parameters() if p.requires_grad]
