@@ -124,26 +124,30 @@ def test_check_widths_names_the_mismatch_in_one_line():
     pairs, plain = as_source(_pairs(20), 4), as_source(torch.randn(20, D_IN), 4)
     check_widths(pairs, D_IN, D_OUT)
     check_widths(plain, D_IN, None)
+    check_widths(as_source(torch.randn(20, D_IN + D_OUT), 4), D_IN, D_OUT)  # rows joined by hand: width checked
     with pytest.raises(DataError, match=r"holds transcoder \(x, y\) pairs \(d_in=6, d_out=5\) but the SAE is a plain"):
         check_widths(pairs, D_IN, None)
-    with pytest.raises(DataError, match=r"holds plain activations \(d_in=6\) but the SAE is a transcoder"):
-        check_widths(plain, D_IN, D_OUT)
     with pytest.raises(
         DataError, match=r"has \(x, y\) pairs d_in=6, d_out=5 but the SAE expects \(x, y\) pairs d_in=6, d_out=4"
     ):
         check_widths(pairs, D_IN, 4)
     with pytest.raises(DataError, match="the data has d_in=6 but the SAE expects d_in=7"):
         check_widths(plain, 7, None)
-
-    class Custom:  # a user's own source that does not say how its rows split: its width is all that is checked
-        d_in = D_IN + D_OUT
-
-    check_widths(Custom(), D_IN, D_OUT)
     with pytest.raises(
         DataError,
-        match=r"rows of width 11 but the transcoder trains on \[x \| y\] rows of width d_in \+ d_out = 6 \+ 4 = 10",
+        match=r"rows of width 6 but the transcoder trains on \[x \| y\] rows of width d_in \+ d_out = 6 \+ 5 = 11",
     ):
-        check_widths(Custom(), D_IN, 4)
+        check_widths(plain, D_IN, D_OUT)
+
+    class Captured:  # a capture of one hook (as a cache's or a live source's describe() says) at the right width
+        d_in = D_IN + D_OUT
+
+        def describe(self):
+            return {"kind": "cache", "path": "c", "hook": {"module": "m", "io": "input"}}
+
+    with pytest.raises(DataError, match=r"the data \(c\) holds plain activations of one tensor \(d_in=11\) but"):
+        check_widths(Captured(), D_IN, D_OUT)
+    check_widths(Captured(), D_IN + D_OUT, None)
 
 
 def test_hook_and_live_spec_parsing():
@@ -233,8 +237,8 @@ def test_a_pair_cache_round_trips_and_is_refused_for_a_plain_sae(tmp_path):
     assert plain.d_out is None and json.loads((tmp_path / "plain" / "manifest.json").read_text())["version"] == 1
     with pytest.raises(DataError, match="the cache holds plain activations, not \\(x, y\\) pairs"):
         from_spec(str(tmp_path / "plain"), 16, target_hook=hooks.output.text())
-    with pytest.raises(DataError, match=r"holds plain activations \(d_in=384\) but the SAE is a transcoder"):
-        check_widths(K.CacheSource(plain, 16), 384, 384)
+    with pytest.raises(DataError, match=r"holds plain activations of one tensor \(d_in=384\) but the SAE is a"):
+        check_widths(K.CacheSource(plain, 16), 192, 192)
 
 
 def test_a_damaged_pair_manifest_is_named(tmp_path):

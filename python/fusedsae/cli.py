@@ -156,8 +156,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--target-hook",
         default=None,
         help="train a transcoder: y is this tensor of the same forward pass, MODULE[:input|:output] (default "
-        "output), e.g. encoder.layer.3.output.dense; live data only (a cache written with --target-hook holds "
-        "its pairs already)",
+        "output), e.g. encoder.layer.3.output.dense, with live data; a cache written with --target-hook holds its "
+        "pairs already (given here, it must be the cache's own target)",
     )
     data.add_argument("--d-in", type=positive_int, help="toy:sparse/composed input width (default: the toy's, 64/16)")
     data.add_argument("--n-features", type=positive_int, help="toy true features (default: the toy's, 256/20)")

@@ -109,44 +109,48 @@ def widths_text(d_in: int, d_out: int | None) -> str:
 
 
 def check_widths(data: Any, d_in: int, d_out: int | None, model: str = "the SAE") -> None:
-    """Refuses, with one :class:`DataError` line, data whose rows do not split as ``model`` reads them: a plain SAE
-    (``d_out=None``) given ``(x, y)`` pairs, a transcoder (``d_out`` an int) given plain activations, or other
-    widths. ``data`` is a source: its ``d_in`` and ``d_out``.
+    """Refuses, with one :class:`DataError` line, data whose rows do not split as ``model`` reads them (``d_out``
+    None: a plain SAE reading ``[N, d_in]``; an int: a transcoder reading rows ``[x | y]``). ``data`` is a source.
 
-    A source that has no ``d_out`` attribute at all (a user's own source that predates pairs) does not say how its
-    rows split: its ``d_in`` is then taken as its row width and must be ``d_in + d_out`` (the split cannot be
-    checked). Every source of :mod:`fusedsae` says ``d_out`` (None for plain activations).
+    Data that say they hold pairs (``data.d_out`` an int: a pair cache, a two-hook capture, ``(x, y)`` tensors) must
+    have exactly ``d_in`` and ``d_out``, and are refused for a plain SAE. Data that do not (``d_out`` None or absent:
+    a tensor, an iterable, a user's own source) are taken at their row width, which must be ``d_in + d_out``, so
+    rows joined by hand train a transcoder; but a cache or live capture of one tensor (its ``describe()`` names the
+    ``hook``) is known to hold plain activations and is refused for a transcoder, even at the right total width.
     """
-    has_in = int(data.d_in)
-    if not hasattr(data, "d_out"):
+    has_in, has_out = int(data.d_in), getattr(data, "d_out", None)
+    kind = describe_kind(data)
+    if has_out is None:
         width = d_in + (d_out or 0)
+        if d_out is not None and _captured(data):
+            raise DataError(
+                f"{kind} holds plain activations of one tensor (d_in={has_in}) but {model} is a transcoder "
+                f"(d_in={d_in}, d_out={d_out}) that needs (x, y) pairs: write a cache with --target-hook, or give live "
+                "data a --target-hook"
+            )
         if has_in == width:
             return
-        if d_out is None:
+        if d_out is None:  # the message the trainer has always given
             raise DataError(f"the data has d_in={has_in} but {model} expects d_in={d_in}")
         raise DataError(
             f"the data has rows of width {has_in} but the transcoder trains on [x | y] rows of width d_in + d_out = "
             f"{d_in} + {d_out} = {width}"
         )
-    has_out = data.d_out
     if has_out == d_out and has_in == d_in:
         return
-    kind = describe_kind(data)
-    if d_out is None and has_out is not None:
+    if d_out is None:
         raise DataError(
             f"{kind} holds transcoder (x, y) pairs (d_in={has_in}, d_out={has_out}) but {model} is a plain SAE of "
             f"d_in={d_in}; train a transcoder (SAEConfig(d_out={has_out}); the CLI does so by itself) or give plain "
             "activations"
         )
-    if d_out is not None and has_out is None:
-        raise DataError(
-            f"{kind} holds plain activations (d_in={has_in}) but {model} is a transcoder (d_in={d_in}, d_out={d_out}) "
-            "that needs (x, y) pairs: give (x, y) tensors, a cache written with --target-hook, or live data with "
-            "--target-hook"
-        )
-    if d_out is None:  # the message the trainer has always given
-        raise DataError(f"the data has d_in={has_in} but {model} expects d_in={d_in}")
     raise DataError(f"{kind} has {widths_text(has_in, has_out)} but {model} expects {widths_text(d_in, d_out)}")
+
+
+def _captured(data: Any) -> bool:
+    """Whether ``data`` was captured from a model's hook(s) (a cache or a live capture: its describe() says so)."""
+    info = data.describe() if callable(getattr(data, "describe", None)) else {}
+    return "hook" in info or "hooks" in info
 
 
 def describe_kind(data: Any) -> str:
