@@ -27,6 +27,7 @@ from conftest import FIXTURES
 from fusedsae import SAEConfig, SparseAutoencoder, TrainConfig, Trainer, backends
 from fusedsae import checkpoint as ckpt
 from fusedsae.analysis import head_contributions, single_head_ablations, weight_head_shares
+from fusedsae.compat import sae_lens as csl
 from fusedsae.compat import sparsify as csp
 from fusedsae.data import DataError, split_pair
 from fusedsae.toy import generator, random_directions
@@ -614,3 +615,42 @@ def test_two_ranks_train_the_transcoder_of_one_process(tmp_path):
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
     assert not torch.equal(ddp["W_skip"], torch.zeros_like(ddp["W_skip"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fusedsae.compat.sae_lens: SAELens's four transcoder classes on our ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", SAE_LENS_TRANSCODERS)
+def test_compat_sae_lens_transcoders(tmp_path, architecture):
+    """SAE.load_from_disk builds SAELens's class for the folder with SAELens's outputs; save_model writes a folder
+    both loaders read back identically; to_fusedsae gives the same maths as a SparseAutoencoder."""
+    folder = FIXTURES / f"saelens_{architecture}"
+    want = load_file(str(folder / "expected.safetensors"))
+    sae = csl.SAE.load_from_disk(folder)
+    assert (
+        type(sae).__name__
+        == {
+            "transcoder": "Transcoder",
+            "skip_transcoder": "SkipTranscoder",
+            "jumprelu_transcoder": "JumpReLUTranscoder",
+            "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder",
+        }[architecture]
+    )
+    assert sae.cfg.architecture() == architecture and sae.cfg.d_out == 5 and sae.W_dec.shape == (16, 5)
+    x = want["x"]
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), want["encode"])
+        torch.testing.assert_close(sae(x), want["forward"])
+        torch.testing.assert_close(sae.to_fusedsae()(x), want["forward"])
+    sae.save_model(tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(csl.SAE.load_from_disk(tmp_path / "again")(x), want["forward"])
+        torch.testing.assert_close(fusedsae.load(tmp_path / "again")(x), want["forward"])
+    fresh = csl.SAE(csl.SAE.load_from_disk(folder).cfg)  # a fresh one: SAELens's init, zero skip path
+    assert fresh.W_enc.shape == (8, 16) and fresh.b_dec.shape == (5,)
+    if "skip" in architecture:
+        assert torch.equal(fresh.W_skip, torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="apply_b_dec_to_input is not supported for transcoders"):
+        csl.TranscoderConfig(d_in=8, d_sae=16, d_out=5)
