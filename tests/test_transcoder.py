@@ -354,8 +354,10 @@ def test_data_width_is_checked():
     sae = SparseAutoencoder(d_in=16, d_out=10, d_sae=32, activation="topk", k=3)
     with pytest.raises(DataError, match=r"rows of width 28 but the transcoder trains on \[x \| y\] rows of width"):
         Trainer(sae, data, TrainConfig(steps=1, batch_size=8, progress=False))
-    with pytest.raises(ValueError, match="latent sharding .* does not support transcoders"):
+    with pytest.raises(ValueError, match=r"latent sharding does not support transcoders \(d_out=12\)"):
         Trainer(SparseAutoencoder(d_in=16, d_out=12, d_sae=32, k=3), data, TrainConfig(shard_latents=2))
+    with pytest.raises(ValueError, match="latent sharding does not support skip connections"):
+        Trainer(SparseAutoencoder(d_in=28, d_sae=32, k=3, skip_connection=True), data, TrainConfig(shard_latents=2))
 
 
 def test_input_scales_fold_into_the_saved_transcoder(tmp_path):
