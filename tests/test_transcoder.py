@@ -484,6 +484,19 @@ def test_saelens_loads_our_transcoders(tmp_path, activation, skip):
         torch.testing.assert_close(theirs.encode(x), sae.encode(x))
 
 
+def test_an_sae_with_a_skip_path_round_trips(tmp_path):
+    """An SAE with sparsify's skip path has no SAELens class: written as "topk_skip" (refused by SAELens by name),
+    read back by fusedsae from its own metadata with identical outputs."""
+    sae = SparseAutoencoder(d_in=6, d_sae=13, k=3, skip_connection=True).eval()
+    with torch.no_grad():
+        sae.W_skip.normal_()
+    sae.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "cfg.json").read_text())["architecture"] == "topk_skip"
+    x = torch.randn(N, 6)
+    with torch.no_grad():
+        assert torch.equal(fusedsae.load(tmp_path / "s")(x), sae(x))
+
+
 @pytest.mark.parametrize("case", ["transcoder", "skip_transcoder", "skip_sae"])
 def test_sparsify_format_round_trip(tmp_path, case):
     """Ours -> sparsify folder (transcode / skip_connection / W_skip) -> fusedsae.load and sparsify's own loader:
