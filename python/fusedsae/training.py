@@ -567,14 +567,14 @@ class Trainer:
             self._first_batch(x)
         x = self._scale(x)
         inputs, target = self._split(x)
+        pair = (inputs,) if target is None else (inputs, target)  # the sharded SAE (no transcoders) takes no y
         sae.train()
         dead = capacity = None
         if sae.cfg.aux_k:
             dead = self.dead_mask()
             capacity = self.dead_capacity(x.shape[0] * self.world_size)
         out = sae.training_forward(
-            inputs,
-            *(() if target is None else (target,)),
+            *pair,
             dead_mask=dead,
             coefficient_scale=self.coefficient_scale(self.step),
             dead_capacity=capacity,
