@@ -27,6 +27,7 @@ from conftest import FIXTURES
 from fusedsae import SAEConfig, SparseAutoencoder, TrainConfig, Trainer, backends
 from fusedsae import checkpoint as ckpt
 from fusedsae.analysis import head_contributions, single_head_ablations, weight_head_shares
+from fusedsae.analysis.report import build_reports, format_report, scan
 from fusedsae.compat import sae_lens as csl
 from fusedsae.compat import sparsify as csp
 from fusedsae.data import DataError, split_pair
@@ -669,3 +670,25 @@ def test_compat_sae_lens_transcoders(tmp_path, architecture):
         assert torch.equal(fresh.W_skip, torch.zeros(5, 8))
     with pytest.raises(ValueError, match="apply_b_dec_to_input is not supported for transcoders"):
         csl.TranscoderConfig(d_in=8, d_sae=16, d_out=5)
+
+
+def test_feature_reports_of_a_transcoder_use_encoder_head_shares():
+    """`fusedsae attribute`'s reports: a transcoder's decoder has no head blocks, so the data-free shares are the
+    encoder's (labelled so); the per-context contributions still add up to the activation."""
+    heads, d_head = 4, 5
+    sae = make("topk", heads * d_head, 7, 23, 3, True, "float32").eval()
+    sae.cfg.n_heads = heads
+    z = torch.randn(30, heads * d_head)
+    found = scan(sae, [(z, torch.zeros(30, dtype=torch.int64), torch.arange(30))], n_contexts=2)
+    feature = int(found.counts.argmax())
+    (rep,) = build_reports(sae, found, [feature], lambda i: [0] * 30, FakeTokenizer(), z_of_row=lambda r: z[r])
+    assert rep.shares_of == "encoder"
+    torch.testing.assert_close(torch.tensor(rep.decoder_shares), weight_head_shares(sae, "encoder")[feature])
+    assert "encoder head shares" in format_report(rep)
+    for ctx in rep.contexts:
+        assert ctx.activation == pytest.approx(ctx.constant + sum(ctx.contributions), rel=1e-5, abs=1e-5)
+
+
+class FakeTokenizer:
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
