@@ -33,11 +33,11 @@ def test_head_partials_feature_scan(case, route, measure):
     if route == "gather":
         indices = features.expand(case.n, -1).contiguous()
         if gpu:
-            fn = lambda: tt.head_partial_sums_fwd(x, W_enc, b_dec, indices, heads)  # noqa: E731
+            fn = lambda: tt.heads.head_partial_sums(x, W_enc, b_dec, indices, heads)  # noqa: E731
         else:
             fn = lambda: reference.head_partial_sums(x, W_enc, b_dec, indices, heads)  # noqa: E731
     elif gpu:
-        fn = lambda: tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, features, heads)  # noqa: E731
+        fn = lambda: tt.heads.encode_head_partials(x, W_enc, b_enc, b_dec, features, heads)  # noqa: E731
     else:
         fn = lambda: reference.encode_head_partials(x, W_enc, b_enc, b_dec, features, heads)  # noqa: E731
     measure("head partials, feature scan", case, route, fn, flops=2.0 * case.n * FEATURES * case.d_in)

@@ -13,7 +13,7 @@ column split for random data at k = 32, 16384 columns per split, so about 19% of
 import triton
 import triton.language as tl
 
-from fusedsae.kernels.topk import _KEY_NONE, _append_candidates, _bucket_max, _merge_top, _sortable_keys
+from .topk import KEY_NONE, append_candidates, merge_top, sortable_keys, update_bucket_max
 
 # encode_dense epilogues
 ACT_NONE = tl.constexpr(0)
@@ -200,18 +200,18 @@ def _filter_columns(
     """The TopK (and AuxK) filter over ``pre [BLOCK_M, WIDTH]`` at columns ``cols [WIDTH]``: appends the entries
     strictly above each row's running bound and updates the bound; returns the new running state."""
     valid = row_mask[:, None] & (cols < D_SAE)[None, :]
-    keys = _sortable_keys(pre, cols[None, :])
+    keys = sortable_keys(pre, cols[None, :])
     bound = tl.min(bucket_max, axis=1)
-    count = _append_candidates(valid & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
+    count = append_candidates(valid & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
     if WIDTH == KP:  # one column per bucket: no regrouping of the tile
         bucket_max = tl.maximum(bucket_max, tl.where(valid, pre, float("-inf")))
     else:
-        bucket_max = _bucket_max(bucket_max, tl.where(valid, pre, float("-inf")), KP, WIDTH)
+        bucket_max = update_bucket_max(bucket_max, tl.where(valid, pre, float("-inf")), KP, WIDTH)
     if HAS_AUX:
         dead = valid & (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
         aux_bound = tl.min(aux_bucket_max, axis=1)
-        aux_count = _append_candidates(dead & (pre > aux_bound[:, None]), keys, aux_row_ptrs, aux_count, CAP_AUX)
-        aux_bucket_max = _bucket_max(aux_bucket_max, tl.where(dead, pre, float("-inf")), KP_AUX, WIDTH)
+        aux_count = append_candidates(dead & (pre > aux_bound[:, None]), keys, aux_row_ptrs, aux_count, CAP_AUX)
+        aux_bucket_max = update_bucket_max(aux_bucket_max, tl.where(dead, pre, float("-inf")), KP_AUX, WIDTH)
     return count, bucket_max, aux_count, aux_bucket_max
 
 
@@ -250,7 +250,7 @@ def _topk_encode_fwd_kernel(
 ):
     """Fused GEMM + TopK filter over the centred input. A work item is a (row block, column split); the program
     sweeps the split's column tiles, and in each tile's epilogue the rounded pre-activations strictly above the
-    row's running bound (``_bucket_max``) are appended as int64 keys to the row's candidate buffer
+    row's running bound (``update_bucket_max``) are appended as int64 keys to the row's candidate buffer
     ``cand[row, split, :CAP]`` and counted in ``count[row, split]``. With HAS_AUX the same happens among latents
     where ``aux_mask`` is non-zero, with its own bound and buffer. ``_topk_candidates_kernel`` then selects the k
     best candidates; a row whose count exceeds CAP is recomputed by the launcher's two-pass path, so the result is
@@ -394,15 +394,15 @@ def _topk_encode_redo_kernel(
     to redo.
 
     A redone block recomputes its pre-activation tiles over all columns and keeps a running merge of the KP best
-    keys (``_merge_top``, no buffer to overflow), rounded as in ``_topk_encode_fwd_kernel``. AuxK ranks the latents
+    keys (``merge_top``, no buffer to overflow), rounded as in ``_topk_encode_fwd_kernel``. AuxK ranks the latents
     outside ``aux_mask`` as -inf (as the reference's masked fill does), so a row with fewer eligible latents than
     aux_k still gets valid indices. Writes ``keys[row, :KP]`` (``aux_keys[row, :KP_AUX]``) of the redone rows only."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     redo = row_mask & (tl.load(redo_ptr + rows, mask=row_mask, other=0) != 0)
     if tl.max(redo.to(tl.int32), axis=0) > 0:
-        best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
-        aux_best = tl.full([BLOCK_M, KP_AUX], _KEY_NONE, tl.int64)
+        best = tl.full([BLOCK_M, KP], KEY_NONE, tl.int64)
+        aux_best = tl.full([BLOCK_M, KP_AUX], KEY_NONE, tl.int64)
         for c0 in range(0, D_SAE, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             pre = _pre_activation_tile(
@@ -430,12 +430,12 @@ def _topk_encode_redo_kernel(
             )
             pre = pre.to(b_enc_ptr.dtype.element_ty).to(tl.float32)
             valid = row_mask[:, None] & (cols < D_SAE)[None, :]
-            best = _merge_top(best, tl.where(valid, _sortable_keys(pre, cols[None, :]), _KEY_NONE), KP)
+            best = merge_top(best, tl.where(valid, sortable_keys(pre, cols[None, :]), KEY_NONE), KP)
             if HAS_AUX:
                 dead = (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
                 aux_pre = tl.where(dead, pre, float("-inf"))
-                aux_keys = tl.where(valid, _sortable_keys(aux_pre, cols[None, :]), _KEY_NONE)
-                aux_best = _merge_top(aux_best, aux_keys, KP_AUX)
+                aux_keys = tl.where(valid, sortable_keys(aux_pre, cols[None, :]), KEY_NONE)
+                aux_best = merge_top(aux_best, aux_keys, KP_AUX)
         rows64 = rows.to(tl.int64)
         tl.store(keys_ptr + rows64[:, None] * stride_kn + tl.arange(0, KP)[None, :], best, mask=redo[:, None])
         if HAS_AUX:

@@ -10,18 +10,18 @@ Every selection in fusedsae ranks entries by value (descending) and breaks ties 
 
 Keys are unique within a row (distinct indices), so the k largest keys are one well-defined set in one order, and
 ``torch.topk`` on keys (used to merge per-split candidates) needs no tie handling. Values are recovered exactly
-from the high half. ``_KEY_NONE`` (-2**63) is below every real key (the smallest, -NaN at index 0, is
+from the high half. ``KEY_NONE`` (-2**63) is below every real key (the smallest, -NaN at index 0, is
 -2**63 + 0xFFFFFFFF) and marks padding columns (and, in the fused filter, latents outside an AuxK mask).
 """
 
 import triton
 import triton.language as tl
 
-_KEY_NONE = tl.constexpr(-(2**63))
+KEY_NONE = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def _sortable_keys(values, cols):
+def sortable_keys(values, cols):
     """int64 keys of ``values`` (float32, any shape) at column indices ``cols`` (broadcastable int32): larger key =
     larger value, or equal value and lower column."""
     v = tl.where(values == 0.0, 0.0, values)
@@ -31,7 +31,7 @@ def _sortable_keys(values, cols):
 
 
 @triton.jit
-def _merge_top(best, keys, KP: tl.constexpr):
+def merge_top(best, keys, KP: tl.constexpr):
     """The KP largest of ``best [BM, KP]`` (sorted descending) and ``keys [BM, BN]`` (BN >= KP), sorted descending.
 
     ``tl.topk`` reduces the tile to its KP largest (bitonic sort of KP-wide chunks, then max-halving); the running
@@ -43,7 +43,7 @@ def _merge_top(best, keys, KP: tl.constexpr):
 
 
 @triton.jit
-def _append_candidates(keep, keys, row_ptrs, count, CAP):
+def append_candidates(keep, keys, row_ptrs, count, CAP):
     """Appends ``keys [BM, BN]`` where ``keep`` to each row's candidate buffer (``row_ptrs [BM]`` point at slot 0)
     after its ``count [BM]`` entries, in column order, and returns the new counts. Slots at or beyond CAP are not
     written, but counted: a count above CAP tells the launcher that the row overflowed.
@@ -57,7 +57,7 @@ def _append_candidates(keep, keys, row_ptrs, count, CAP):
 
 
 @triton.jit
-def _bucket_max(bucket_max, values, KP: tl.constexpr, BLOCK_N: tl.constexpr):
+def update_bucket_max(bucket_max, values, KP: tl.constexpr, BLOCK_N: tl.constexpr):
     """Running per-row maxima of KP column buckets (bucket = position within the tile // (BLOCK_N / KP)), from
     ``values [BM, BLOCK_N]`` (-inf where invalid) into ``bucket_max [BM, KP]``.
 
@@ -84,20 +84,20 @@ def _topk_candidates_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """The KP largest keys per row among its candidates (``cand [N, N_SPLITS, CAP]`` int64, ``count [N, N_SPLITS]``
-    valid entries each, clamped to CAP), sorted, into ``keys[row, :KP]``: a running merge (``_merge_top``) over
+    valid entries each, clamped to CAP), sorted, into ``keys[row, :KP]``: a running merge (``merge_top``) over
     the few hundred candidates the filter kept instead of all d_sae columns."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
+    best = tl.full([BLOCK_M, KP], KEY_NONE, tl.int64)
     for split in range(0, N_SPLITS):
         count = tl.load(count_ptr + rows64 * N_SPLITS + split, mask=row_mask, other=0)
         count = tl.minimum(count, CAP)
         row_ptrs = cand_ptr + (rows64 * N_SPLITS + split) * CAP
         for c0 in range(0, tl.max(count, axis=0), BLOCK_N):
             slots = c0 + tl.arange(0, BLOCK_N)
-            keys = tl.load(row_ptrs[:, None] + slots[None, :], mask=slots[None, :] < count[:, None], other=_KEY_NONE)
-            best = _merge_top(best, keys, KP)
+            keys = tl.load(row_ptrs[:, None] + slots[None, :], mask=slots[None, :] < count[:, None], other=KEY_NONE)
+            best = merge_top(best, keys, KP)
     tl.store(keys_ptr + rows64[:, None] * stride_kn + tl.arange(0, KP)[None, :], best, mask=row_mask[:, None])
 
 
@@ -133,8 +133,8 @@ def _row_topk_fwd_kernel(
         valid = row_mask[:, None] & (cols < M)[None, :]
         s = tl.load(scores_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=valid, other=0.0).to(tl.float32)
         bound = tl.min(bucket_max, axis=1)
-        count = _append_candidates(valid & (s > bound[:, None]), _sortable_keys(s, cols[None, :]), row_ptrs, count, CAP)
-        bucket_max = _bucket_max(bucket_max, tl.where(valid, s, float("-inf")), KP, BLOCK_N)
+        count = append_candidates(valid & (s > bound[:, None]), sortable_keys(s, cols[None, :]), row_ptrs, count, CAP)
+        bucket_max = update_bucket_max(bucket_max, tl.where(valid, s, float("-inf")), KP, BLOCK_N)
     tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
 
 
@@ -165,7 +165,7 @@ def _row_keys_kernel(
     if HAS_MASK:
         keep = tl.load(mask_ptr + cols, mask=col_mask, other=0) != 0
         s = tl.where(keep[None, :], s, float("-inf"))
-    keys = _sortable_keys(s, cols[None, :])
+    keys = sortable_keys(s, cols[None, :])
     tl.store(keys_ptr + rows64[:, None] * stride_kn + cols[None, :], keys, mask=inside)
 
 
@@ -190,11 +190,11 @@ def _row_topk_redo_kernel(
     redo = row_mask & (tl.load(redo_ptr + rows, mask=row_mask, other=0) != 0)
     if tl.max(redo.to(tl.int32), axis=0) > 0:
         rows64 = rows.to(tl.int64)
-        best = tl.full([BLOCK_M, KP], _KEY_NONE, tl.int64)
+        best = tl.full([BLOCK_M, KP], KEY_NONE, tl.int64)
         for c0 in range(0, M, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             valid = redo[:, None] & (cols < M)[None, :]
             s = tl.load(scores_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=valid, other=0.0)
-            keys = tl.where(valid, _sortable_keys(s.to(tl.float32), cols[None, :]), _KEY_NONE)
-            best = _merge_top(best, keys, KP)
+            keys = tl.where(valid, sortable_keys(s.to(tl.float32), cols[None, :]), KEY_NONE)
+            best = merge_top(best, keys, KP)
         tl.store(keys_ptr + rows64[:, None] * stride_kn + tl.arange(0, KP)[None, :], best, mask=redo[:, None])

@@ -182,17 +182,17 @@ def _launch_all(
             tt.set_encoder_config(name)
             suffix = f" [{name}]" if name else ""
             try:
-                run(f"{tag} topk{suffix}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, 0, None)
-                run(f"{tag} topk+auxk={aux_k}{suffix}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, aux_k, dead)
-                run(f"{tag} topk+auxk=128{suffix}", tt.topk_encode_fwd, x, W_enc, b_enc, b_dec, k, 128, dead)
+                run(f"{tag} topk{suffix}", tt.encoder.topk_encode, x, W_enc, b_enc, b_dec, k, 0, None)
+                run(f"{tag} topk+auxk={aux_k}{suffix}", tt.encoder.topk_encode, x, W_enc, b_enc, b_dec, k, aux_k, dead)
+                run(f"{tag} topk+auxk=128{suffix}", tt.encoder.topk_encode, x, W_enc, b_enc, b_dec, k, 128, dead)
             finally:
                 tt.set_encoder_config(None)
 
     def atomics(*args: Any) -> None:
         tt.set_deterministic(False)
         try:
-            tt.sparse_decode_backward_fwd(*args[:4])
-            tt.sparse_encode_backward_fwd(args[1], args[2], args[0], *args[4:], False)
+            tt.sparse.sparse_decode_backward(*args[:4])
+            tt.sparse.sparse_encode_backward(args[1], args[2], args[0], *args[4:], False)
         finally:
             tt.set_deterministic(None)
 
@@ -209,29 +209,38 @@ def _launch_all(
             encoders(tag, x, W_enc, b_enc, b_dec, k, aux_k, dead)
             if only_encoder:
                 continue
-            run(f"{tag} batchtopk", tt.batchtopk_encode_fwd, x, W_enc, b_enc, b_dec, k, 0, None)
+            run(f"{tag} batchtopk", tt.encoder.batchtopk_encode, x, W_enc, b_enc, b_dec, k, 0, None)
             indices = torch.randint(0, d_sae, (N_ROWS, k))
             for m, what in ((k, ""), (k + aux_k, "+auxk")):
                 values = torch.empty(N_ROWS, m, dtype=dtype)
                 wide = torch.randint(0, d_sae, (N_ROWS, m))
-                run(f"{tag} backward{what}", tt.sparse_decode_fwd, values, wide, W_dec, b_dec)
-                run(f"{tag} backward{what}", tt.sparse_decode_backward_fwd, x, values, wide, W_dec)
-                run(f"{tag} backward{what}", tt.sparse_encode_backward_fwd, values, wide, x, W_enc, b_dec, True)
+                run(f"{tag} backward{what}", tt.sparse.sparse_decode, values, wide, W_dec, b_dec)
+                run(f"{tag} backward{what}", tt.sparse.sparse_decode_backward, x, values, wide, W_dec)
+                run(f"{tag} backward{what}", tt.sparse.sparse_encode_backward, values, wide, x, W_enc, b_dec, True)
             run(f"{tag} backward (atomics)", atomics, x, values[:, :k], indices, W_dec, W_enc, b_dec)
             scores = _wide(N_ROWS, d_sae, dtype)
-            run(f"{tag} row_topk", tt.row_topk_fwd, scores, k)
-            run(f"{tag} row_topk k=256", tt.row_topk_fwd, scores, 256)
+            run(f"{tag} row_topk", tt.topk.row_topk, scores, k)
+            run(f"{tag} row_topk k=256", tt.topk.row_topk, scores, 256)
             for activation in ("relu", "jumprelu"):
-                run(f"{tag} encode_dense {activation}", tt.encode_dense_fwd, x, W_enc, b_enc, b_dec, b_enc, activation)
-            run(f"{tag} jumprelu", tt.jumprelu_fwd, scores, b_enc)
-            run(f"{tag} jumprelu", tt.step_fwd, scores, b_enc)
-            run(f"{tag} jumprelu", tt.jumprelu_backward_fwd, scores, scores, b_enc, 0.5)
-            run(f"{tag} jumprelu", tt.step_backward_fwd, scores, scores, b_enc, 0.5)
-            run(f"{tag} head_partial_sums", tt.head_partial_sums_fwd, x, W_enc, b_dec, indices, d_in // 64)
+                run(
+                    f"{tag} encode_dense {activation}",
+                    tt.encoder.encode_dense,
+                    x,
+                    W_enc,
+                    b_enc,
+                    b_dec,
+                    b_enc,
+                    activation,
+                )
+            run(f"{tag} jumprelu", tt.jumprelu.jumprelu, scores, b_enc)
+            run(f"{tag} jumprelu", tt.jumprelu.step, scores, b_enc)
+            run(f"{tag} jumprelu", tt.jumprelu.jumprelu_backward, scores, scores, b_enc, 0.5)
+            run(f"{tag} jumprelu", tt.jumprelu.step_backward, scores, scores, b_enc, 0.5)
+            run(f"{tag} head_partial_sums", tt.heads.head_partial_sums, x, W_enc, b_dec, indices, d_in // 64)
             features = torch.randperm(d_sae)[:256]
             run(
                 f"{tag} head partials, 256 features",
-                tt.encode_head_partials_fwd,
+                tt.heads.encode_head_partials,
                 x,
                 W_enc,
                 b_enc,
@@ -259,8 +268,7 @@ def compile_all(
     original_run = JITFunction.run
     driver.set_active(_OfflineDriver(arch))
     JITFunction.run = recorder.run(original_run)
-    tt._gpu = lambda t: True
-    tt._sm_count = lambda t: 132
+    tt.assume_gpu(132)
     torch.manual_seed(0)
     with contextlib.ExitStack() as stack:
         stack.enter_context(backends.use("triton"))

@@ -68,3 +68,28 @@ def test_auto_falls_back_when_a_backend_refuses(monkeypatch):
     with backends.use("triton"):
         F.sparse_decode(values, indices, W)
     assert calls == ["fake"]
+
+
+def test_both_backends_decide_the_transposed_copy_by_one_rule():
+    # The triton and cuda launchers gather W_enc's latent rows through fusedsae.backends.common.latent_rows, not a
+    # rule of their own (they once had two that disagreed).
+    from fusedsae.backends import common, cuda
+
+    users = [cuda]
+    if backends.report()["triton"]["available"]:
+        from fusedsae.backends.triton import heads, sparse
+
+        users += [heads, sparse]
+    assert all(module.latent_rows is common.latent_rows for module in users)
+    # The copy pays when 2 * d_sae * elt < n_gathers * (32 - elt): 1000 latents in fp32 from 286 gathers, in bf16
+    # from 134.
+    for dtype, pays_from in ((torch.float32, 286), (torch.bfloat16, 134)):
+        W_enc = torch.randn(6, 1000).to(dtype)
+        table, stride_latent, stride_feature = common.latent_rows(W_enc, pays_from - 1)
+        assert table is W_enc and (stride_latent, stride_feature) == (1, 1000)
+        table, stride_latent, stride_feature = common.latent_rows(W_enc, pays_from)
+        assert torch.equal(table, W_enc.t()) and table.is_contiguous() and (stride_latent, stride_feature) == (6, 1)
+    # a latent-major W_enc (the transposed view of a [d_sae, d_in] tensor) is used in place at any count
+    W_latent_major = torch.randn(1000, 6).t()
+    table, stride_latent, stride_feature = common.latent_rows(W_latent_major, 10**6)
+    assert table is W_latent_major and (stride_latent, stride_feature) == (6, 1)

@@ -36,9 +36,9 @@ def gpu_tiles(monkeypatch):
     occur at test sizes)."""
     if GPU:
         pytest.skip("on a GPU the other tests run the GPU configurations compiled")
-    monkeypatch.setattr(tt, "_gpu", lambda t: True)
-    monkeypatch.setattr(tt, "_sm_count", lambda t: 2)
+    tt.assume_gpu(2)
     yield
+    tt.assume_gpu(None)
     tt.set_encoder_config(None)
 
 
@@ -122,14 +122,14 @@ def test_encoder_config_is_chosen_by_name(monkeypatch):
 
 
 def test_grids_at_the_hardware_limits_launch_and_beyond_them_refuse():
-    assert tt._checked_grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
+    assert tt.checked_grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
     with pytest.raises(ValueError, match="needs 65536 programs on grid axis y, above the GPU's limit of 65535"):
-        tt._checked_grid(1, 65536)
+        tt.checked_grid(1, 65536)
     with pytest.raises(ValueError, match="grid axis x"):
-        tt._checked_grid(2**31)
+        tt.checked_grid(2**31)
     # the tiled axes: d_sae = 2**31 - 1 in 256-wide column blocks needs 129 launches of at most 65535 blocks
     blocks = -(-(2**31 - 1) // 256)
-    chunks = tt._axis_chunks(blocks, axis=1)
+    chunks = tt.launch.axis_chunks(blocks, axis=1)
     assert all(0 < stop - start <= 65535 for start, stop in chunks)
     assert chunks[0][0] == 0 and chunks[-1][1] == blocks and len(chunks) == 129
     assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
@@ -138,12 +138,12 @@ def test_grids_at_the_hardware_limits_launch_and_beyond_them_refuse():
 def test_launches_tile_axes_past_a_limit(monkeypatch):
     # The limits lowered to 2 blocks on y and z, so that the tiled launches happen at test sizes: JumpReLU
     # (column blocks on y) and the keys of the two-pass selection (row blocks on y) give the reference's results.
-    monkeypatch.setattr(tt, "_GRID_LIMITS", (2**31 - 1, 2, 2))
+    monkeypatch.setattr(tt.launch, "GRID_LIMITS", (2**31 - 1, 2, 2))
     pre = randn(40, 150)
     threshold = torch.rand(150, device=DEVICE) - 0.5
     with on_triton():
-        out = tt.jumprelu_fwd(pre, threshold)
-        step = tt.step_fwd(pre, threshold)
+        out = tt.jumprelu.jumprelu(pre, threshold)
+        step = tt.jumprelu.step(pre, threshold)
         values, indices = torch.ops.fusedsae.row_topk(pre, 130)  # k > FUSED_K_MAX: keys + torch.topk
     torch.testing.assert_close(out, reference.jumprelu(pre, threshold), rtol=0, atol=0)
     torch.testing.assert_close(step, reference.step(pre, threshold), rtol=0, atol=0)
@@ -169,7 +169,7 @@ def test_encoder_head_partials_match_the_reference(n, n_heads, d_head, m, center
     b = b_dec if center else None
     features = torch.randint(0, d_sae, (m,), device=DEVICE)
     with on_triton():
-        pre, parts = tt.encode_head_partials_fwd(x, W_enc, b_enc, b, features, n_heads)
+        pre, parts = tt.heads.encode_head_partials(x, W_enc, b_enc, b, features, n_heads)
         via_op = torch.ops.fusedsae.head_partial_sums(x, W_enc, b, features.expand(n, -1), n_heads)
     expected_pre, expected_parts = reference.encode_head_partials(x, W_enc, b_enc, b, features, n_heads)
     torch.testing.assert_close(parts, expected_parts)
@@ -186,7 +186,7 @@ def test_encoder_head_partials_low_precision(dtype):
     x, (W_enc, b_enc, b_dec, _) = randn(33, 48).to(dtype), [t.to(dtype) for t in make_weights(48, 40)]
     features = torch.tensor([3, 0, 39, 3], device=DEVICE)
     with on_triton():
-        pre, parts = tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, features, 3)
+        pre, parts = tt.heads.encode_head_partials(x, W_enc, b_enc, b_dec, features, 3)
     exact_pre, exact_parts = reference.encode_head_partials(
         x.double(), W_enc.double(), b_enc.double(), b_dec.double(), features, 3
     )
@@ -199,4 +199,4 @@ def test_encoder_head_partials_refuse_what_they_cannot_take():
     x = randn(4, 12)
     W_enc, b_enc, b_dec, _ = make_weights(12, 20)
     with pytest.raises(ValueError, match="n_heads=5 must divide d_in=12"):
-        tt.encode_head_partials_fwd(x, W_enc, b_enc, b_dec, torch.tensor([1, 2]), 5)
+        tt.heads.encode_head_partials(x, W_enc, b_enc, b_dec, torch.tensor([1, 2]), 5)

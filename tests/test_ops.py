@@ -9,7 +9,7 @@ import torch
 
 import naive
 from conftest import assert_close_lowp, make_weights, opcheck_cases
-from fusedsae import backends, reference
+from fusedsae import backends, ops, reference
 from fusedsae import functional as F
 
 BACKENDS = ["reference"]
@@ -381,3 +381,10 @@ def test_reference_module_serves_every_op():
     assert set(backends.report()["reference"]["ops"]) == set(backends.OPS)
     for op in backends.OPS:
         assert callable(getattr(reference, op))
+
+
+def test_the_op_list_is_exactly_the_registered_ops():
+    # backends.OPS is the one list of ops: ops.py defines a torch.ops.fusedsae op for each entry and no other
+    defined = {name for name, value in vars(ops).items() if isinstance(value, torch.library.CustomOpDef)}
+    assert defined == set(backends.OPS)
+    assert all(hasattr(torch.ops.fusedsae, op) for op in backends.OPS)

@@ -134,3 +134,52 @@ def test_a_missing_tracker_library_is_one_line(tmp_path, monkeypatch, capsys):
         SystemExit, match=r"--log: wandb logging needs the wandb package: pip install 'fusedsae\[wandb\]'"
     ):
         main(["train", "--out", str(tmp_path), "--steps", "1", "--batch-size", "8", "--log", "wandb", "--no-progress"])
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_trims_tensorboard(tmp_path, monkeypatch, capsys):
+    """Stand-ins for wandb and TensorBoard's writer record what the CLI asks of them, so this runs without either
+    library: the resumed run passes the first run's id with resume="allow" (one W&B run, not two) and asks
+    TensorBoard to hide the events past the checkpoint it resumed from."""
+    import sys
+    import types
+
+    inits: list[dict] = []
+    writers: list[dict] = []
+
+    class Run:
+        dir = str(tmp_path / "wandb" / "run" / "files")
+
+        def log(self, metrics, step):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        return Run()
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            writers.append({"purge_step": purge_step})
+
+        def add_text(self, *args):
+            pass
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = ["train", "--out", str(tmp_path), "--batch-size", "64", "--no-progress", "--no-plots"]
+    run += ["--checkpoint-every", "4", "--log-every", "2", "--log", "jsonl", "wandb", "tensorboard"]
+    assert main([*run, "--steps", "4"]) == 0
+    assert main([*run, "--steps", "6", "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    run_id = json.loads((tmp_path / "run_config.json").read_text())["run_id"]
+    assert [(i["id"], i["resume"]) for i in inits] == [(run_id, "allow")] * 2
+    assert [w["purge_step"] for w in writers] == [None, 5]

@@ -27,6 +27,8 @@ from conftest import FIXTURES
 from fusedsae import SAEConfig, SparseAutoencoder, TrainConfig, Trainer, backends
 from fusedsae import checkpoint as ckpt
 from fusedsae.analysis import head_contributions, single_head_ablations, weight_head_shares
+from fusedsae.analysis.report import build_reports, format_report, scan
+from fusedsae.compat import sae_lens as csl
 from fusedsae.compat import sparsify as csp
 from fusedsae.data import DataError, split_pair
 from fusedsae.toy import generator, random_directions
@@ -353,8 +355,10 @@ def test_data_width_is_checked():
     sae = SparseAutoencoder(d_in=16, d_out=10, d_sae=32, activation="topk", k=3)
     with pytest.raises(DataError, match=r"rows of width 28 but the transcoder trains on \[x \| y\] rows of width"):
         Trainer(sae, data, TrainConfig(steps=1, batch_size=8, progress=False))
-    with pytest.raises(ValueError, match="latent sharding .* does not support transcoders"):
+    with pytest.raises(ValueError, match=r"latent sharding does not support transcoders \(d_out=12\)"):
         Trainer(SparseAutoencoder(d_in=16, d_out=12, d_sae=32, k=3), data, TrainConfig(shard_latents=2))
+    with pytest.raises(ValueError, match="latent sharding does not support skip connections"):
+        Trainer(SparseAutoencoder(d_in=28, d_sae=32, k=3, skip_connection=True), data, TrainConfig(shard_latents=2))
 
 
 def test_input_scales_fold_into_the_saved_transcoder(tmp_path):
@@ -479,6 +483,19 @@ def test_saelens_loads_our_transcoders(tmp_path, activation, skip):
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), sae(x))
         torch.testing.assert_close(theirs.encode(x), sae.encode(x))
+
+
+def test_an_sae_with_a_skip_path_round_trips(tmp_path):
+    """An SAE with sparsify's skip path has no SAELens class: written as "topk_skip" (refused by SAELens by name),
+    read back by fusedsae from its own metadata with identical outputs."""
+    sae = SparseAutoencoder(d_in=6, d_sae=13, k=3, skip_connection=True).eval()
+    with torch.no_grad():
+        sae.W_skip.normal_()
+    sae.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "cfg.json").read_text())["architecture"] == "topk_skip"
+    x = torch.randn(N, 6)
+    with torch.no_grad():
+        assert torch.equal(fusedsae.load(tmp_path / "s")(x), sae(x))
 
 
 @pytest.mark.parametrize("case", ["transcoder", "skip_transcoder", "skip_sae"])
@@ -614,3 +631,64 @@ def test_two_ranks_train_the_transcoder_of_one_process(tmp_path):
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
     assert not torch.equal(ddp["W_skip"], torch.zeros_like(ddp["W_skip"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fusedsae.compat.sae_lens: SAELens's four transcoder classes on our ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", SAE_LENS_TRANSCODERS)
+def test_compat_sae_lens_transcoders(tmp_path, architecture):
+    """SAE.load_from_disk builds SAELens's class for the folder with SAELens's outputs; save_model writes a folder
+    both loaders read back identically; to_fusedsae gives the same maths as a SparseAutoencoder."""
+    folder = FIXTURES / f"saelens_{architecture}"
+    want = load_file(str(folder / "expected.safetensors"))
+    sae = csl.SAE.load_from_disk(folder)
+    assert (
+        type(sae).__name__
+        == {
+            "transcoder": "Transcoder",
+            "skip_transcoder": "SkipTranscoder",
+            "jumprelu_transcoder": "JumpReLUTranscoder",
+            "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder",
+        }[architecture]
+    )
+    assert sae.cfg.architecture() == architecture and sae.cfg.d_out == 5 and sae.W_dec.shape == (16, 5)
+    x = want["x"]
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), want["encode"])
+        torch.testing.assert_close(sae(x), want["forward"])
+        torch.testing.assert_close(sae.to_fusedsae()(x), want["forward"])
+    sae.save_model(tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(csl.SAE.load_from_disk(tmp_path / "again")(x), want["forward"])
+        torch.testing.assert_close(fusedsae.load(tmp_path / "again")(x), want["forward"])
+    fresh = csl.SAE(csl.SAE.load_from_disk(folder).cfg)  # a fresh one: SAELens's init, zero skip path
+    assert fresh.W_enc.shape == (8, 16) and fresh.b_dec.shape == (5,)
+    if "skip" in architecture:
+        assert torch.equal(fresh.W_skip, torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="apply_b_dec_to_input is not supported for transcoders"):
+        csl.TranscoderConfig(d_in=8, d_sae=16, d_out=5)
+
+
+def test_feature_reports_of_a_transcoder_use_encoder_head_shares():
+    """`fusedsae attribute`'s reports: a transcoder's decoder has no head blocks, so the data-free shares are the
+    encoder's (labelled so); the per-context contributions still add up to the activation."""
+    heads, d_head = 4, 5
+    sae = make("topk", heads * d_head, 7, 23, 3, True, "float32").eval()
+    sae.cfg.n_heads = heads
+    z = torch.randn(30, heads * d_head)
+    found = scan(sae, [(z, torch.zeros(30, dtype=torch.int64), torch.arange(30))], n_contexts=2)
+    feature = int(found.counts.argmax())
+    (rep,) = build_reports(sae, found, [feature], lambda i: [0] * 30, FakeTokenizer(), z_of_row=lambda r: z[r])
+    assert rep.shares_of == "encoder"
+    torch.testing.assert_close(torch.tensor(rep.decoder_shares), weight_head_shares(sae, "encoder")[feature])
+    assert "encoder head shares" in format_report(rep)
+    for ctx in rep.contexts:
+        assert ctx.activation == pytest.approx(ctx.constant + sum(ctx.contributions), rel=1e-5, abs=1e-5)
+
+
+class FakeTokenizer:
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]

@@ -153,16 +153,30 @@ def test_triton_serves_every_op_and_explains_its_state():
         assert "TRITON_INTERPRET=1" in entry["reason"]
 
 
+def test_launcher_modules_mirror_the_kernel_modules_and_name_each_launcher_after_its_op():
+    # docs/architecture.md#backends: backends/triton/<file>.py launches kernels/<file>.py, plus launch.py (shared)
+    import pkgutil
+
+    import fusedsae.kernels
+
+    kernel_files = {m.name for m in pkgutil.iter_modules(fusedsae.kernels.__path__)}
+    launcher_files = {m.name for m in pkgutil.iter_modules(tt.__path__)} - {"launch"}
+    assert launcher_files == kernel_files
+    for op in backends.OPS:
+        defined_in = [name for name in sorted(launcher_files) if callable(getattr(getattr(tt, name), op, None))]
+        assert len(defined_in) == 1, f"{op} is defined in {defined_in or 'no launcher module'}"
+
+
 def test_availability_names_why_not(monkeypatch):
-    monkeypatch.setattr(tt, "INTERPRETED", False)
+    monkeypatch.setattr(tt.launch, "INTERPRETED", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert tt._availability() == (False, "no CUDA device and TRITON_INTERPRET is not set")
+    assert tt.availability() == (False, "no CUDA device and TRITON_INTERPRET is not set")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ok, reason = tt._availability()
+    ok, reason = tt.availability()
     assert not ok and "set it before importing fusedsae" in reason
-    monkeypatch.setattr(tt, "_IMPORT_ERROR", "triton is not installed (test)")
-    assert tt._availability() == (False, "triton is not installed (test)")
+    monkeypatch.setattr(tt.launch, "IMPORT_ERROR", "triton is not installed (test)")
+    assert tt.availability() == (False, "triton is not installed (test)")
 
 
 def test_auto_uses_reference_on_cpu_tensors_and_triton_on_cuda():
@@ -240,7 +254,7 @@ def test_topk_encode_beyond_the_fused_limit(shape, k, aux_k):
 def test_topk_encode_candidate_overflow_falls_back_exactly(monkeypatch, aux_k):
     # Pre-activations that increase along the latents beat every running bound, so each row appends every entry
     # and overflows a one-tile candidate buffer; those rows are recomputed exactly by the redo kernel.
-    monkeypatch.setattr(tt, "_candidate_capacity", lambda kp, columns, block_n: block_n)
+    monkeypatch.setattr(tt.topk, "candidate_capacity", lambda kp, columns, block_n: block_n)
     n, d_in, d_sae, k = 6, 8, 100, 3
     x = 0.01 * randn(n, d_in)
     W_enc, _, b_dec, _ = make_weights(d_in, d_sae)
@@ -698,14 +712,21 @@ def test_determinism_switch(monkeypatch):
         tt.set_deterministic(None)
 
 
+@pytest.fixture
+def assumed_gpu():
+    """The launchers' GPU block sizes and program counts, for a GPU of 2 SMs (so that splits and persistent loops
+    occur at test sizes), run by the interpreter."""
+    tt.assume_gpu(2)
+    yield
+    tt.assume_gpu(None)
+
+
 @pytest.mark.skipif(GPU, reason="on a GPU the other tests run the GPU configurations compiled")
 @pytest.mark.parametrize(("n", "k", "aux_k"), [(70, 5, 3), (40, 40, 3), (20, 100, 70)])
-def test_gpu_block_configurations_in_the_interpreter(monkeypatch, n, k, aux_k):
+def test_gpu_block_configurations_in_the_interpreter(assumed_gpu, n, k, aux_k):
     """The launchers' GPU block sizes and split counts, run through the interpreter so that nothing depends on the
     interpreter's small blocks: 64-, 32- and 16-row blocks (by k), each with a partial last block, 128-wide tiles
     with masked columns, and splits of which the last ends past d_sae."""
-    monkeypatch.setattr(tt, "_gpu", lambda t: True)
-    monkeypatch.setattr(tt, "_sm_count", lambda t: 2)
     d_in, d_sae = 40, 300
     x = randn(n, d_in)
     W_enc, b_enc, b_dec, W_dec = make_weights(d_in, d_sae)
@@ -810,7 +831,7 @@ def test_auxk_with_fewer_eligible_latents_than_aux_k_matches_reference(monkeypat
     # eligible latents hold -inf at the lowest other indices, as the reference's masked fill ranks them. The fused
     # filter cannot find them (nothing beats -inf), so those rows go through the redo kernel.
     if path == "wide":
-        monkeypatch.setattr(tt, "FUSED_K_MAX", 4)  # aux_k = 5 then takes the two-pass path
+        monkeypatch.setattr(tt.topk, "FUSED_K_MAX", 4)  # aux_k = 5 then takes the two-pass path
     n, d_in, d_sae, k, aux_k = 9, 8, 40, 3, 5
     x = randn(n, d_in)
     W_enc, b_enc, b_dec, _ = make_weights(d_in, d_sae)

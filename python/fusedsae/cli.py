@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedsae import __version__
+from fusedsae.formats import atomic_write
 from fusedsae.tracking import TRACKERS
 
 RUN_CONFIG = "run_config.json"
@@ -435,17 +436,20 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def _trackers(settings: dict[str, Any], out: Path) -> list[Any]:
-    """The ``--log`` callbacks besides metrics.jsonl (which the trainer always writes), with the run config."""
+def _trackers(settings: dict[str, Any], out: Path, resume_step: int | None = None) -> list[Any]:
+    """The ``--log`` callbacks besides metrics.jsonl (which the trainer always writes), with the run config; a run
+    resumed at ``resume_step`` continues its W&B run (same id) and hides its TensorBoard events past that step."""
     from fusedsae import tracking
 
     callbacks: list[Any] = []
     try:
         if "tensorboard" in settings["log"]:
-            callbacks.append(tracking.TensorBoardLogger(out / "tensorboard", config=settings))
+            callbacks.append(tracking.TensorBoardLogger(out / "tensorboard", config=settings, resume_step=resume_step))
             print(f"tensorboard: {out / 'tensorboard'} (tensorboard --logdir {out})", flush=True)
         if "wandb" in settings["log"]:
-            logger = tracking.WandbLogger(settings["wandb_project"], name=out.name, dir=out, config=settings)
+            logger = tracking.WandbLogger(
+                settings["wandb_project"], name=out.name, dir=out, config=settings, run_id=settings.get("run_id")
+            )
             callbacks.append(logger)
             hint = f"; upload with `wandb sync {logger.dir}`" if logger.mode == "offline" else ""
             print(f"wandb: {logger.mode} run in {logger.dir}{hint}", flush=True)
@@ -521,11 +525,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             trainer.start_run()  # locks --out; refuses a folder holding another run
         settings["run_id"] = trainer.run_id
         if rank == 0:
-            from fusedsae.formats import atomic_write
-
             # trackers and evaluations start once the run folder is ours: a refused run leaves no W&B run behind
             try:
-                trainer.callbacks.extend(_trackers(settings, out))
+                trainer.callbacks.extend(_trackers(settings, out, trainer.step if resumed else None))
                 add_periodic_evals([trainer], settings, device)
             except UsageError:
                 trainer.close()  # the run folder's lock
@@ -1046,7 +1048,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     for rep in reports:
         print()
         print(R.format_report(rep))
-    (out / "attribution.json").write_text(json.dumps(R.to_json(reports), indent=1) + "\n")
+    atomic_write(out / "attribution.json", json.dumps(R.to_json(reports), indent=1) + "\n")
     written = [out / "attribution.json"]
     if not args.no_plots:
         for rep in reports:
@@ -1124,7 +1126,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
         print(result.table())
         record = {**result.to_dict(), "steps": args.steps, "seed": args.seed, "device": device}
         written = [out / f"{name}.json"]
-        written[0].write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write(written[0], json.dumps(record, indent=2) + "\n")
         if not args.no_plots:
             written.append(plots.plot_experiment(result, out / f"{name}.png"))
         print("wrote " + ", ".join(str(p) for p in written) + "\n", flush=True)
@@ -1272,7 +1274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(result.table())
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write(out, json.dumps(result.to_dict(), indent=2) + "\n")
     written = [out]
     if not args.no_plots:
         written.append(E.plot(result, out.with_suffix(".png")))

@@ -167,7 +167,8 @@ class SparseAutoencoder(nn.Module):
         """Sets ``b_dec`` from a sample of the reconstruction target, ``x [..., d_out]`` (the inputs of an SAE, a
         transcoder's ``y``): its ``"mean"`` or ``"geometric_median"`` (Weiszfeld iterations; robust to outliers, as
         OpenAI's TopK training does), or ``"zeros"``."""
-        x2 = self.flatten_target(x).double()  # float64 statistics whatever the SAE's dtype
+        # float64 statistics whatever the SAE's dtype
+        x2 = self.flatten_target(x, name="y" if self.cfg.is_transcoder else "x").double()
         if method == "zeros":
             center = torch.zeros(self.cfg.out_width)
         elif method == "mean":
@@ -233,23 +234,27 @@ class SparseAutoencoder(nn.Module):
             F.check_finite(x, "x")
         return x.reshape(-1, self.cfg.d_in).to(self.dtype)
 
-    def flatten_target(self, y: Tensor, check_finite: bool = True) -> Tensor:
-        """The reconstruction target ``y [..., d_out]`` validated like :meth:`flatten_input` and flattened to
-        ``[N, d_out]`` in the SAE's dtype."""
+    def flatten_target(self, y: Tensor, check_finite: bool = True, name: str = "y") -> Tensor:
+        """The reconstruction target ``y [..., d_out]`` (an SAE's: its input, ``d_out = d_in``) validated like
+        :meth:`flatten_input` and flattened to ``[N, d_out]`` in the SAE's dtype; errors call it ``name``."""
         if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
         width = self.cfg.out_width
         if y.dim() == 0 or y.shape[-1] != width:
+            expects = (
+                f"the transcoder reconstructs d_out={width}"
+                if self.cfg.is_transcoder
+                else f"the SAE expects d_in={width}"
+            )
             raise ValueError(
-                f"y has {y.shape[-1] if y.dim() else 0} features (shape {tuple(y.shape)}) "
-                f"but the {'transcoder' if self.cfg.is_transcoder else 'SAE'} reconstructs d_out={width}"
+                f"{name} has {y.shape[-1] if y.dim() else 0} features (shape {tuple(y.shape)}) but {expects}"
             )
         if not y.is_floating_point():
-            raise TypeError(f"y must be floating point, got {y.dtype}")
+            raise TypeError(f"{name} must be floating point, got {y.dtype}")
         if y.device != self.device:
-            raise ValueError(f"y is on {y.device} but the SAE is on {self.device}; use sae.to(y.device)")
+            raise ValueError(f"{name} is on {y.device} but the SAE is on {self.device}; use sae.to({name}.device)")
         if self.check_finite and check_finite:
-            F.check_finite(y, "y")
+            F.check_finite(y, name)
         return y.reshape(-1, width).to(self.dtype)
 
     def skip(self, x: Tensor) -> Tensor | None:

@@ -32,9 +32,18 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 class TensorBoardLogger:
     """Writes each metric as a TensorBoard scalar (tag = the metrics.jsonl key, x = ``step``) to event files in
-    ``log_dir``; the run config is stored once as JSON text under the tag ``config``."""
+    ``log_dir``; the run config is stored once as JSON text under the tag ``config``.
 
-    def __init__(self, log_dir: str | os.PathLike[str], config: dict[str, Any] | None = None) -> None:
+    ``resume_step``: a resumed run restarts from its checkpoint at that step, so the events a crashed run wrote for
+    later steps are hidden (TensorBoard's ``purge_step``) and the curves show one history, as metrics.jsonl does.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        config: dict[str, Any] | None = None,
+        resume_step: int | None = None,
+    ) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
@@ -42,8 +51,9 @@ class TensorBoardLogger:
                 "tensorboard logging needs the tensorboard package: pip install 'fusedsae[tensorboard]'"
             ) from exc
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
-        if config:
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge)
+        if config and resume_step is None:
             # four leading spaces make TensorBoard's markdown show the JSON as a code block
             text = "\n".join("    " + line for line in json.dumps(config, indent=1, default=str).splitlines())
             self.writer.add_text("config", text, 0)
@@ -83,7 +93,10 @@ class WandbLogger:
         dir: where W&B keeps its files (``<dir>/wandb/…``).
         config: the run configuration (the CLI passes its ``run_config.json``).
         mode: ``"online"``, ``"offline"`` or ``"disabled"``; default :func:`wandb_mode`.
-        **init_kwargs: passed on to ``wandb.init`` (``entity``, ``tags``, ``id`` with ``resume="allow"``…).
+        run_id: the W&B run id; the CLI passes the fusedsae run's id, so a resumed run (same id) continues its W&B
+            run (``resume="allow"``) instead of starting a second one. Steps logged after the checkpoint by the
+            crashed attempt are logged again; W&B keeps the first value of a step.
+        **init_kwargs: passed on to ``wandb.init`` (``entity``, ``tags``…).
     """
 
     def __init__(
@@ -93,6 +106,7 @@ class WandbLogger:
         dir: str | os.PathLike[str] | None = None,
         config: dict[str, Any] | None = None,
         mode: str | None = None,
+        run_id: str | None = None,
         **init_kwargs: Any,
     ) -> None:
         try:
@@ -102,6 +116,8 @@ class WandbLogger:
         if dir is not None:
             Path(dir).mkdir(parents=True, exist_ok=True)
         self.mode = mode or wandb_mode()
+        if run_id is not None:
+            init_kwargs = {"id": run_id, "resume": "allow", **init_kwargs}
         self.run = wandb.init(
             project=project,
             name=name,

@@ -33,7 +33,7 @@ from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
 from fusedsae.data import DataError, as_source, check_widths, split_pair
 from fusedsae.formats import atomic_write, read_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
-from fusedsae.sharding import LATENT_DIM, ProcessGrid, ShardedAutoencoder
+from fusedsae.sharding import LATENT_DIM, TRANSCODER_REFUSAL, ProcessGrid, ShardedAutoencoder, transcoder_kind
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -213,11 +213,8 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.grid: ProcessGrid | None = None
-        if self.cfg.shard_latents > 1 and not isinstance(sae, ShardedAutoencoder) and sae.cfg.is_transcoder:
-            raise ValueError(
-                f"latent sharding (shard_latents={self.cfg.shard_latents}) does not support transcoders "
-                f"(d_out={sae.cfg.d_out}) yet; train it with data parallelism only (shard_latents=1)"
-            )
+        if self.cfg.shard_latents > 1 and (sae.cfg.is_transcoder or sae.cfg.skip_connection):
+            raise ValueError(TRANSCODER_REFUSAL.format(what=transcoder_kind(sae.cfg)))
         if self.cfg.shard_latents > 1 or isinstance(sae, ShardedAutoencoder):
             self.grid = sae.grid if isinstance(sae, ShardedAutoencoder) else ProcessGrid(self.cfg.shard_latents)
             if not isinstance(sae, ShardedAutoencoder):
@@ -565,14 +562,14 @@ class Trainer:
             self._first_batch(x)
         x = self._scale(x)
         inputs, target = self._split(x)
+        pair = (inputs,) if target is None else (inputs, target)  # the sharded SAE (no transcoders) takes no y
         sae.train()
         dead = capacity = None
         if sae.cfg.aux_k:
             dead = self.dead_mask()
             capacity = self.dead_capacity(x.shape[0] * self.world_size)
         out = sae.training_forward(
-            inputs,
-            *(() if target is None else (target,)),
+            *pair,
             dead_mask=dead,
             coefficient_scale=self.coefficient_scale(self.step),
             dead_capacity=capacity,

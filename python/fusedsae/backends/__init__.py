@@ -2,8 +2,9 @@
 
 Three backends may serve each op: ``reference`` (pure PyTorch, any device), ``triton`` (CUDA tensors; CPU tensors
 too when explicitly requested under ``TRITON_INTERPRET=1``) and ``cuda`` (the pybind11 extension ``fusedsae._C``).
-A backend module registers one implementation per op it serves, with a ``supports(*args)`` check that returns why
-it cannot take given inputs (or None).
+A backend module registers one implementation per op it serves, where it is defined (``@register(backend, op,
+supports=supports_<op>)``), with a ``supports_<op>(*args)`` check that returns why it cannot take given inputs (or
+None); decisions that two backends make are made once in :mod:`fusedsae.backends.common`.
 
 ``FUSEDSAE_BACKEND=auto|reference|triton|cuda`` (or :func:`use`) chooses: ``auto`` takes, per op, the first backend
 in :data:`AUTO_ORDER` that can run the inputs and falls back silently; a named backend that cannot run them raises
@@ -24,7 +25,9 @@ import torch
 BACKEND_NAMES: tuple[str, ...] = ("reference", "triton", "cuda")
 _MODULES = {name: f"fusedsae.backends.{name}" for name in BACKEND_NAMES}
 
-# The registered ops (``torch.ops.fusedsae.<op>``) that backends implement.
+# The op list, defined here once: ops.py defines ``torch.ops.fusedsae.<op>`` for each entry (tests/test_ops.py
+# checks both ways), :func:`register` refuses any other name, and the reference backend registers
+# ``fusedsae.reference.<op>`` for each. A new op starts here (docs/architecture.md#backends).
 OPS: tuple[str, ...] = (
     "encode_dense",
     "topk_encode",

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from fusedsae import reference
 from fusedsae.backends import define_backend, register
+from fusedsae.backends.common import first_refusal, latent_rows
 
 # The dtype codes of csrc/bindings.cpp.
 FLOAT_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -108,6 +109,9 @@ def availability() -> tuple[bool, str]:
     return True, f"{built}; {count} GPU(s)"
 
 
+backend = define_backend("cuda", availability, devices=("cuda",))
+
+
 def _lib() -> ModuleType:
     module, why = extension()
     if module is None:
@@ -165,95 +169,12 @@ def _refuse_sparse(values: Tensor, indices: Tensor, table_rows: int) -> str | No
     return None
 
 
-def _first(*reasons: str | None) -> str | None:
-    return next((r for r in reasons if r is not None), None)
-
-
-def _supports_sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> str | None:
-    return _first(
-        _refuse_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec),
-        _refuse_floats(values=values, W_dec=W_dec, b_dec=b_dec),
-        _refuse_sparse(values, indices, W_dec.shape[0]),
-    )
-
-
-def _supports_sparse_decode_backward(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, *_segments: Tensor | None
-) -> str | None:
-    return _first(
-        _refuse_device(grad_out=grad_out, values=values, indices=indices, W_dec=W_dec),
-        _refuse_floats(grad_out=grad_out, values=values, W_dec=W_dec),
-        _refuse_sparse(values, indices, W_dec.shape[0]),
-    )
-
-
-def _supports_sparse_encode_backward(
-    grad: Tensor,
-    indices: Tensor,
-    x: Tensor,
-    W_enc: Tensor,
-    b_dec: Tensor | None,
-    need_dx: bool,
-    *_segments: Tensor | None,
-) -> str | None:
-    return _first(
-        _refuse_device(grad=grad, indices=indices, x=x, W_enc=W_enc, b_dec=b_dec),
-        _refuse_floats(grad=grad, x=x, W_enc=W_enc, b_dec=b_dec),
-        _refuse_sparse(grad, indices, W_enc.shape[1]),
-    )
-
-
-def _supports_row_topk(scores: Tensor, k: int) -> str | None:
-    reason = _first(_refuse_device(scores=scores), _refuse_floats(scores=scores))
-    if reason is None and scores.dim() != 2:
-        return f"scores must be [N, M], got shape {tuple(scores.shape)}"
-    if reason is None and not 1 <= k <= scores.shape[1] <= _INT32_MAX:
-        return f"row_topk needs 1 <= k <= M <= 2^31 - 1, got k={k}, M={scores.shape[1]}"
-    if reason is None and scores.shape[0] > _INT32_MAX:
-        return f"at most 2^31 - 1 rows, got {scores.shape[0]}"
-    return reason
-
-
-def _supports_topk_encode(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor | None,
-    k: int,
-    aux_k: int,
-    aux_mask: Tensor | None,
-) -> str | None:
-    d_sae = W_enc.shape[1]
-    return _first(
-        _refuse_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, aux_mask=aux_mask),
-        _refuse_floats(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec),
-        None if 1 <= k <= d_sae <= _INT32_MAX else f"TopK needs 1 <= k <= d_sae <= 2^31 - 1, got k={k}, d_sae={d_sae}",
-        None if 0 <= aux_k <= d_sae else f"aux_k={aux_k} is out of [0, d_sae={d_sae}]",
-    )
-
-
-def _supports_head_partial_sums(
-    x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int
-) -> str | None:
-    reason = _first(
-        _refuse_device(x=x, W_enc=W_enc, b_dec=b_dec, indices=indices),
-        _refuse_floats(x=x, W_enc=W_enc, b_dec=b_dec),
-    )
-    if reason is None and indices.dtype not in INDEX_CODES:
-        return f"indices must be int32 or int64, got {indices.dtype}"
-    if reason is None and (indices.dim() != 2 or indices.shape[0] > _INT32_MAX):
-        return f"indices must be [N, m] with N <= 2^31 - 1, got shape {tuple(indices.shape)}"
-    if reason is None and (n_heads < 1 or W_enc.shape[0] % n_heads):
-        return f"n_heads={n_heads} must divide d_in={W_enc.shape[0]}"
-    return reason
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # launch helpers
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _rowmajor(t: Tensor) -> Tensor:
+def _row_major(t: Tensor) -> Tensor:
     """``t`` if its elements are contiguous along the last dim (rows may be strided, e.g. a column slice), else a
     contiguous copy; the kernels take a row stride but read each row as one run."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -271,24 +192,6 @@ def _stream(t: Tensor) -> int:
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
     """Makes ``t``'s GPU current, so that the extension's CUDA runtime launches on the context of ``t``'s stream."""
     return torch.cuda.device(t.device)
-
-
-def _latent_rows(W_enc: Tensor, pairs: int) -> tuple[Tensor, int, int]:
-    """``W_enc [d_in, d_sae]`` as a table of latent rows: ``(tensor, stride between latents, stride between
-    features)``.
-
-    A latent's column read in place costs one 32-byte sector per element; a transposed copy costs a read and a
-    write of all of ``W_enc``, after which the gather reads contiguous rows. The copy wins once the ``pairs``
-    gathered (token, latent) pairs outweigh it: ``2 * d_sae * elt < pairs * (32 - elt)``, i.e. any training batch
-    (16384 x 32 pairs against 32768 latents), but not attributing a few tokens.
-    """
-    if W_enc.stride(0) == 1:  # already latent-major (a transposed view of a [d_sae, d_in] tensor)
-        return W_enc, W_enc.stride(1), 1
-    d_sae = W_enc.shape[1]
-    elt = W_enc.element_size()
-    if 2 * d_sae * elt < pairs * (32 - elt):
-        return W_enc.t().contiguous(), W_enc.shape[0], 1
-    return W_enc, W_enc.stride(1), W_enc.stride(0)
 
 
 def _segments(
@@ -311,9 +214,18 @@ def _segments(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def supports_sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> str | None:
+    return first_refusal(
+        _refuse_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec),
+        _refuse_floats(values=values, W_dec=W_dec, b_dec=b_dec),
+        _refuse_sparse(values, indices, W_dec.shape[0]),
+    )
+
+
+@register("cuda", "sparse_decode", supports=supports_sparse_decode)
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
     """``[N, m] -> [N, d_in]``: ``x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]] + b_dec``."""
-    values, indices = _rowmajor(values), _rowmajor(indices)
+    values, indices = _row_major(values), _row_major(indices)
     bias = None if b_dec is None else b_dec.contiguous()
     n, m = values.shape
     d_in = W_dec.shape[1]
@@ -330,6 +242,17 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor 
     return out
 
 
+def supports_sparse_decode_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, *_segments: Tensor | None
+) -> str | None:
+    return first_refusal(
+        _refuse_device(grad_out=grad_out, values=values, indices=indices, W_dec=W_dec),
+        _refuse_floats(grad_out=grad_out, values=values, W_dec=W_dec),
+        _refuse_sparse(values, indices, W_dec.shape[0]),
+    )
+
+
+@register("cuda", "sparse_decode_backward", supports=supports_sparse_decode_backward)
 def sparse_decode_backward(
     grad_out: Tensor,
     values: Tensor,
@@ -342,7 +265,7 @@ def sparse_decode_backward(
     """``(d_values [N, m], dW_dec [d_sae, d_in])`` given ``grad_out [N, d_in]``; ``dW_dec`` is bitwise
     reproducible (chunked per-latent sums combined in a fixed order). ``order, keys, offsets``: the latent
     segments of ``indices`` if the caller has them."""
-    grad_out, values, indices = _rowmajor(grad_out), _rowmajor(values), _rowmajor(indices)
+    grad_out, values, indices = _row_major(grad_out), _row_major(values), _row_major(indices)
     n, m = values.shape
     d_sae, d_in = W_dec.shape
     dtype, index_dtype = FLOAT_CODES[values.dtype], INDEX_CODES[indices.dtype]
@@ -370,6 +293,23 @@ def sparse_decode_backward(
     return d_values, dW_dec
 
 
+def supports_sparse_encode_backward(
+    grad: Tensor,
+    indices: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    need_dx: bool,
+    *_segments: Tensor | None,
+) -> str | None:
+    return first_refusal(
+        _refuse_device(grad=grad, indices=indices, x=x, W_enc=W_enc, b_dec=b_dec),
+        _refuse_floats(grad=grad, x=x, W_enc=W_enc, b_dec=b_dec),
+        _refuse_sparse(grad, indices, W_enc.shape[1]),
+    )
+
+
+@register("cuda", "sparse_encode_backward", supports=supports_sparse_encode_backward)
 def sparse_encode_backward(
     grad: Tensor,
     indices: Tensor,
@@ -384,7 +324,7 @@ def sparse_encode_backward(
     """``(dx [N, d_in] or [0], dW_enc [d_in, d_sae], db_enc [d_sae], db_dec [d_in] or [0])`` from ``grad [N, m]``,
     the gradient at the active pre-activations ``indices [N, m]``; see
     :func:`fusedsae.reference.sparse_encode_backward`."""
-    grad, indices, x = _rowmajor(grad), _rowmajor(indices), _rowmajor(x)
+    grad, indices, x = _row_major(grad), _row_major(indices), _row_major(x)
     sub = None if b_dec is None else b_dec.contiguous()
     n, m = grad.shape
     d_in, d_sae = W_enc.shape
@@ -405,7 +345,7 @@ def sparse_encode_backward(
         # Reduce over the batch first, then one mat-vec (d_in * d_sae multiply-adds, not N * m * d_in).
         db_dec = -(W_enc @ db_enc) if b_dec is not None else grad.new_empty(0)
         if need_dx:
-            table, stride_latent, stride_feature = _latent_rows(W_enc, n * m)
+            table, stride_latent, stride_feature = latent_rows(W_enc, n * m)
             dx = x.new_empty(n, d_in)
             _lib().gather_rows(
                 dtype=dtype, index_dtype=index_dtype,
@@ -420,10 +360,22 @@ def sparse_encode_backward(
     return dx, dW_enc, db_enc, db_dec
 
 
+def supports_row_topk(scores: Tensor, k: int) -> str | None:
+    reason = first_refusal(_refuse_device(scores=scores), _refuse_floats(scores=scores))
+    if reason is None and scores.dim() != 2:
+        return f"scores must be [N, M], got shape {tuple(scores.shape)}"
+    if reason is None and not 1 <= k <= scores.shape[1] <= _INT32_MAX:
+        return f"row_topk needs 1 <= k <= M <= 2^31 - 1, got k={k}, M={scores.shape[1]}"
+    if reason is None and scores.shape[0] > _INT32_MAX:
+        return f"at most 2^31 - 1 rows, got {scores.shape[0]}"
+    return reason
+
+
+@register("cuda", "row_topk", supports=supports_row_topk)
 def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``[N, M] -> (values [N, k], indices [N, k] int64)``: the k largest of each row, ties to the lower index,
     sorted by value (descending) then index."""
-    scores = _rowmajor(scores)
+    scores = _row_major(scores)
     n, width = scores.shape
     values = scores.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64, device=scores.device)
@@ -439,6 +391,25 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, indices.gather(1, perm)
 
 
+def supports_topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    aux_k: int,
+    aux_mask: Tensor | None,
+) -> str | None:
+    d_sae = W_enc.shape[1]
+    return first_refusal(
+        _refuse_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, aux_mask=aux_mask),
+        _refuse_floats(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec),
+        None if 1 <= k <= d_sae <= _INT32_MAX else f"TopK needs 1 <= k <= d_sae <= 2^31 - 1, got k={k}, d_sae={d_sae}",
+        None if 0 <= aux_k <= d_sae else f"aux_k={aux_k} is out of [0, d_sae={d_sae}]",
+    )
+
+
+@register("cuda", "topk_encode", supports=supports_topk_encode)
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -453,15 +424,32 @@ def topk_encode(
     return reference.chunked_topk_encode(x, W_enc, b_enc, b_dec, k, aux_k, aux_mask, row_topk)
 
 
+def supports_head_partial_sums(
+    x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int
+) -> str | None:
+    reason = first_refusal(
+        _refuse_device(x=x, W_enc=W_enc, b_dec=b_dec, indices=indices),
+        _refuse_floats(x=x, W_enc=W_enc, b_dec=b_dec),
+    )
+    if reason is None and indices.dtype not in INDEX_CODES:
+        return f"indices must be int32 or int64, got {indices.dtype}"
+    if reason is None and (indices.dim() != 2 or indices.shape[0] > _INT32_MAX):
+        return f"indices must be [N, m] with N <= 2^31 - 1, got shape {tuple(indices.shape)}"
+    if reason is None and (n_heads < 1 or W_enc.shape[0] % n_heads):
+        return f"n_heads={n_heads} must divide d_in={W_enc.shape[0]}"
+    return reason
+
+
+@register("cuda", "head_partial_sums", supports=supports_head_partial_sums)
 def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: Tensor, n_heads: int) -> Tensor:
     """``[N, m, n_heads]``: ``out[n, j, h] = (x[n] - b_dec)_h · W_enc[h-block, indices[n, j]]``
     (docs/architecture.md#attribution)."""
-    x, indices = _rowmajor(x), _rowmajor(indices)
+    x, indices = _row_major(x), _row_major(indices)
     sub = None if b_dec is None else b_dec.contiguous()
     n, m = indices.shape
     d_in = W_enc.shape[0]
     out = x.new_empty(n, m, n_heads)
-    table, stride_latent, stride_feature = _latent_rows(W_enc, n * m)
+    table, stride_latent, stride_feature = latent_rows(W_enc, n * m)
     with _device_guard(x):
         _lib().head_partial_sums(
             dtype=FLOAT_CODES[x.dtype], index_dtype=INDEX_CODES[indices.dtype],
@@ -471,13 +459,3 @@ def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: T
             n_rows=n, m=m, n_heads=n_heads, d_head=d_in // n_heads, stream=_stream(x),
         )  # fmt: skip
     return out
-
-
-_backend = define_backend("cuda", availability, devices=("cuda",))
-
-register("cuda", "sparse_decode", supports=_supports_sparse_decode)(sparse_decode)
-register("cuda", "sparse_decode_backward", supports=_supports_sparse_decode_backward)(sparse_decode_backward)
-register("cuda", "sparse_encode_backward", supports=_supports_sparse_encode_backward)(sparse_encode_backward)
-register("cuda", "row_topk", supports=_supports_row_topk)(row_topk)
-register("cuda", "topk_encode", supports=_supports_topk_encode)(topk_encode)
-register("cuda", "head_partial_sums", supports=_supports_head_partial_sums)(head_partial_sums)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fusedsae import reference
 from fusedsae.backends import OPS, define_backend, register
 
-_backend = define_backend(
+backend = define_backend(
     "reference",
     lambda: (True, "pure PyTorch; runs every op on any device"),
     devices=("cpu", "cuda", "mps", "meta", "xpu"),
