@@ -378,3 +378,27 @@ def test_train_a_transcoder_live_from_two_hooks(tmp_path, monkeypatch, capsys):
     assert meta["hook_name"] == "encoder.layer.3.intermediate"
     assert meta["hook_name_out"] == "encoder.layer.3.output.dense"
     assert meta["target_hook_spec"] == minilm.mlp_hooks().output.to_dict()
+
+
+def test_evaluate_splices_an_exact_skip_transcoder_of_a_linear_map():
+    """y = the output of layer 3's output.dense, x = its input: a skip-transcoder whose skip path is that linear map
+    (W_skip = its weight, b_dec = its bias, W_dec = 0) predicts y exactly, so splicing it in changes nothing
+    (scores 1, explained variance of y 1) while the ablations of y do change the model."""
+    from fusedsae import evals as E
+
+    model, tok = minilm.model()
+    dense = model.encoder.layer[minilm.LAYER].output.dense
+    x_hook = C.HookSpec("encoder.layer.3.output.dense", "input")
+    y_hook = C.HookSpec("encoder.layer.3.output.dense", "output")
+    tc = SparseAutoencoder(d_in=1536, d_out=384, d_sae=8, activation="topk", k=1, skip_connection=True)
+    with torch.no_grad():
+        tc.W_skip.copy_(dense.weight)
+        tc.b_dec.copy_(dense.bias)
+        tc.W_dec.zero_()
+    batches = E.text_batches(tok, list(minilm.texts(4)), 4, 128)
+    result = E.evaluate(model, batches, [E.Target("tc", tc.eval(), x_hook, y_hook)])
+    row = result.metrics["tc"]
+    assert row["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert row["embedding_score"] == pytest.approx(1.0, abs=1e-5)
+    assert row["hidden_mse_with_sae"] < 1e-6 < 0.1 < row["hidden_mse_with_ablation"]
+    assert result.info["target_hooks"]["tc"] == y_hook.to_dict()
