@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check python kernels tests benchmarks
-	$(BIN)/python -m ruff format --check python kernels tests benchmarks
+	$(BIN)/python -m ruff check python kernels tests benchmarks scripts setup.py
+	$(BIN)/python -m ruff format --check python kernels tests benchmarks scripts setup.py
 
 # Side-by-side measurements (not tests): CPU here; the docs/architecture.md#targets shapes on a GPU. --bench-save writes results/.
 bench: $(STAMP)

@@ -2,8 +2,8 @@
 
 Times the Trainer's step (AuxK at its default width with a fifth of the latents dead, normalised decoder, Adam) of
 a TopK SAE and of the same SAE with five nested Matryoshka widths, side by side in one process, and reports the
-ratio (target on a GPU: <= 1.15x). With dictionary_learning or SAELens installed it would time their Matryoshka
-steps too; neither is installed here, so they are not measured.
+ratio (target on a GPU: <= 1.15x). Where SAELens (>= 6.15) and dictionary_learning are installed, their Matryoshka
+BatchTopK steps at the same shape and widths are timed too (:func:`peer_steps`); an absent one is named and skipped.
 
     python benchmarks/matryoshka_step.py                        # CPU, 2 threads
     python benchmarks/matryoshka_step.py --device cuda --d-in 768 --d-sae 32768 --k 32 --batch 16384
@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,18 +39,79 @@ def time_step(sae: fusedsae.SparseAutoencoder, x: torch.Tensor, dead: torch.Tens
         opt.step()
         sae.normalize_decoder_rows()
 
+    return median_seconds(step, rounds, warmup, x.is_cuda)
+
+
+def median_seconds(step: Callable[[], None], rounds: int, warmup: int, cuda: bool) -> float:
+    """The median wall time of ``step()`` over ``rounds`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(rounds):
-        if x.is_cuda:
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         step()
-        if x.is_cuda:
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def peer_steps(
+    x: torch.Tensor, dead: torch.Tensor, d_sae: int, k: int, widths: list[int], rounds: int, warmup: int
+) -> dict[str, float | str]:
+    """The peers' Matryoshka BatchTopK training steps on ``x [batch, d_in]`` (forward, backward, their optimizer
+    step), seconds per step by peer; a peer that is not installed maps to the reason, a string.
+
+    * ``sae_lens``: ``MatryoshkaBatchTopKTrainingSAE.training_forward_pass`` (SAELens's defaults: decoder-norm
+      rescaling, AuxK over ``dead``) + backward + Adam.
+    * ``dictionary_learning``: ``MatryoshkaBatchTopKTrainer.update`` (group fractions = our widths' increments,
+      equal group weights as its default; AuxK, gradient projection, clipping and renormalisation included).
+    """
+    out: dict[str, float | str] = {}
+    cuda = x.is_cuda
+    try:
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError as exc:
+        out["sae_lens"] = f"not installed ({exc.name or exc})"
+    else:
+        cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=x.shape[1], d_sae=d_sae, k=k, matryoshka_widths=list(widths), device=str(x.device)
+        )
+        sae = MatryoshkaBatchTopKTrainingSAE(cfg)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+        def sae_lens_step() -> None:
+            loss = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        out["sae_lens"] = median_seconds(sae_lens_step, rounds, warmup, cuda)
+    try:
+        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+    except ImportError as exc:
+        out["dictionary_learning"] = f"not installed ({exc.name or exc})"
+    else:
+        sizes = [b - a for a, b in zip([0, *widths[:-1]], widths)]
+        trainer = MatryoshkaBatchTopKTrainer(
+            steps=10**6,
+            activation_dim=x.shape[1],
+            dict_size=d_sae,
+            k=k,
+            layer=0,
+            lm_name="benchmark",
+            group_fractions=[size / d_sae for size in sizes],
+            device=str(x.device),
+        )
+        counter = iter(range(10**9))
+        out["dictionary_learning"] = median_seconds(lambda: trainer.update(next(counter), x), rounds, warmup, cuda)
+    return out
 
 
 def main() -> None:
@@ -77,6 +139,7 @@ def main() -> None:
         sae = fusedsae.SparseAutoencoder(**common, **extra, device=args.device)
         rows[name] = time_step(sae, x, dead, args.rounds, args.warmup)
     ratio = rows["matryoshka"] / rows["plain"]
+    peers = peer_steps(x, dead, args.d_sae, args.k, widths, args.rounds, args.warmup)
     commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     meta = {
         "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {args.threads} threads)",
@@ -91,12 +154,16 @@ def main() -> None:
         f"(a fifth dead), on {meta['device']}: plain {1e3 * rows['plain']:.1f} ms, Matryoshka with widths {widths} "
         f"{1e3 * rows['matryoshka']:.1f} ms: {ratio:.2f}x"
     )
+    for peer, result in peers.items():
+        kind = "" if args.activation == "batchtopk" else " (BatchTopK: the peers have no Matryoshka TopK)"
+        timing = result if isinstance(result, str) else f"{1e3 * result:.1f} ms"
+        text += f"\n{peer} Matryoshka step{kind}: {timing}"
     print(text)
     if args.save:
         name = f"matryoshka-{args.device}-{meta['commit']}"
         results = ROOT / "benchmarks" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": meta, "step_s": rows, "ratio": ratio}
+        payload = {"meta": meta, "step_s": rows, "ratio": ratio, "peer_step_s": peers}
         (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
         (results / f"{name}.md").write_text(f"# Matryoshka step vs plain ({meta['commit']})\n\n{text}\n")
 

@@ -178,41 +178,28 @@ def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _filter_columns(
-    pre,
-    cols,
-    row_mask,
-    row_ptrs,
-    count,
-    bucket_max,
-    aux_mask_ptr,
-    aux_row_ptrs,
-    aux_count,
-    aux_bucket_max,
-    D_SAE,
-    CAP,
-    CAP_AUX,
-    HAS_AUX: tl.constexpr,
-    KP: tl.constexpr,
-    KP_AUX: tl.constexpr,
-    WIDTH: tl.constexpr,
-):
-    """The TopK (and AuxK) filter over ``pre [BLOCK_M, WIDTH]`` at columns ``cols [WIDTH]``: appends the entries
-    strictly above each row's running bound and updates the bound; returns the new running state."""
-    valid = row_mask[:, None] & (cols < D_SAE)[None, :]
-    keys = sortable_keys(pre, cols[None, :])
-    bound = tl.min(bucket_max, axis=1)
-    count = append_candidates(valid & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
-    if WIDTH == KP:  # one column per bucket: no regrouping of the tile
-        bucket_max = tl.maximum(bucket_max, tl.where(valid, pre, float("-inf")))
+def _filter_part(pre, keep, keys, bound, row_ptrs, count, bucket_max, CAP, NB: tl.constexpr, WIDTH: tl.constexpr):
+    """The TopK (or AuxK) filter over one column part ``pre [BLOCK_M, WIDTH]`` of a tile (``keep``: the entries that
+    may be selected, ``keys``: their int64 keys): appends those strictly above the row's running ``bound [BLOCK_M]``
+    and folds the part into ``bucket_max [BLOCK_M, NB]``, the slice of the row's bucket maxima whose columns the
+    part holds. Returns the new count and slice."""
+    count = append_candidates(keep & (pre > bound[:, None]), keys, row_ptrs, count, CAP)
+    if WIDTH == NB:  # one column per bucket: no regrouping of the part
+        bucket_max = tl.maximum(bucket_max, tl.where(keep, pre, float("-inf")))
     else:
-        bucket_max = update_bucket_max(bucket_max, tl.where(valid, pre, float("-inf")), KP, WIDTH)
-    if HAS_AUX:
-        dead = valid & (tl.load(aux_mask_ptr + cols, mask=cols < D_SAE, other=0) != 0)[None, :]
-        aux_bound = tl.min(aux_bucket_max, axis=1)
-        aux_count = append_candidates(dead & (pre > aux_bound[:, None]), keys, aux_row_ptrs, aux_count, CAP_AUX)
-        aux_bucket_max = update_bucket_max(aux_bucket_max, tl.where(dead, pre, float("-inf")), KP_AUX, WIDTH)
-    return count, bucket_max, aux_count, aux_bucket_max
+        bucket_max = update_bucket_max(bucket_max, tl.where(keep, pre, float("-inf")), NB, WIDTH)
+    return count, bucket_max
+
+
+@triton.jit
+def _bound(b0, b1, b2, b3, SLICES: tl.constexpr):
+    """The row's running bound ``[BLOCK_M]``: the smallest bucket maximum over the SLICES (1, 2 or 4) slices."""
+    bound = tl.min(b0, axis=1)
+    if SLICES > 1:
+        bound = tl.minimum(bound, tl.min(b1, axis=1))
+    if SLICES > 2:
+        bound = tl.minimum(bound, tl.minimum(tl.min(b2, axis=1), tl.min(b3, axis=1)))
+    return bound
 
 
 @triton.jit
@@ -262,7 +249,19 @@ def _topk_encode_fwd_kernel(
     persistent loop when the launcher caps the grid at the resident programs): the programs running at one time
     then cover ``num_programs / N_SPLITS`` row blocks, whose x blocks (reread for every column tile) stay in L2,
     and the programs of one split walk the same W_enc tiles together. The pre-activation is rounded to the input
-    dtype before ranking so that ties and order match the reference's ``addmm`` output."""
+    dtype before ranking so that ties and order match the reference's ``addmm`` output.
+
+    The epilogue works on EPILOGUE_SPLIT (1, 2 or 4) column parts of the tile in turn, so that its per-element
+    temporaries live for a part at a time; a bound with more buckets than a part has columns keeps them in slices,
+    a part updating one slice. So the split does not depend on KP or KP_AUX (BLOCK_N >= KP, KP_AUX suffices): the
+    AuxK filter's 128 buckets split like the TopK filter's 32. The selection is the same for every split."""
+    tl.static_assert(EPILOGUE_SPLIT == 1 or EPILOGUE_SPLIT == 2 or EPILOGUE_SPLIT == 4)
+    WIDTH: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+    # More buckets than a part has columns: the buckets in slices of one column each (see below).
+    SLICES: tl.constexpr = KP // WIDTH if KP > WIDTH else 1
+    AUX_SLICES: tl.constexpr = KP_AUX // WIDTH if KP_AUX > WIDTH else 1
+    NB: tl.constexpr = KP // SLICES
+    NA: tl.constexpr = KP_AUX // AUX_SLICES
     n_items = tl.cdiv(N, BLOCK_M) * N_SPLITS
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         split = item % N_SPLITS
@@ -271,15 +270,24 @@ def _topk_encode_fwd_kernel(
         row_mask = rows < N
         rows64 = rows.to(tl.int64)
         row_ptrs = cand_ptr + (rows64 * N_SPLITS + split) * CAP
-        bucket_max = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
+        # The row's KP bucket maxima. A bucket is any fixed set of columns (the bound needs KP distinct entries,
+        # not which ones): with KP <= WIDTH, every part updates all KP buckets, each taking WIDTH // KP adjacent
+        # columns of the part (one each when WIDTH == KP: no regrouping of the tile); with KP > WIDTH (AuxK's 128
+        # buckets, k = 64 over quarters), SLICES = KP // WIDTH slices of WIDTH one-column buckets, part p updating
+        # slice p * SLICES // EPILOGUE_SPLIT only. Slices past SLICES are never updated, so no loop carries them.
         count = tl.zeros([BLOCK_M], dtype=tl.int32)
-        # without AuxK, placeholders that the filter passes through untouched
+        b0 = tl.full([BLOCK_M, KP // SLICES], float("-inf"), tl.float32)
+        b1 = b0
+        b2 = b0
+        b3 = b0
+        aux_row_ptrs = row_ptrs  # without AuxK, a placeholder that nothing uses
         if HAS_AUX:
             aux_row_ptrs = aux_cand_ptr + (rows64 * N_SPLITS + split) * CAP_AUX
-        else:
-            aux_row_ptrs = row_ptrs
-        aux_bucket_max = tl.full([BLOCK_M, KP_AUX], float("-inf"), tl.float32)
         aux_count = tl.zeros([BLOCK_M], dtype=tl.int32)
+        a0 = tl.full([BLOCK_M, KP_AUX // AUX_SLICES], float("-inf"), tl.float32)
+        a1 = a0
+        a2 = a0
+        a3 = a0
         for t in range(0, TILES_PER_SPLIT):
             col0 = (split * TILES_PER_SPLIT + t) * BLOCK_N
             cols = col0 + tl.arange(0, BLOCK_N)
@@ -307,55 +315,52 @@ def _topk_encode_fwd_kernel(
                 BLOCK_K,
             )
             pre = pre.to(b_enc_ptr.dtype.element_ty).to(tl.float32)
+            # The filter on column halves (or quarters) in turn: its per-element temporaries (keys, slots,
+            # addresses) exist for a part of the tile at a time, which is what keeps it from spilling.
             if EPILOGUE_SPLIT == 1:
-                count, bucket_max, aux_count, aux_bucket_max = _filter_columns(
-                    pre,
-                    cols,
-                    row_mask,
-                    row_ptrs,
-                    count,
-                    bucket_max,
-                    aux_mask_ptr,
-                    aux_row_ptrs,
-                    aux_count,
-                    aux_bucket_max,
-                    D_SAE,
-                    CAP,
-                    CAP_AUX,
-                    HAS_AUX,
-                    KP,
-                    KP_AUX,
-                    BLOCK_N,
-                )
+                parts = (pre,)
             else:
-                # The filter on column halves (or quarters) in turn: its per-element temporaries (keys, slots,
-                # addresses) exist for a part of the tile at a time, which is what keeps it from spilling.
                 left, right = _halves(pre, BLOCK_M, BLOCK_N)
                 if EPILOGUE_SPLIT == 2:
                     parts = (left, right)
                 else:
                     parts = _halves(left, BLOCK_M, BLOCK_N // 2) + _halves(right, BLOCK_M, BLOCK_N // 2)
-                WIDTH: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
-                for p in tl.static_range(EPILOGUE_SPLIT):
-                    count, bucket_max, aux_count, aux_bucket_max = _filter_columns(
-                        parts[p],
-                        col0 + p * WIDTH + tl.arange(0, WIDTH),
-                        row_mask,
-                        row_ptrs,
-                        count,
-                        bucket_max,
-                        aux_mask_ptr,
-                        aux_row_ptrs,
-                        aux_count,
-                        aux_bucket_max,
-                        D_SAE,
-                        CAP,
-                        CAP_AUX,
-                        HAS_AUX,
-                        KP,
-                        KP_AUX,
-                        WIDTH,
-                    )
+            for p in tl.static_range(EPILOGUE_SPLIT):
+                part = parts[p]
+                part_cols = col0 + p * WIDTH + tl.arange(0, WIDTH)
+                valid = row_mask[:, None] & (part_cols < D_SAE)[None, :]
+                keys = sortable_keys(part, part_cols[None, :])
+                bound = _bound(b0, b1, b2, b3, SLICES)
+                s = p * SLICES // EPILOGUE_SPLIT  # constexpr: the slice of this part's columns
+                if s == 0:
+                    count, b0 = _filter_part(part, valid, keys, bound, row_ptrs, count, b0, CAP, NB, WIDTH)
+                elif s == 1:
+                    count, b1 = _filter_part(part, valid, keys, bound, row_ptrs, count, b1, CAP, NB, WIDTH)
+                elif s == 2:
+                    count, b2 = _filter_part(part, valid, keys, bound, row_ptrs, count, b2, CAP, NB, WIDTH)
+                else:
+                    count, b3 = _filter_part(part, valid, keys, bound, row_ptrs, count, b3, CAP, NB, WIDTH)
+                if HAS_AUX:
+                    dead_cols = tl.load(aux_mask_ptr + part_cols, mask=part_cols < D_SAE, other=0) != 0
+                    dead = valid & dead_cols[None, :]
+                    aux_bound = _bound(a0, a1, a2, a3, AUX_SLICES)
+                    sa = p * AUX_SLICES // EPILOGUE_SPLIT
+                    if sa == 0:
+                        aux_count, a0 = _filter_part(
+                            part, dead, keys, aux_bound, aux_row_ptrs, aux_count, a0, CAP_AUX, NA, WIDTH
+                        )
+                    elif sa == 1:
+                        aux_count, a1 = _filter_part(
+                            part, dead, keys, aux_bound, aux_row_ptrs, aux_count, a1, CAP_AUX, NA, WIDTH
+                        )
+                    elif sa == 2:
+                        aux_count, a2 = _filter_part(
+                            part, dead, keys, aux_bound, aux_row_ptrs, aux_count, a2, CAP_AUX, NA, WIDTH
+                        )
+                    else:
+                        aux_count, a3 = _filter_part(
+                            part, dead, keys, aux_bound, aux_row_ptrs, aux_count, a3, CAP_AUX, NA, WIDTH
+                        )
         tl.store(count_ptr + rows64 * N_SPLITS + split, count, mask=row_mask)
         if HAS_AUX:
             tl.store(aux_count_ptr + rows64 * N_SPLITS + split, aux_count, mask=row_mask)

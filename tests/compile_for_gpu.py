@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
@@ -73,22 +76,25 @@ class _OfflineDriver:
         return 0
 
 
-def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
-    """``(registers, spill-store bytes)`` of the PTX, from the bundled ptxas's ``-v`` output."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    suffix = "a" if arch >= 90 else ""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        run = subprocess.run(
-            [str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True,
-            text=True,
-        )
-    regs = re.search(r"Used (\d+) registers", run.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+def _ptxas(kernel: Any, arch: int) -> tuple[int, int]:
+    """``(registers, spill-store bytes)`` of a compiled kernel, from ``ptxas -v`` run by triton's own backend on the
+    kernel's PTX: the ptxas binary, flags and options of this triton (3.9 moved sm_90 to its newer ptxas and adds
+    register-allocation flags), whether or not the kernel came from triton's cache."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    fields = {field.name for field in dataclasses.fields(backend.parse_options({}))}
+    options = backend.parse_options({k: v for k, v in kernel.metadata._asdict().items() if k in fields})
+    log = io.StringIO()
+    dump = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            backend.make_cubin(kernel.asm["ptx"], {}, options, arch)
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
+    regs = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
     if regs is None or spills is None:
-        raise RuntimeError(f"ptxas failed: {run.stderr.strip()[-500:]}")
+        raise RuntimeError(f"no register count in the ptxas log: {log.getvalue().strip()[-500:]}")
     return int(regs.group(1)), int(spills.group(1))
 
 
@@ -130,7 +136,11 @@ class _Recorder:
             row = self._seen.get(key)
             if row is None:
                 ptx = kernel.asm["ptx"]
-                regs, spills = _ptxas(ptx, self.arch)
+                try:
+                    regs, spills = _ptxas(kernel, self.arch)
+                except Exception as exc:
+                    self.failures.append(f"{self.case}: {name}: ptxas: {type(exc).__name__}: {exc}")
+                    raise
                 warps = kernel.metadata.num_warps
                 blocks, limiter = occupancy(regs, kernel.metadata.shared, warps)
                 row = {

@@ -196,8 +196,8 @@ def test_dictionary_learning_loader_never_unpickles_objects(tmp_path):
     torch.save({"encoder.weight": _NotATensor()}, folder / "ae.pt")
     with pytest.raises(SAEFormatError, match=r"torch.load\(weights_only=True\) can read"):
         fusedsae.load(folder)
-    (folder / "config.json").write_text('{"trainer": {"dict_class": "GatedAutoEncoder"}}')
-    with pytest.raises(SAEFormatError, match="class 'GatedAutoEncoder' is not supported"):
+    (folder / "config.json").write_text('{"trainer": {"dict_class": "AutoEncoderNew"}}')
+    with pytest.raises(SAEFormatError, match="class 'AutoEncoderNew' is not supported"):
         fusedsae.load(folder)
 
 

@@ -98,3 +98,64 @@ def test_torchrun_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world=2" in result.stdout
     assert fusedsae.load(tmp_path / "sae").cfg.d_sae == 512
+
+
+def two_hook_cache(path: Path, rows: int = 512) -> None:
+    """An activation cache of two hooks side by side (widths 16 and 24) in 4 shards, as `fusedsae cache --layer 2,3`
+    writes one (random activations: no model needed)."""
+    from fusedsae.cache import CacheWriter
+
+    hooks = [
+        {"module": f"layers.{i}.out", "io": "output", "index": 0, "layout": "flat", "columns": None} for i in (2, 3)
+    ]
+    source = {"hooks": hooks, "widths": [16, 24], "layer": [2, 3]}
+    writer = CacheWriter(path, d_in=40, n_texts=4, source=source, shard_tokens=rows // 4)
+    g = torch.Generator().manual_seed(3)
+    for text in range(4):
+        n = rows // 4
+        tokens = torch.stack([torch.full((n,), text), torch.arange(n), torch.randint(0, 99, (n,), generator=g)], 1)
+        writer.add(text, text + 1, torch.randn(n, 40, generator=g), tokens)
+    writer.finish()
+
+
+def test_torchrun_several_hooks_and_a_sweep_match_one_process_on_the_whole_batch(tmp_path):
+    """`fusedsae train` on a two-hook cache with a k sweep (four SAEs from one pass, fusedsae.multi) on two ranks
+    trains each SAE to the weights one process gets on the concatenated batches, as the first test shows for one
+    SAE; `--resume` under torchrun finds the SAEs' common checkpoint."""
+    import json
+
+    from fusedsae import cli
+    from fusedsae.cache import CacheSource
+    from fusedsae.multi import MultiTrainer, SharedView, plan_runs
+
+    two_hook_cache(tmp_path / "cache")
+    args = ["train", "--data", str(tmp_path / "cache"), "--d-sae", "32", "--k", "2,3", "--steps", "10"]
+    args += ["--dtype", "float64", "--log-every", "5", "--checkpoint-every", "5", "--seed", "7", "--no-progress"]
+    args += ["--no-plots", "--batch-size", str(BATCH), "--out", str(tmp_path / "ddp")]
+    result = torchrun("-m", "fusedsae", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 SAEs from one pass" in result.stdout and "world=2" in result.stdout
+
+    # one process, batches of 2 × BATCH: rank 0's rows then rank 1's (how the sources split a global batch), each
+    # SAE built by the CLI's own make_trainer; b_dec from rank 0's first batch, which the ranks broadcast
+    settings = {**json.loads((tmp_path / "ddp" / cli.RUN_CONFIG).read_text()), "batch_size": 2 * BATCH}
+    source = CacheSource(tmp_path / "cache", 2 * BATCH, seed=7)
+    first = CacheSource(tmp_path / "cache", BATCH, seed=7, rank=0, world_size=2).next_batch()
+    trainers = []
+    for run in plan_runs(settings, source):
+        one = {**settings, "d_sae": run["d_sae"], "k": run["k"], "run_id": None}
+        view = SharedView(source, run["columns"], run["info"])
+        t = cli.make_trainer(one, view, tmp_path / "one" / run["name"], "cpu", 1, False, False)
+        t.sae.init_b_dec(view.take(first), t.cfg.b_dec_init)
+        t.cfg.b_dec_init = "keep"
+        trainers.append(t)
+    MultiTrainer(trainers, source).train()
+    assert sorted(t.run_dir.name for t in trainers) == ["layer2-k2", "layer2-k3", "layer3-k2", "layer3-k3"]
+    for t in trainers:
+        ddp = fusedsae.load(tmp_path / "ddp" / t.run_dir.name / "sae").state_dict()
+        for name, tensor in fusedsae.load(t.run_dir / "sae").state_dict().items():
+            torch.testing.assert_close(ddp[name], tensor, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+
+    resumed = torchrun("-m", "fusedsae", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed 4 SAEs at step 10" in resumed.stdout

@@ -1,9 +1,15 @@
 """The encoder's Hopper configurations (CANDIDATE_CONFIGS, TMA and pointer operands, the split epilogue) and the
-launch-grid limits, through the interpreter with the GPU tile sizes; compared with the reference."""
+launch-grid limits, through the interpreter with the GPU tile sizes; compared with the reference. And every kernel
+launch compiled for sm_90 at the DESIGN shapes (tests/compile_for_gpu.py), without a GPU."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,7 +78,9 @@ def test_every_candidate_config_selects_like_the_reference(gpu_tiles, name):
     [
         (40, True, 5, 3),  # W_enc as a transposed view: descriptors of W_enc^T (W_T)
         (13, False, 1, 0),  # rows of 52 B: pointer loads; k = 1
-        (40, False, 64, 0),  # k = 64: the quarter-tile epilogue falls back to halves (one column per bucket)
+        (40, False, 64, 0),  # k = 64: as many buckets as a half tile has columns
+        (40, False, 20, 100),  # AuxK with 128 buckets, one per column of the tile
+        (40, False, 2, 1),  # k = 2, aux_k = 1: buckets of many columns
     ],
 )
 def test_default_config_layouts_and_k(gpu_tiles, d_in, transposed, k, aux_k):
@@ -99,9 +107,60 @@ def test_split_epilogue_ties_and_all_negative_rows(gpu_tiles):
     assert (negative[0] < 0).all() and negative[1].shape == (3, 7)
 
 
+@pytest.mark.parametrize(
+    ("split", "k", "aux_k"),
+    [
+        (4, 64, 100),  # 32-column quarters: k = 64's buckets in two slices, AuxK's 128 in four
+        (4, 20, 128),  # one column per bucket for TopK (KP = 32), four AuxK slices
+        (2, 2, 1),  # halves: buckets of 32 and 64 columns
+        (1, 5, 3),  # the whole tile at once
+    ],
+)
+def test_fused_filter_splits_at_any_bound_width(split, k, aux_k):
+    # The fused encoder's filter with tile parts narrower than its bounds' buckets (the bucket maxima in slices),
+    # launched directly: the launcher halves the split until a part holds the bound's buckets, so it does not reach
+    # these cases at the interpreter's tile sizes. Each row's candidates must hold its top k (and top aux_k among
+    # the mask) in the reference's order. Integers make the sums exact and ties exact, broken by the lower index;
+    # the buffers hold every column, so nothing overflows. The first tile's first 64 columns carry large biases:
+    # the bucket maxima of the slices holding them are far above the others', so a bound taken over some slices
+    # only would drop the rest of the top k.
+    import triton
+
+    from fusedsae.kernels import encoder as kernels
+
+    n, d_in, d_sae, block_n = 20, 8, 2000, 128
+    W_enc = torch.randint(-8, 9, (d_in, d_sae), device=DEVICE).float()
+    b_enc = torch.randint(-8, 9, (d_sae,), device=DEVICE).float()
+    b_enc[:64] += 1000
+    x = torch.randint(-8, 9, (n, d_in), device=DEVICE).float()
+    mask = aux_mask_for(d_sae, aux_k)
+    tiles = triton.cdiv(d_sae, block_n)
+    cap = tiles * block_n
+    cand, aux_cand = (torch.empty(n, 1, cap, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    count, aux_count = (torch.empty(n, 1, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    kernels._topk_encode_fwd_kernel[(triton.cdiv(n, 16),)](
+        x, W_enc, b_enc, mask.view(torch.uint8), cand, count, aux_cand, aux_count,
+        n, d_in, d_sae, tiles, 1, cap, cap, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        HAS_AUX=True, USE_TMA=False, W_T=False, UPCAST_DOT=False, DOT_PRECISION="ieee",
+        KP=triton.next_power_of_2(k), KP_AUX=triton.next_power_of_2(aux_k),
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=16, EPILOGUE_SPLIT=split,
+    )  # fmt: skip
+    expected = reference.topk_encode(x, W_enc, b_enc, None, k, aux_k, mask)
+
+    def best(keys, counts, m):
+        """Column indices of each row's m largest keys, in key order (the low 32 bits hold 0xFFFFFFFF - column)."""
+        assert (counts[:, 0] >= m).all() and (counts[:, 0] <= cap).all()
+        rows = [keys[r, 0, : counts[r, 0]].topk(m).values for r in range(n)]
+        return 0xFFFFFFFF - (torch.stack(rows) & 0xFFFFFFFF)
+
+    assert torch.equal(best(cand, count, k), expected[1])
+    assert torch.equal(best(aux_cand, aux_count, aux_k), expected[3])
+
+
 def test_encoder_config_is_chosen_by_name(monkeypatch):
     assert tt.encoder_config() == (tt.DEFAULT_ENCODER_CONFIG, tt.CANDIDATE_CONFIGS[tt.DEFAULT_ENCODER_CONFIG])
-    assert tt.encoder_config(torch.bfloat16, 64)[0] == tt.encoder_config(torch.float32, 32)[0] == "m64n128"
+    assert tt.encoder_config(torch.bfloat16, 64)[0] == tt.DEFAULT_ENCODER_CONFIG
+    assert tt.encoder_config(torch.bfloat16, 128)[0] == tt.encoder_config(torch.float32, 32)[0] == "m64n128"
     monkeypatch.setenv("FUSEDSAE_ENCODER_CONFIG", "m64n256")
     assert tt.encoder_config()[0] == "m64n256"
     tt.set_encoder_config("m128n128")
@@ -114,6 +173,37 @@ def test_encoder_config_is_chosen_by_name(monkeypatch):
         tt.encoder_config()
     with pytest.raises(ValueError, match="unknown encoder config 'nope'"):
         tt.set_encoder_config("nope")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="with a GPU every other test compiles and runs the kernels")
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter accepts code the compiler rejects (tl.dot shapes, layouts, runtime loop bounds), so every
+    kernel launch the launchers make at the DESIGN shapes' real arguments is also compiled to an sm_90 cubin with
+    triton's bundled ptxas, without a GPU (bfloat16 here; the script does all dtypes). Runs under the GPU
+    machines' triton 3.6 and under the newest triton (scripts/newest_triton.sh)."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas for NVIDIA targets")
+    script = Path(__file__).resolve().parent / "compile_for_gpu.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "report"
+    run = subprocess.run(
+        [sys.executable, str(script), "--dtypes", "bfloat16", "--report", str(report)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    # non-zero: a launch failed to compile, ptxas failed, or a kernel of fusedsae.kernels was never launched
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = json.loads(report.with_suffix(".json").read_text())["runs"]["current"]["rows"]
+    fused = [row for row in rows if row["kernel"] == "_topk_encode_fwd_kernel"]
+    assert fused and all(row["mma"] == "wgmma" for row in fused), [(r["cases"], r["mma"]) for r in fused]
+    # the hot path at 768 -> 32768, k = 32: two resident blocks, so one block's epilogue runs under the other's MMAs
+    hot = [row for row in fused if "768->32768 k=32 bfloat16 topk" in row["cases"]]
+    assert len(hot) == 1 and hot[0]["blocks_per_sm"] >= 2, hot
 
 
 # ---------------------------------------------------------------------------------------------------------------

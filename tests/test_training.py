@@ -44,6 +44,7 @@ def small_run(run_dir=None, steps=40, activation="topk", **train_kwargs) -> Trai
     return Trainer(sae, ToySource(data, 64), cfg)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_toy_run_recovers_ground_truth_features():
     """The acceptance test of the foundation issue: MMCS >= 0.95 in well under a minute on two cores."""
     data = toy.SparseFeatureData(d_in=64, n_features=256, mean_active=4.0)
@@ -52,14 +53,18 @@ def test_toy_run_recovers_ground_truth_features():
     cfg = TrainConfig(
         steps=600, batch_size=1024, lr=2e-3, lr_decay_steps=120, log_every=100, dead_tokens=51200, progress=False
     )
-    # CPU time of this process (both threads), so other load on the machine does not count: a minute on two cores
-    # is 120 CPU-seconds; a quiet machine uses about 12 (busy neighbours make OpenMP threads spin, so more).
+    # The bound is on the work done, so the machine's other load must not count. Wall time counts it, and so does the
+    # CPU time of two torch threads: the idle one spins at each barrier while the other is descheduled (105 CPU-s
+    # for this run at load average 16, against 7.7 single-threaded). On one thread (the one_thread fixture) nothing
+    # spins, so this process's CPU time is its work. A minute on two cores is 120 CPU-s of work; the bound of 60 (one
+    # core for a minute) is half of that and about 8x the 7.7 s measured under load, so only slower code trips it.
     start = time.process_time()
     metrics = Trainer(sae, ToySource(data, 1024), cfg).train()
     cpu_seconds = time.process_time() - start
     assert metrics["mmcs"] >= 0.95, metrics
     assert metrics["fvu"] < 0.2 and metrics["dead_fraction"] < 0.1, metrics
-    assert cpu_seconds < 120, f"took {cpu_seconds:.1f} s of CPU time"
+    assert metrics["skipped_steps"] == 0, metrics  # all 600 steps of 1024 tokens did their work
+    assert cpu_seconds < 60, f"took {cpu_seconds:.1f} s of CPU time on one thread"
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])

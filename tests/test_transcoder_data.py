@@ -56,7 +56,8 @@ def test_a_tensor_pair_is_shuffled_as_joined_rows_and_resumes():
     x, y = _pairs(50)
     source = as_source((x, y), 8, seed=3)
     assert isinstance(source, TensorSource) and (source.d_in, source.d_out) == (D_IN, D_OUT)
-    assert source.describe() == {"kind": "tensor", "n": 50, "d_in": D_IN, "d_out": D_OUT}
+    info = source.describe()
+    assert (info["kind"], info["n"], info["d_in"], info["d_out"]) == ("tensor", 50, D_IN, D_OUT)
     plain = TensorSource(torch.cat([x, y], 1), 8, seed=3)
     assert plain.d_out is None and plain.d_in == D_IN + D_OUT
     batches = [source.next_batch() for _ in range(9)]  # 6 batches per epoch: crosses into the second

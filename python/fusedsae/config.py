@@ -79,9 +79,10 @@ class SAEConfig:
         matryoshka_widths: Matryoshka SAEs (TopK/BatchTopK; Bussmann et al. 2025, Nabeshima 2025): strictly
             increasing prefix widths ending at ``d_sae`` (``d_sae`` is appended when missing, as SAELens does). The
             training loss adds, for every inner width w, the MSE of the reconstruction from the active latents
-            below w (``inner_mse_loss_<w>``, weight 1 each as SAELens sums them). All prefixes share the one
-            selection of the whole dictionary (dictionary_learning's definition; SAELens re-runs BatchTopK within
-            each prefix), so every prefix reconstruction comes from one pass over the active latents.
+            below w (``inner_mse_loss_<w>``, weight 1 each as SAELens sums them; dictionary_learning weights the
+            levels by ``group_weights``, default their mean). All prefixes share the one selection of the whole
+            dictionary, as in both SAELens (6.54: the inner levels slice the BatchTopK activations) and
+            dictionary_learning, so every prefix reconstruction comes from one pass over the active latents.
         d_out: a transcoder (Dunefsky et al. 2024; SAELens ``Transcoder``, sparsify ``transcode``): the SAE reads
             ``x [..., d_in]`` and reconstructs another activation ``y [..., d_out]`` (e.g. an MLP's input -> its
             output). None (default) is an ordinary SAE, the target being x itself. Training rows are ``[x | y]``

@@ -19,6 +19,7 @@ Under ``torch.distributed`` each rank reads its own share: batch ``i`` of rank `
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -195,6 +196,14 @@ class ToySource:
         return self.data.describe() if hasattr(self.data, "describe") else {"kind": type(self.data).__name__}
 
 
+def fingerprint(activations: Tensor, rows: int = 64) -> str:
+    """A short hash of ``rows`` evenly spaced rows of ``[N, d]`` ``activations`` (as float32): which tensor a run
+    trained on, cheap enough for every checkpoint (a whole-tensor hash would read gigabytes)."""
+    picked = torch.linspace(0, activations.shape[0] - 1, min(rows, activations.shape[0]), dtype=torch.float64).long()
+    data = activations[picked.to(activations.device)].detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class TensorSource:
     """Shuffled batches from an in-memory ``[N, d_in]`` tensor: each epoch is a fresh permutation drawn from
     ``(seed, epoch)``; the last incomplete batch of an epoch is dropped.
@@ -280,8 +289,16 @@ class TensorSource:
         self._order = self._permutation()
 
     def describe(self) -> dict[str, Any]:
+        n, order = int(self.activations.shape[0]), {"shuffle": self.shuffle, "seed": self.seed}
         pair = {} if self.d_out is None else {"d_out": self.d_out}
-        return {"kind": "tensor", "n": int(self.activations.shape[0]), "d_in": self.d_in, **pair}
+        return {
+            "kind": "tensor",
+            "n": n,
+            "d_in": self.d_in,
+            **pair,
+            **order,
+            "fingerprint": fingerprint(self.activations),
+        }
 
 
 def _as_batch(item: Any) -> Any:

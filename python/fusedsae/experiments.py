@@ -1123,6 +1123,144 @@ def lab_hierarchy(
     )
 
 
+# Absorption (Chanin et al. 2024, "A is for Absorption"), measured on a toy with ground truth. A latent "carries" a
+# feature when its unit decoder row has a cosine of at least ABSORB_COS with that feature's direction. Fixed before any
+# measurement: the toy's directions are orthonormal, so a latent that learned a child alone has cosine ~0 with the
+# parent, one that absorbed it 1/sqrt(2) ~ 0.71 (equal amplitudes); 0.3 sits between with room for training noise.
+ABSORB_COS = 0.3
+
+
+def absorption_rate(
+    data: toy.HierarchicalFeatureData, W_dec: Tensor, acts: Tensor, x: Tensor, threshold: float = ABSORB_COS
+) -> dict[str, float]:
+    """Feature absorption of a dictionary on parent/child toy data, as Chanin et al. (2024) count it.
+
+    For each parent p, its *main latent* is the latent whose decoder row is closest to p's direction (their
+    k-sparse probe's latent, with ground truth in place of a probe). On every sample where a child of p is active
+    (so p is too), the sample is *absorbed* when the main latent does not fire while another active latent carries
+    p's direction (unit-row cosine >= ``threshold``): the parent's information is there, in the wrong latent.
+
+    Args:
+        data: the toy (orthonormal directions: ``n_features <= d_in``), giving ``ground_truth [n, d_in]``.
+        W_dec: ``[d_sae, d_in]`` decoder rows (all latents: the metric must see dead and absorbing ones alike).
+        acts: ``[N, d_sae]`` activations of ``x`` (a latent fires when its activation is > 0).
+        x: ``[N, d_in]`` samples of ``data``; the active features are read off ``x @ ground_truthᵀ``.
+
+    Returns:
+        ``absorption_rate``: the mean over parents of the absorbed fraction of their child samples (0: none;
+        1: every child sample absorbed); ``parent_cos``: mean cosine of each parent with its main latent (1: the
+        parent has a latent of its own); ``child_parent_cos``: mean over children of the cosine between the child's
+        closest latent and its parent (0: pure child latents; ~0.71: children carry the parent);
+        ``parent_recall_with_child`` / ``parent_recall_alone``: how often the main latent fires when p is active
+        with a child / without one.
+    """
+    if data.n_features > data.d_in:
+        raise ValueError(
+            f"absorption_rate needs orthonormal toy directions (n_features={data.n_features} <= d_in={data.d_in})"
+        )
+    G = data.ground_truth.to(W_dec)
+    cos = M.cosine_matrix(G, W_dec)  # [n_features, d_sae]
+    on = (x @ G.t()) > 1e-4  # orthonormal directions and positive amplitudes: the coefficients are exact
+    fires = acts > 0
+    rates, parent_cos, child_cos, with_child, alone = [], [], [], [], []
+    for p in range(data.n_parents):
+        main = int(cos[p].argmax())
+        kids = [data.child_of(p, c) for c in range(data.children)]
+        child_on = on[:, kids].any(1)
+        carriers = cos[p] >= threshold
+        carriers[main] = False
+        absorbed = child_on & ~fires[:, main] & (fires & carriers).any(1)
+        rates.append(absorbed[child_on].float().mean())
+        parent_cos.append(cos[p, main])
+        child_cos += [cos[p, int(cos[c].argmax())] for c in kids]
+        with_child.append(fires[on[:, p] & child_on, main].float().mean())
+        alone.append(fires[on[:, p] & ~child_on, main].float().mean())
+    mean = lambda values: float(torch.stack(values).nanmean())  # noqa: E731 (a parent never sampled alone: NaN)
+    return {
+        "absorption_rate": mean(rates),
+        "parent_cos": mean(parent_cos),
+        "child_parent_cos": mean(child_cos),
+        "parent_recall_with_child": mean(with_child),
+        "parent_recall_alone": mean(alone),
+    }
+
+
+#: the absorption experiment's toy: 4 parents, 8 children each (a child 8x rarer than its parent), a child with
+#: 70% of its parent's samples; 36 orthonormal directions in 48 dims; true L0 = 4 * 0.25 * 1.7 = 1.7 on average
+ABSORPTION_TOY = {"n_parents": 4, "children": 8, "p_parent": 0.25, "p_child": 0.7, "d_in": 48}
+
+
+def lab_absorption(cfg: LabConfig, cells: Sequence[tuple[str, int]] = (("topk", 2), ("batchtopk", 1))) -> LabResult:
+    """Does Matryoshka stop feature absorption? (issue 13; Bussmann et al. 2025.) Plain and Matryoshka SAEs, trained
+    by fusedsae's own :class:`fusedsae.Trainer` on :class:`fusedsae.toy.HierarchicalFeatureData`
+    (:data:`ABSORPTION_TOY`), one latent per true feature (36), for each ``(objective, k)`` of ``cells``. The k are
+    set below what the data need, the pressure that makes absorption pay: TopK k = 2 per sample (a sample with two
+    parents and their children has 3-4 features), BatchTopK k = 1 on average (true L0 1.7; at k = 2 its flexible
+    budget covers the data and a plain BatchTopK SAE hardly absorbs: 0.04 in a trial run). The Matryoshka SAE has
+    widths ``[4, 36]``: its first 4 latents must reconstruct alone, room for the parents only. Measured per seed
+    (data directions and SAE initialisation both drawn from the seed) with :func:`absorption_rate`."""
+    n_features = ABSORPTION_TOY["n_parents"] * (1 + ABSORPTION_TOY["children"])
+    rows: list[dict[str, Any]] = []
+    runs = [(o, k, m) for o, k in cells for m in (False, True)]
+    bar: Any = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runs) * cfg.seeds, desc="absorption", leave=False)
+    for objective, k, matryoshka in runs:
+        for s in range(cfg.seeds):
+            seed = cfg.seed * 1000 + s
+            data = toy.HierarchicalFeatureData(**ABSORPTION_TOY, seed=seed)
+            widths = [ABSORPTION_TOY["n_parents"], n_features] if matryoshka else None
+            torch.manual_seed(seed)
+            sae = SparseAutoencoder(
+                SAEConfig(d_in=data.d_in, d_sae=n_features, activation=objective, k=k, matryoshka_widths=widths)
+            )
+            train = TrainConfig(
+                steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                lr=3e-3,
+                lr_decay_steps=cfg.steps // 5,
+                dead_tokens=50 * cfg.batch_size,
+                checkpoint_every=0,
+                log_every=cfg.steps,
+                seed=seed,
+                progress=False,
+            )
+            metrics = Trainer(sae, ToySource(data, cfg.batch_size), train).train()
+            x = data.sample(-100, cfg.eval_size)
+            sae.eval()  # BatchTopK: its inference threshold, as the SAE would be used
+            with torch.no_grad():
+                acts = sae.encode(x)
+                fvu = float(M.fvu(x, sae(x)))
+            rows.append(
+                {
+                    "objective": objective,
+                    "k": k,
+                    "matryoshka": "[4, 36]" if matryoshka else "none",
+                    "seed": s,
+                    **absorption_rate(data, sae.W_dec.detach(), acts, x),
+                    "l0": float((acts > 0).float().sum(-1).mean()),
+                    "fvu": fvu,
+                    "train_fvu": float(metrics["fvu"]),
+                }
+            )
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    keys = ("objective", "k", "matryoshka")
+    spread = ("absorption_rate", "parent_cos", "child_parent_cos", "parent_recall_with_child", "fvu")
+    return LabResult(
+        "absorption",
+        "do child latents absorb their parent (Chanin et al.'s rate), with and without Matryoshka prefixes?",
+        keys,
+        rows,
+        summarise(rows, keys, spread=spread),
+        {"toy": toy.HierarchicalFeatureData(**ABSORPTION_TOY).describe(), "absorb_cos": ABSORB_COS},
+    )
+
+
 #: one line per lab experiment, for ``fusedsae toy --help``
 LAB_HELP: dict[str, str] = {
     "onehot": "(a) one-hot fraction sweep, both amplitude regimes, ReLU+L1 and TopK k=1,2, analytic crossovers",
@@ -1131,6 +1269,7 @@ LAB_HELP: dict[str, str] = {
     "width": "(d) 2 to 8 latents for the four features",
     "l0": "(d) k against the true L0 of correlated features (Sparse but Wrong)",
     "hierarchy": "(d) parents and children: feature absorption under sparsity pressure",
+    "absorption": "(e) absorption rate of plain vs Matryoshka TopK/BatchTopK SAEs on parent/child features",
 }
 
 #: the lab's experiments, by CLI name
@@ -1141,6 +1280,7 @@ LAB: dict[str, Callable[..., LabResult]] = {
     "width": lab_width,
     "l0": lab_l0,
     "hierarchy": lab_hierarchy,
+    "absorption": lab_absorption,
 }
 
 
@@ -1345,6 +1485,18 @@ def lab_figures(result: LabResult, out: Any, seeds: int) -> list[Any]:
         ax.legend(fontsize=6, loc="upper right")
         ax.set_title("parents and children: does the child's latent absorb the parent?", fontsize=9)
         save(fig, "hierarchy.png")
+    elif result.name == "absorption":
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        labels = [f"{r['objective']} k={r['k']}\n{'Matryoshka' if r['matryoshka'] != 'none' else 'plain'}" for r in S]
+        cols = ("absorption_rate", "parent_recall_with_child", "child_parent_cos", "fvu")
+        for n, col in enumerate(cols):
+            xs = [i + (n - 1.5) * 0.2 for i in range(len(S))]
+            ax.bar(xs, [r[col] for r in S], 0.2, yerr=[r.get(f"{col}_sd", 0.0) for r in S], label=col, capsize=2)
+        ax.set_xticks(range(len(S)), labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=6, loc="upper right")
+        ax.set_title(f"absorption, plain vs Matryoshka (mean ± sd over {seeds} seeds)", fontsize=9)
+        save(fig, "absorption.png")
     return paths
 
 

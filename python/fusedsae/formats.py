@@ -8,6 +8,13 @@ A SAELens 6.x folder holds ``cfg.json`` (``d_in``, ``d_sae``, ``dtype``, ``archi
 own full config under ``metadata["fusedsae"]`` so that BatchTopK, ``n_heads`` and the loss coefficients survive a
 round trip; SAELens keeps unknown metadata keys.
 
+Matryoshka BatchTopK SAEs follow SAELens (>= 6.15): its training folder has ``architecture:
+"matryoshka_batchtopk"`` with ``matryoshka_widths`` and the scalar ``topk_threshold``; its inference folder (what
+``save_inference_model`` writes, and what fusedsae writes) is a ``jumprelu`` folder whose
+``metadata.training_architecture`` is ``"matryoshka_batchtopk"`` and whose ``metadata.training_architecture_details``
+holds ``k`` and ``matryoshka_widths``. fusedsae reads both back as a Matryoshka BatchTopK SAE (eval mode: the same
+JumpReLU maths SAELens serves; training mode: the widths' inner losses).
+
 Transcoders (``SAEConfig.d_out``) are written in SAELens's transcoder layout: ``d_out`` in ``cfg.json``,
 ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``, ``W_skip [d_out, d_in]`` for skip-transcoders, ``architecture``
 ``transcoder`` / ``skip_transcoder`` (ReLU) or ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (JumpReLU, and
@@ -33,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fusedsae._version import __version__
-from fusedsae.config import SAEConfig, dtype_from_name
+from fusedsae.config import SAEConfig, dtype_from_name, dtype_name
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -198,9 +205,60 @@ def sae_lens_config(sae: Any) -> dict[str, Any]:
         **cfg.metadata,
         "sae_lens_version": SAE_LENS_SCHEMA_VERSION,
         "fusedsae_version": __version__,
+        **matryoshka_metadata(cfg),
         "fusedsae": fused,
     }
     return out
+
+
+MATRYOSHKA_ARCHITECTURE = "matryoshka_batchtopk"
+
+
+def matryoshka_metadata(cfg: SAEConfig) -> dict[str, Any]:
+    """The ``metadata`` keys SAELens's ``save_inference_model`` writes for a Matryoshka BatchTopK SAE
+    (``training_architecture`` and its ``training_architecture_details``), so that SAELens tools and fusedsae see
+    the widths; ``{}`` for any other SAE (SAELens has no Matryoshka TopK: those widths live in
+    ``metadata.fusedsae`` only). The decoder norms are already folded in a fusedsae SAE, hence
+    ``rescale_acts_by_decoder_norm: false``."""
+    if not cfg.matryoshka_widths or cfg.activation != "batchtopk":
+        return {}
+    return {
+        "training_architecture": MATRYOSHKA_ARCHITECTURE,
+        "training_architecture_details": {
+            "k": cfg.k,
+            "aux_loss_coefficient": cfg.aux_loss_coefficient,
+            "rescale_acts_by_decoder_norm": False,
+            "topk_threshold_lr": cfg.topk_threshold_lr,
+            "matryoshka_widths": list(cfg.matryoshka_widths),
+            "use_matryoshka_aux_loss": False,
+        },
+    }
+
+
+def sae_lens_matryoshka(raw: dict[str, Any], path: Path) -> tuple[int, list[int]] | None:
+    """``(k, matryoshka_widths)`` of a SAELens Matryoshka BatchTopK folder's ``cfg.json`` (6.x schema), either
+    form: the training folder (``architecture: "matryoshka_batchtopk"``, top-level fields) or the inference one
+    (``jumprelu`` with ``metadata.training_architecture_details``); ``None`` for any other SAE. Raises
+    :class:`SAEFormatError` naming the field when ``k`` or the widths are missing or malformed."""
+    meta = raw.get("metadata") or {}
+    if raw.get("architecture") == MATRYOSHKA_ARCHITECTURE:
+        fields, prefix = raw, ""
+    elif raw.get("architecture") == "jumprelu" and meta.get("training_architecture") == MATRYOSHKA_ARCHITECTURE:
+        fields, prefix = meta.get("training_architecture_details"), "metadata.training_architecture_details."
+        if not isinstance(fields, dict):
+            raise _field_error(
+                path, "metadata.training_architecture_details", "must be an object holding k and matryoshka_widths"
+            )
+    else:
+        return None
+    k, widths = fields.get("k"), fields.get("matryoshka_widths")
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)  # SAELens types BatchTopK's k as a float
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise _field_error(path, prefix + "k", f"must be a positive integer (fusedsae's BatchTopK k), got {k!r}")
+    if not isinstance(widths, list) or not widths:
+        raise _field_error(path, prefix + "matryoshka_widths", f"must be a non-empty list of widths, got {widths!r}")
+    return k, list(widths)
 
 
 def save_sae(sae: Any, path: str | os.PathLike[str], sparsity: Tensor | None = None) -> Path:
@@ -403,13 +461,23 @@ def _config_from_sae_lens(
     architecture = raw.get("architecture", "standard")
     if architecture in _SAE_LENS_TRANSCODERS:
         return _transcoder_from_sae_lens(raw, tensors, path), dict(tensors), False
-    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(
-        architecture
-    )
+    matryoshka = sae_lens_matryoshka(raw, path)
+    if matryoshka is not None:
+        # read as a Matryoshka BatchTopK SAE: the training folder's scalar threshold (below, as batchtopk), or the
+        # inference folder's per-latent JumpReLU threshold, which a fusedsae BatchTopK uses in eval mode
+        raw = {**raw, "k": matryoshka[0]}
+        architecture = "batchtopk" if architecture == MATRYOSHKA_ARCHITECTURE else "matryoshka_inference"
+    activation = {
+        "standard": "relu",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "batchtopk": "batchtopk",
+        "matryoshka_inference": "batchtopk",
+    }.get(architecture)
     if activation is None:
         raise SAEFormatError(
             f"{path}: architecture {architecture!r} is not supported (fusedsae reads standard, topk, batchtopk, "
-            f"jumprelu, {', '.join(_SAE_LENS_TRANSCODERS)}, and gated for inference)"
+            f"matryoshka_batchtopk, jumprelu, {', '.join(_SAE_LENS_TRANSCODERS)}, and gated for inference)"
         )
     if raw.get("normalize_activations") not in (None, "none"):
         raise SAEFormatError(
@@ -423,7 +491,7 @@ def _config_from_sae_lens(
     weights = dict(tensors)
     k = raw.get("k")
     rescale = bool(raw.get("rescale_acts_by_decoder_norm", False)) and activation == "topk"
-    if activation == "batchtopk":
+    if architecture == "batchtopk":
         # A SAELens BatchTopK training checkpoint: the scalar EMA threshold becomes our threshold buffer, which
         # eval mode uses (JumpReLU maths, as SAELens's own inference save); its training config rescales by the
         # decoder norms by default, so fold them in (selection on pre * norm == selection after folding).
@@ -440,6 +508,7 @@ def _config_from_sae_lens(
         dtype=str(raw.get("dtype", "float32")),
         metadata=_user_metadata(meta),
         normalize_decoder=False,
+        matryoshka_widths=None if matryoshka is None else matryoshka[1],
     )
     return cfg, weights, rescale
 
@@ -474,7 +543,12 @@ def _transcoder_from_sae_lens(raw: dict[str, Any], tensors: dict[str, Tensor], p
 
 
 def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k not in ("fusedsae", "fusedsae_version", "sae_lens_version")}
+    """The metadata a user or SAELens put in a folder, without what fusedsae regenerates when it saves (its own
+    config and versions, and the Matryoshka training-architecture keys of :func:`matryoshka_metadata`)."""
+    ours = {"fusedsae", "fusedsae_version", "sae_lens_version"}
+    if meta.get("training_architecture") == MATRYOSHKA_ARCHITECTURE:
+        ours |= {"training_architecture", "training_architecture_details", "sae_lens_training_version"}
+    return {k: v for k, v in meta.items() if k not in ours}
 
 
 def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> SAEConfig:
@@ -532,14 +606,16 @@ _DICTIONARY_LEARNING = {
     "AutoEncoderTopK": "topk",
     "BatchTopKSAE": "batchtopk",
     "JumpReluAutoEncoder": "jumprelu",
+    "GatedAutoEncoder": "gated",  # inference only, as fusedsae.compat.sae_lens.GatedSAE (same maths as SAELens's)
 }
 DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 DICTIONARY_LEARNING_CONFIG = "config.json"
 
 
-def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig | None, dict[str, Tensor]]:
     """dictionary_learning's ``ae.pt`` (a state dict; read with ``torch.load(weights_only=True)``, which refuses
-    anything but tensors and plain containers) + ``config.json`` ``{"trainer": {"dict_class": ...}}``."""
+    anything but tensors and plain containers) + ``config.json`` ``{"trainer": {"dict_class": ...}}``. A
+    GatedAutoEncoder has no :class:`SAEConfig`: ``(None, its weights by SAELens's gated names)``."""
     config = read_json(folder / DICTIONARY_LEARNING_CONFIG)
     trainer = config.get("trainer") or {}
     dict_class = trainer.get("dict_class")
@@ -566,6 +642,15 @@ def _from_dictionary_learning(folder: Path) -> tuple[SAEConfig, dict[str, Tensor
         return [state[n] for n in names]
 
     apply_b_dec = True
+    if activation == "gated":
+        # GatedAutoEncoder: encoder.weight [F, d] (no bias), gate_bias, mag_bias, r_mag, decoder.weight [d, F],
+        # decoder_bias subtracted before encoding: SAELens's gated maths with W_enc = encoder.weightᵀ
+        enc_w, dec_w, b_dec, b_gate, b_mag, r_mag = need(
+            "encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "mag_bias", "r_mag"
+        )
+        weights = {"W_enc": enc_w.t(), "W_dec": dec_w.t(), "b_dec": b_dec, "b_gate": b_gate, "b_mag": b_mag}
+        weights["r_mag"] = r_mag
+        return None, weights  # no SAEConfig can say "gated": load_sae builds the compat GatedSAE
     if activation == "jumprelu":
         W_enc, b_enc, W_dec, b_dec, threshold = need("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
         apply_b_dec = False  # JumpReluAutoEncoder sets apply_b_dec_to_input = False and does not save it
@@ -605,13 +690,14 @@ def load_sae(
     dtype: str | torch.dtype | None = None,
     layer: str | None = None,
 ) -> Any:
-    """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu, the
-    transcoders ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``, and
-    gated for inference), sparsify (one layer, or ``layer=`` of a multi-layer root; transcoders and skip
-    connections included) or dictionary_learning
-    (``ae.pt`` + ``config.json``: AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder).
+    """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu,
+    Matryoshka BatchTopK in its training or inference form, read back as Matryoshka, the transcoders
+    ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``, and gated for
+    inference), sparsify (one layer, or ``layer=`` of a multi-layer root; transcoders and skip connections
+    included) or dictionary_learning (``ae.pt`` + ``config.json``: AutoEncoder, AutoEncoderTopK, BatchTopKSAE,
+    JumpReluAutoEncoder, and GatedAutoEncoder for inference).
 
-    Returns a :class:`fusedsae.SparseAutoencoder`, except for SAELens gated folders: a
+    Returns a :class:`fusedsae.SparseAutoencoder`, except for gated folders (SAELens, dictionary_learning): a
     :class:`fusedsae.compat.sae_lens.GatedSAE` (inference only: ``encode``, ``decode``, ``forward``).
     ``device``/``dtype`` override the stored ones. Raises :class:`SAEFormatError` naming the file and the problem
     for a missing, truncated or inconsistent folder, and listing the layers of a multi-layer root.
@@ -632,6 +718,8 @@ def load_sae(
     if not cfg_path.is_file():
         if (folder / DICTIONARY_LEARNING_WEIGHTS).is_file() and (folder / DICTIONARY_LEARNING_CONFIG).is_file():
             cfg, weights = _from_dictionary_learning(folder)
+            if cfg is None:
+                return _gated_sae(weights, folder, device, dtype)
             return _build(SparseAutoencoder, cfg, weights, folder, device, dtype, fold=False)
         layers = sparsify_layers(folder)
         if layers:
@@ -688,6 +776,27 @@ def _build(
     _assign(sae, weights, folder)
     if fold:
         sae.fold_W_dec_norm()
+    return sae
+
+
+def _gated_sae(
+    weights: dict[str, Tensor], folder: Path, device: str | torch.device | None, dtype: str | torch.dtype | None
+) -> Any:
+    """A :class:`fusedsae.compat.sae_lens.GatedSAE` (inference: ``encode``, ``decode``, ``forward``,
+    ``magnitude_path``) holding a dictionary_learning GatedAutoEncoder's weights (SAELens names)."""
+    from fusedsae.compat.sae_lens import GatedSAE, GatedSAEConfig
+
+    W_enc = weights["W_enc"]
+    sae = GatedSAE(
+        GatedSAEConfig(
+            d_in=int(W_enc.shape[0]),
+            d_sae=int(W_enc.shape[1]),
+            dtype=dtype_name(dtype_from_name(dtype if dtype is not None else W_enc.dtype)),
+            device=str(device or "cpu"),
+            metadata={"source": "dictionary_learning", "dict_class": "GatedAutoEncoder"},
+        )
+    )
+    _assign(sae, weights, folder)
     return sae
 
 

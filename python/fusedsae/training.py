@@ -882,6 +882,7 @@ class Trainer:
                 "act_scale": self.act_scale,
                 "act_scale_out": self.out_scale,
                 "data": self.data.state_dict(),
+                "data_source": describe_data(self.data),  # which data: a resume on other data is refused
                 "sae_config": self.full_sae_config().to_dict(),
                 "train_config": asdict(self.cfg),
                 "optimizer": opt_meta,
@@ -971,6 +972,25 @@ class Trainer:
             raise CheckpointMismatch(
                 f"{folder} was written by {state['world_size']} data-parallel rank(s); resuming with "
                 f"{self.world_size} would change the data order (the number of latent shards may change)"
+            )
+        record = state.get("data_source")
+        if record is None:
+            from fusedsae.data import ResumeWarning
+
+            warnings.warn(
+                f"{folder} does not record which data it was trained on (written by an older fusedsae): resuming "
+                "without checking that this is that data",
+                ResumeWarning,
+                stacklevel=2,
+            )
+        elif not isinstance(record, dict):
+            raise CheckpointError(
+                f"{folder}/trainer.json: field 'data_source' is {repr(record)[:60]}, expected an object"
+            )
+        elif differing := data_differences(record, describe_data(self.data)):
+            raise CheckpointMismatch(
+                f"{folder} was trained on other data ({'; '.join(differing)}): give the data the run started with, "
+                "or start a new run in another run_dir"
             )
         bad = [
             f"{file}: {name}"
@@ -1094,26 +1114,48 @@ def _sum_over_ranks(t: Tensor) -> Tensor:
     return t
 
 
+def json_plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, other objects their ``str``), for comparing a
+    setting with its saved copy."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def setting_differences(
     saved_sae: SAEConfig, saved_train: dict[str, Any], sae: SAEConfig, train: TrainConfig
 ) -> list[str]:
     """The settings in which a checkpoint (its SAE config and train config) differs from this run's, as
     ``"an SAE with d_sae=64, but this SAE has d_sae=32"`` phrases; the device and :data:`RESUME_MAY_CHANGE` may
     differ."""
-
-    def plain(value: Any) -> Any:
-        return json.loads(json.dumps(value, default=str))
-
     out = []
-    mine, theirs = plain(sae.to_dict()), plain(saved_sae.to_dict())
+    mine, theirs = json_plain(sae.to_dict()), json_plain(saved_sae.to_dict())
     for name in mine:
         if name != "device" and mine[name] != theirs.get(name):
             out.append(f"an SAE with {name}={theirs.get(name)!r}, but this SAE has {name}={mine[name]!r}")
-    mine_train = plain(asdict(train))
+    mine_train = json_plain(asdict(train))
     for name in mine_train:
-        if name not in RESUME_MAY_CHANGE and name in saved_train and plain(saved_train[name]) != mine_train[name]:
+        if name not in RESUME_MAY_CHANGE and name in saved_train and json_plain(saved_train[name]) != mine_train[name]:
             out.append(f"{name}={saved_train[name]!r}, but this run has {name}={mine_train[name]!r}")
     return out
+
+
+# describe() fields that say where the data is, not what it is: a cache folder may move between sessions (its
+# rows, width and capture settings still identify it)
+DATA_LOCATION_FIELDS = frozenset({"path"})
+
+
+def describe_data(source: Any) -> dict[str, Any]:
+    """The source's ``describe()`` as it reads back from JSON (``{}`` for a source without one): kind, shapes, seed,
+    a content fingerprint where cheap (see :mod:`fusedsae.data`)."""
+    return json_plain(source.describe()) if hasattr(source, "describe") else {}
+
+
+def data_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields in which a checkpoint's record of its data and this run's data differ, as ``"n=1000 then, 2000
+    now"`` phrases. Only fields both descriptions hold are compared (a field added to ``describe()`` later does not
+    make older checkpoints unusable; a source of another kind differs in ``kind``), except
+    :data:`DATA_LOCATION_FIELDS`."""
+    names = [name for name in saved if name in now and name not in DATA_LOCATION_FIELDS]
+    return [f"{name}={saved[name]!r} then, {now[name]!r} now" for name in names if saved[name] != now[name]]
 
 
 def check_batch_size(cfg: SAEConfig, batch_size: int) -> None:

@@ -4,10 +4,12 @@ Covered (names, fields, defaults and maths as SAELens 6.x):
 
 - configs: ``StandardSAEConfig``, ``TopKSAEConfig``, ``JumpReLUSAEConfig``, ``GatedSAEConfig`` (inference) and
   ``StandardTrainingSAEConfig``, ``TopKTrainingSAEConfig``, ``BatchTopKTrainingSAEConfig``,
-  ``JumpReLUTrainingSAEConfig`` (training), with ``architecture()``, ``to_dict``, ``from_dict`` and
-  ``metadata`` (:class:`SAEMetadata`: ``cfg.metadata.hook_name``, missing keys read as None);
+  ``MatryoshkaBatchTopKTrainingSAEConfig``, ``JumpReLUTrainingSAEConfig`` (training), with ``architecture()``,
+  ``to_dict``, ``from_dict`` and ``metadata`` (:class:`SAEMetadata`: ``cfg.metadata.hook_name``, missing keys
+  read as None);
 - ``SAE`` / ``TrainingSAE`` and one class per architecture (``StandardSAE``, ``TopKSAE``, ``JumpReLUSAE``,
-  ``GatedSAE``, ``StandardTrainingSAE``, ``TopKTrainingSAE``, ``BatchTopKTrainingSAE``, ``JumpReLUTrainingSAE``),
+  ``GatedSAE``, ``StandardTrainingSAE``, ``TopKTrainingSAE``, ``BatchTopKTrainingSAE``,
+  ``MatryoshkaBatchTopKTrainingSAE``, ``JumpReLUTrainingSAE``),
   constructible from these configs, from SAELens's own config objects, or from dicts (``SAE.from_dict``);
 - ``encode``, ``decode``, ``forward`` (with ``use_error_term``), ``encode_with_hidden_pre``,
   ``training_forward_pass(TrainStepInput)`` → :class:`TrainStepOutput` (``sae_in``, ``sae_out``,
@@ -20,8 +22,8 @@ Covered (names, fields, defaults and maths as SAELens 6.x):
 Not covered, and why: TransformerLens ``HookPoint``s and ``HookedSAETransformer`` (hook points would force the
 dense activations the fused kernels avoid; splice the SAE in with your own forward hook), ``from_pretrained``
 (fusedsae never downloads; fetch the folder and call ``load_from_disk``), transcoder *training* (SAELens trains
-none; its four transcoder classes are covered for inference and files), Matryoshka and the newer
-research architectures, ``covariance_whitening``, JumpReLU's ``pre_act_loss_coefficient`` and
+none; its four transcoder classes are covered for inference and files), Matryoshka's ``use_matryoshka_aux_loss``
+and the newer research architectures, ``covariance_whitening``, JumpReLU's ``pre_act_loss_coefficient`` and
 ``jumprelu_ste_to_input=True`` (refused at construction with that reason), gated *training* (gated folders load
 for inference), and ``use_sparse_activations`` (the sparse path is what fusedsae always runs).
 
@@ -48,9 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae.config import dtype_from_name, dtype_name
+from fusedsae.config import check_matryoshka_widths, dtype_from_name, dtype_name
 from fusedsae.formats import (
     CFG_FILE,
+    MATRYOSHKA_ARCHITECTURE,
     SAE_LENS_SCHEMA_VERSION,
     WEIGHTS_FILE,
     SAEFormatError,
@@ -279,6 +282,11 @@ class TrainingSAEConfig(SAEConfig):
         names = {f.name for f in dataclasses.fields(inference_cls)}
         out = {name: getattr(self, name) for name in names}
         out["metadata"] = {**self.metadata.to_dict(), "training_architecture": self.architecture()}
+        if self.architecture() == MATRYOSHKA_ARCHITECTURE:  # as SAELens: the widths survive the inference save
+            inference_fields = {f.name for f in dataclasses.fields(inference_cls)}
+            out["metadata"]["training_architecture_details"] = {
+                f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in inference_fields
+            }
         out["architecture"] = inference_cls.architecture()
         return out
 
@@ -313,6 +321,33 @@ class BatchTopKTrainingSAEConfig(TopKTrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "batchtopk"
+
+
+@dataclass
+class MatryoshkaBatchTopKTrainingSAEConfig(BatchTopKTrainingSAEConfig):
+    """SAELens's ``matryoshka_batchtopk`` (>= 6.15): ``matryoshka_widths`` strictly increasing, ``d_sae`` appended
+    when missing (as SAELens does). ``use_matryoshka_aux_loss=True`` (AuxK per level) is not implemented."""
+
+    matryoshka_widths: list[int] = field(default_factory=list)
+    use_matryoshka_aux_loss: bool = False
+
+    @classmethod
+    def architecture(cls) -> str:
+        return MATRYOSHKA_ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.matryoshka_widths:
+            raise ValueError("matryoshka_widths must not be empty")
+        widths = [int(w) for w in self.matryoshka_widths]
+        if widths[-1] != self.d_sae:
+            widths.append(self.d_sae)
+        self.matryoshka_widths = check_matryoshka_widths(widths, self.d_sae)
+        if self.use_matryoshka_aux_loss:
+            raise ValueError(
+                "use_matryoshka_aux_loss=True is not implemented by fusedsae.compat.sae_lens (AuxK reconstructs the "
+                "whole SAE's residual, SAELens's default); leave it False"
+            )
 
 
 @dataclass
@@ -473,7 +508,10 @@ class SAE(nn.Module):
         self.use_error_term = use_error_term
         #: a transcoder's architecture name; None for an SAE
         self.transcoder = cfg.architecture() if cfg.architecture() in _TRANSCODER_ACTIVATION else None
-        self.architecture = _TRANSCODER_ACTIVATION.get(cfg.architecture(), cfg.architecture())
+        # the maths to run: a Matryoshka BatchTopK SAE is a BatchTopK SAE plus inner losses in training; a
+        # transcoder runs its encoder's (standard or jumprelu)
+        arch = cfg.architecture()
+        self.architecture = _RUNS_AS.get(arch, _TRANSCODER_ACTIVATION.get(arch, arch))
         self._hook_z = cfg.reshape_activations == "hook_z" and not self._training_class and not self.transcoder
         self.d_head: int | None = None
         self.d_out = int(getattr(cfg, "d_out", cfg.d_in))
@@ -773,8 +811,10 @@ class SAE(nn.Module):
         converter: Any = None,
         fold_W_dec_norm: bool = False,
     ) -> SAE:
-        """Reads a SAELens folder (6.x or older ``cfg.json``). ``SAE``/inference classes turn a BatchTopK training
-        folder into the JumpReLU SAE SAELens saves for inference; ``TrainingSAE`` keeps training architectures."""
+        """Reads a SAELens folder (6.x or older ``cfg.json``). ``SAE``/inference classes turn a BatchTopK or
+        Matryoshka BatchTopK training folder into the JumpReLU SAE SAELens saves for inference; ``TrainingSAE`` keeps
+        training architectures (Matryoshka training is fusedsae's own: ``fusedsae.load`` reads either folder as a
+        Matryoshka SAE)."""
         if converter is not None:
             raise ValueError("custom converters are not supported by fusedsae.compat.sae_lens; pass a SAELens folder")
         folder = Path(path)
@@ -788,12 +828,13 @@ class SAE(nn.Module):
         raw = {**raw, "device": device}
         if dtype is not None:
             raw["dtype"] = dtype
-        if not training and raw.get("architecture") == "batchtopk":
+        if not training and raw.get("architecture") in ("batchtopk", MATRYOSHKA_ARCHITECTURE):
+            # a Matryoshka BatchTopK training folder serves as the same JumpReLU SAE (its widths only shape training)
             raw, tensors = _batchtopk_as_jumprelu(raw, tensors)
         if not training and raw.get("architecture") not in _INFERENCE:
             raise SAEFormatError(
                 f"{folder}: architecture {raw.get('architecture')!r} is not supported by fusedsae.compat.sae_lens "
-                f"(it reads {', '.join(sorted({*_INFERENCE, 'batchtopk'}))})"
+                f"(it reads {', '.join(sorted({*_INFERENCE, 'batchtopk', MATRYOSHKA_ARCHITECTURE}))})"
             )
         sae = cls.from_dict(raw)
         state = sae.state_dict()
@@ -837,6 +878,7 @@ class SAE(nn.Module):
             dtype=self.cfg.dtype,
             device=str(self.device),
             normalize_decoder=False,
+            matryoshka_widths=getattr(self.cfg, "matryoshka_widths", None),
             metadata=self.cfg.metadata.to_dict(),
         )
         with torch.no_grad():
@@ -993,7 +1035,8 @@ def _batchtopk_as_jumprelu(raw: dict[str, Any], tensors: dict[str, Tensor]) -> t
     return {**raw, "architecture": "jumprelu"}, tensors
 
 
-_INFERENCE_ARCHITECTURE = {"batchtopk": "jumprelu"}
+_INFERENCE_ARCHITECTURE = {"batchtopk": "jumprelu", MATRYOSHKA_ARCHITECTURE: "jumprelu"}
+_RUNS_AS = {MATRYOSHKA_ARCHITECTURE: "batchtopk"}
 
 
 class StandardSAE(SAE):
@@ -1010,6 +1053,37 @@ class JumpReLUSAE(SAE):
 
 class GatedSAE(SAE):
     """Inference only: ``acts = 1[x W_enc + b_gate > 0] * relu(x (W_enc ∘ exp(r_mag)) + b_mag)``."""
+
+    @torch.no_grad()
+    def magnitude_path(self, n_heads: int | None = None) -> Any:
+        """The gated SAE's magnitude path as a ReLU :class:`fusedsae.SparseAutoencoder` (``W_enc ∘ exp(r_mag)``,
+        ``b_mag``, the same ``W_dec``, ``b_dec``): wherever the gate is open its activations are the gated SAE's,
+        so :func:`fusedsae.analysis.head_contributions` on it attributes every active gated latent exactly (keep
+        the latents with ``self.encode(z) != 0``: the gate decides which fire, the magnitude path how much).
+        ``n_heads``: for SAEs on concatenated attention outputs."""
+        from fusedsae.sae import SparseAutoencoder
+
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                f"normalize_activations={self.cfg.normalize_activations!r} rescales each input at run time, so the "
+                "magnitude path is not a fixed SparseAutoencoder"
+            )
+        sae = SparseAutoencoder(
+            d_in=self.cfg.d_in,
+            d_sae=self.cfg.d_sae,
+            activation="relu",
+            n_heads=n_heads,
+            apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
+            dtype=self.cfg.dtype,
+            device=str(self.device),
+            normalize_decoder=False,
+            metadata=self.cfg.metadata.to_dict(),
+        )
+        sae.W_enc.copy_(self.W_enc * self.r_mag.exp())
+        sae.b_enc.copy_(self.b_mag)
+        sae.W_dec.copy_(self.W_dec)
+        sae.b_dec.copy_(self.b_dec)
+        return sae.eval()
 
 
 class Transcoder(SAE):
@@ -1040,6 +1114,27 @@ class BatchTopKTrainingSAE(TopKTrainingSAE):
     pass
 
 
+class MatryoshkaBatchTopKTrainingSAE(BatchTopKTrainingSAE):
+    """SAELens's ``MatryoshkaBatchTopKTrainingSAE``: the BatchTopK step plus ``inner_mse_loss_<w>`` for every inner
+    width (the reconstruction from the latents below w of the same BatchTopK activations, weight 1 each).
+    ``save_model`` writes SAELens's ``matryoshka_batchtopk`` training folder, ``save_inference_model`` its
+    ``jumprelu`` folder with ``metadata.training_architecture_details``; ``fusedsae.load`` reads both back as a
+    Matryoshka SAE (:meth:`to_fusedsae` too)."""
+
+    def training_forward_pass(self, step_input: Any) -> TrainStepOutput:
+        out = super().training_forward_pass(step_input)
+        acts = out.feature_acts.reshape(-1, self.cfg.d_sae)
+        if self._rescales():
+            acts = acts * (1 / self.W_dec.norm(dim=-1))
+        lead = out.sae_in.shape[:-1]
+        for width in self.cfg.matryoshka_widths[:-1]:
+            inner = self._sae_out(F.decode(acts[:, :width], self.W_dec[:width], self.b_dec), lead)
+            loss = (inner - out.sae_in).pow(2).sum(-1).mean()
+            out.losses[f"inner_mse_loss_{width}"] = loss
+            out.loss = out.loss + loss
+        return out
+
+
 class JumpReLUTrainingSAE(TrainingSAE):
     pass
 
@@ -1059,6 +1154,7 @@ _TRAINING: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
     "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
     "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+    MATRYOSHKA_ARCHITECTURE: (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
     "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
 }
 
@@ -1076,6 +1172,8 @@ __all__ = [
     "JumpReLUTrainingSAEConfig",
     "JumpReLUTranscoder",
     "JumpReLUTranscoderConfig",
+    "MatryoshkaBatchTopKTrainingSAE",
+    "MatryoshkaBatchTopKTrainingSAEConfig",
     "SAEConfig",
     "SAEMetadata",
     "SkipTranscoder",

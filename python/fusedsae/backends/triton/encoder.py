@@ -69,7 +69,8 @@ class EncoderConfig:
 
 # Candidates for a GPU check to time side by side (FUSEDSAE_ENCODER_CONFIG=<name> or set_encoder_config(name)).
 # The offline sm_90 compile at the DESIGN shapes (benchmarks/results/compile_report.md) decides which can be
-# candidates at all: none of these spills, and every one feeds wgmma from shared memory in bf16.
+# candidates at all; every one feeds wgmma from shared memory in bf16 (m64n128-ptr spills 172 B, and the fused AuxK
+# filter spills except on 8 warps at 64 x 128: see the report's "candidates").
 CANDIDATE_CONFIGS: dict[str, EncoderConfig] = {
     # the tiles and loads before the Hopper work (only x is centred outside the kernel now): 255 registers, spills
     "m64n128-ptr": EncoderConfig(64, 128, 64, 8, 3, tma=False),
@@ -83,10 +84,9 @@ CANDIDATE_CONFIGS: dict[str, EncoderConfig] = {
     # persistent grid over the 2-block configuration
     "m64n128-w4-persistent": EncoderConfig(64, 128, 64, 4, 3, epilogue_split=4, persistent=True, programs_per_sm=2),
 }
-# Chosen by the offline compile (benchmarks/results/compile_report.md): 16-bit inputs with next_pow2(k) <= 32 take
-# the two-block configuration (219 registers, no spills at 768 -> 32768); wider bounds (k = 64 at 4096 -> 131072,
-# BatchTopK's 2k candidates) and float32 need more registers per element and take 8 warps (235, no spills at
-# k = 64 in bf16), where 4 warps would spill.
+# Chosen by the offline compile (benchmarks/results/compile_report.md): 16-bit inputs with next_pow2(k) <= 64 take
+# the two-block configuration (219 registers at k = 32, 237 at k = 64, no spills); wider bounds (the fused AuxK's
+# 128 buckets, BatchTopK's 2k candidates at k = 64) and float32 take 8 warps, where 4 warps would spill.
 DEFAULT_ENCODER_CONFIG = "m64n128-w4"
 WIDE_ENCODER_CONFIG = "m64n128"
 _encoder_config_override: str | None = None
@@ -108,8 +108,8 @@ def set_encoder_config(name: str | None) -> None:
 def encoder_config(dtype: torch.dtype = torch.bfloat16, kp: int = 32) -> tuple[str, EncoderConfig]:
     """``(name, config)`` the fused encoder launches with for inputs of ``dtype`` and a bound over ``kp`` buckets:
     :func:`set_encoder_config`, else the ``FUSEDSAE_ENCODER_CONFIG`` environment variable, else
-    :data:`DEFAULT_ENCODER_CONFIG` (16-bit inputs, ``kp <= 32``) or :data:`WIDE_ENCODER_CONFIG`."""
-    default = DEFAULT_ENCODER_CONFIG if dtype != torch.float32 and kp <= 32 else WIDE_ENCODER_CONFIG
+    :data:`DEFAULT_ENCODER_CONFIG` (16-bit inputs, ``kp <= 64``) or :data:`WIDE_ENCODER_CONFIG`."""
+    default = DEFAULT_ENCODER_CONFIG if dtype != torch.float32 and kp <= 64 else WIDE_ENCODER_CONFIG
     name = _encoder_config_override or os.environ.get("FUSEDSAE_ENCODER_CONFIG", "").strip() or default
     if name not in CANDIDATE_CONFIGS:
         raise ValueError(
@@ -255,10 +255,9 @@ def _fused_topk_keys(
         block_m, block_n, block_k = 16, max(16, kp, kp_aux), 16
         launch = {}
         resident = 2
-    # parts of the tile hold at least KP columns (one per bucket); the interpreter's tiles split when they can
+    # the filter splits at any bound width (kernels/encoder.py keeps wider bounds in slices); the interpreter's
+    # tiles split in halves
     split_epilogue = config.epilogue_split if gpu(x) else 2
-    while split_epilogue > 1 and block_n // split_epilogue < max(kp, kp_aux):
-        split_epilogue //= 2
     row_blocks = triton.cdiv(n, block_m)
     # Enough splits that the row blocks running at one time (resident programs / splits, split-fastest order)
     # keep their x blocks in L2: 3 at 4096 -> 131072 in bf16, 1 at 768.
