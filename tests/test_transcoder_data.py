@@ -403,3 +403,27 @@ def test_evaluate_splices_an_exact_skip_transcoder_of_a_linear_map():
     assert row["embedding_score"] == pytest.approx(1.0, abs=1e-5)
     assert row["hidden_mse_with_sae"] < 1e-6 < 0.1 < row["hidden_mse_with_ablation"]
     assert result.info["target_hooks"]["tc"] == y_hook.to_dict()
+
+
+def test_matryoshka_skip_transcoder_gradients_match_dense_masking():
+    """The Matryoshka loss of a skip-transcoder goes through the fused prefix op with the target y - skip: every
+    gradient (W_skip's through that target) equals a dense float64 implementation's (prefix masks, skip added)."""
+    torch.manual_seed(0)
+    kwargs = dict(d_in=7, d_out=5, d_sae=17, activation="topk", k=4, skip_connection=True, dtype="float64")
+    sae = SparseAutoencoder(**kwargs, matryoshka_widths=[3, 8])
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        sae.W_skip.normal_(0, 0.3)
+    x, y = torch.randn(33, 7, dtype=torch.float64), torch.randn(33, 5, dtype=torch.float64)
+    sae.training_forward(x, y).loss.backward()
+    fused = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    pre = x @ sae.W_enc + sae.b_enc
+    top = pre.topk(4, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    skip = x @ sae.W_skip.t()
+    loss = sum(((acts[:, :w] @ sae.W_dec[:w] + sae.b_dec + skip - y) ** 2).sum(-1).mean() for w in (3, 8, 17))
+    loss.backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, msg=name)
+    assert fused["W_skip"].abs().max() > 0.1
