@@ -2,8 +2,12 @@
 
 Times the Trainer's step (AuxK at its default width with a fifth of the latents dead, normalised decoder, Adam) of
 a TopK SAE and of the same SAE with five nested Matryoshka widths, side by side in one process, and reports the
-ratio (target on a GPU: <= 1.15x). Where SAELens (>= 6.15) and dictionary_learning are installed, their Matryoshka
-BatchTopK steps at the same shape and widths are timed too (:func:`peer_steps`); an absent one is named and skipped.
+ratio (target on a GPU: <= 1.15x). Then, on the same code, the Matryoshka decoder and loss alone, forward and
+backward: the fused op ``fusedsae.functional.matryoshka_decode_loss`` (no ``[N, L, d]`` prefixes) against the
+path it replaced (``matryoshka_decode``'s prefixes, the L losses in PyTorch, autograd through ``embedding_bag``),
+with the backend the device gets (the reference on the CPU; :func:`time_decode_loss`). Where SAELens (>= 6.15) and
+dictionary_learning are installed, their Matryoshka BatchTopK steps at the same shape and widths are timed too
+(:func:`peer_steps`); an absent one is named and skipped.
 
     python benchmarks/matryoshka_step.py                        # CPU, 2 threads
     python benchmarks/matryoshka_step.py --device cuda --d-in 768 --d-sae 32768 --k 32 --batch 16384
@@ -20,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +61,31 @@ def median_seconds(step: Callable[[], None], rounds: int, warmup: int, cuda: boo
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def time_decode_loss(sae: fusedsae.SparseAutoencoder, x: torch.Tensor, rounds: int, warmup: int) -> dict[str, Any]:
+    """Median seconds of the Matryoshka decoder + loss forward and backward, fused and as before, on the SAE's own
+    code for ``x`` (the encoder runs once, outside the timing), and the backend that ran the fused op."""
+    widths = sae.cfg.matryoshka_widths
+    assert widths is not None
+    with torch.no_grad():
+        code = fusedsae.functional.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k=sae.cfg.k)
+    values = code.values.detach().requires_grad_()
+    W_dec, b_dec = sae.W_dec, sae.b_dec
+
+    def fused() -> None:
+        _, sq = fusedsae.functional.matryoshka_decode_loss(values, code.indices, W_dec, b_dec, x, widths)
+        sq.mean(0).sum().backward()
+
+    def unfused() -> None:
+        prefixes = fusedsae.functional.matryoshka_decode(values, code.indices, W_dec, b_dec, widths)
+        (prefixes - x[:, None]).pow(2).sum(-1).mean(0).sum().backward()
+
+    return {
+        "backend": fusedsae.backends.chosen("matryoshka_decode_loss", values, code.indices, W_dec, b_dec, x, widths),
+        "fused": median_seconds(fused, rounds, warmup, x.is_cuda),
+        "unfused": median_seconds(unfused, rounds, warmup, x.is_cuda),
+    }
 
 
 def peer_steps(
@@ -139,6 +169,9 @@ def main() -> None:
         sae = fusedsae.SparseAutoencoder(**common, **extra, device=args.device)
         rows[name] = time_step(sae, x, dead, args.rounds, args.warmup)
     ratio = rows["matryoshka"] / rows["plain"]
+    decode_loss = time_decode_loss(sae, x, args.rounds, args.warmup)
+    decode_ratio = decode_loss["unfused"] / decode_loss["fused"]
+    backend = decode_loss.pop("backend")
     peers = peer_steps(x, dead, args.d_sae, args.k, widths, args.rounds, args.warmup)
     commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     meta = {
@@ -152,7 +185,9 @@ def main() -> None:
     text = (
         f"{args.activation} step, d_in={args.d_in}, d_sae={args.d_sae}, k={args.k}, batch {args.batch}, AuxK on "
         f"(a fifth dead), on {meta['device']}: plain {1e3 * rows['plain']:.1f} ms, Matryoshka with widths {widths} "
-        f"{1e3 * rows['matryoshka']:.1f} ms: {ratio:.2f}x"
+        f"{1e3 * rows['matryoshka']:.1f} ms: {ratio:.2f}x. Matryoshka decoder + loss, forward and backward "
+        f"({backend} backend): fused {1e3 * decode_loss['fused']:.1f} ms, as before (every prefix, losses in "
+        f"PyTorch) {1e3 * decode_loss['unfused']:.1f} ms (prefix path / fused = {decode_ratio:.2f})"
     )
     for peer, result in peers.items():
         kind = "" if args.activation == "batchtopk" else " (BatchTopK: the peers have no Matryoshka TopK)"
@@ -163,7 +198,15 @@ def main() -> None:
         name = f"matryoshka-{args.device}-{meta['commit']}"
         results = ROOT / "benchmarks" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": meta, "step_s": rows, "ratio": ratio, "peer_step_s": peers}
+        payload = {
+            "meta": meta,
+            "step_s": rows,
+            "ratio": ratio,
+            "decode_loss_s": decode_loss,
+            "decode_loss_backend": backend,
+            "decode_loss_speedup": decode_ratio,
+            "peer_step_s": peers,
+        }
         (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
         (results / f"{name}.md").write_text(f"# Matryoshka step vs plain ({meta['commit']})\n\n{text}\n")
 

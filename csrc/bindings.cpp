@@ -185,6 +185,60 @@ void head_partial_sums(int dtype, int index_dtype, uintptr_t out, uintptr_t x, i
   });
 }
 
+// Each row of the code is in latent order with its level runs ending at `ends` (int32 [n_rows, n_levels]); values,
+// table, bias, y, recon and the gradients share `dtype`.
+template <typename T, typename IdxT>
+fusedsae::MatryoshkaArgs<T, IdxT> matryoshka_args(uintptr_t values, int64_t values_stride, uintptr_t indices,
+                                                  int64_t indices_stride, uintptr_t ends, int64_t ends_stride,
+                                                  uintptr_t table, int64_t table_stride, uintptr_t y, int64_t y_stride,
+                                                  int64_t n_rows, int64_t m, int64_t d, int64_t n_levels) {
+  return {ptr<const T>(values), values_stride, ptr<const IdxT>(indices), indices_stride,
+          ptr<const int32_t>(ends), ends_stride, ptr<const T>(table), table_stride,
+          ptr<const T>(y), y_stride, n_rows, m, d, n_levels};
+}
+
+void matryoshka_decode_loss(int dtype, int index_dtype, uintptr_t recon, int64_t recon_stride, uintptr_t sq_part,
+                            uintptr_t values, int64_t values_stride, uintptr_t indices, int64_t indices_stride,
+                            uintptr_t ends, int64_t ends_stride, uintptr_t table, int64_t table_stride,
+                            uintptr_t y, int64_t y_stride, uintptr_t bias, int64_t n_rows, int64_t m, int64_t d,
+                            int64_t n_levels, uintptr_t stream) {
+  with_float_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    with_index_type(index_dtype, [&](auto i) {
+      using IdxT = typename decltype(i)::type;
+      const auto args = matryoshka_args<T, IdxT>(values, values_stride, indices, indices_stride, ends,
+                                                 ends_stride, table, table_stride, y, y_stride, n_rows, m, d,
+                                                 n_levels);
+      check(fusedsae::matryoshka_decode_loss<T, IdxT>(ptr<T>(recon), recon_stride, ptr<float>(sq_part), args,
+                                                      ptr<const T>(bias), stream_of(stream)),
+            "matryoshka_decode_loss");
+    });
+  });
+}
+
+void matryoshka_decode_loss_backward(int dtype, int index_dtype, uintptr_t dv_part, uintptr_t suffix, uintptr_t dy,
+                                     int64_t dy_stride, uintptr_t values, int64_t values_stride, uintptr_t indices,
+                                     int64_t indices_stride, uintptr_t ends, int64_t ends_stride, uintptr_t table,
+                                     int64_t table_stride, uintptr_t y, int64_t y_stride, uintptr_t recon,
+                                     int64_t recon_stride, uintptr_t grad_recon, int64_t grad_recon_stride,
+                                     uintptr_t grad_sq, int64_t grad_sq_stride, int64_t n_rows, int64_t m, int64_t d,
+                                     int64_t n_levels, uintptr_t stream) {
+  with_float_type(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    with_index_type(index_dtype, [&](auto i) {
+      using IdxT = typename decltype(i)::type;
+      const auto args = matryoshka_args<T, IdxT>(values, values_stride, indices, indices_stride, ends,
+                                                 ends_stride, table, table_stride, y, y_stride, n_rows, m, d,
+                                                 n_levels);
+      check(fusedsae::matryoshka_decode_loss_backward<T, IdxT>(
+                ptr<float>(dv_part), ptr<T>(suffix), ptr<T>(dy), dy_stride, args, ptr<const T>(recon), recon_stride,
+                ptr<const T>(grad_recon), grad_recon_stride, ptr<const T>(grad_sq), grad_sq_stride,
+                stream_of(stream)),
+            "matryoshka_decode_loss_backward");
+    });
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, module) {
@@ -195,6 +249,7 @@ PYBIND11_MODULE(_C, module) {
       "fusedsae.backends.cuda, which validates tensors first.";
   module.attr("ARCHS") = FUSEDSAE_ARCHS;
   module.attr("SEGMENT_CHUNK") = fusedsae::kSegmentChunk;
+  module.attr("MATRYOSHKA_COLUMNS") = fusedsae::kMatryoshkaColumns;
   module.attr("CUDA_VERSION") = CUDART_VERSION;
   module.def("runtime_info", &runtime_info,
              "{runtime_version, driver_version, device_count, error}: what the CUDA runtime linked into the "
@@ -229,4 +284,16 @@ PYBIND11_MODULE(_C, module) {
              py::arg("indices_stride"), py::arg("table"), py::arg("table_stride_latent"),
              py::arg("table_stride_feature"), py::arg("n_rows"), py::arg("m"), py::arg("n_heads"), py::arg("d_head"),
              py::arg("stream"));
+  module.def("matryoshka_decode_loss", &matryoshka_decode_loss, release, py::arg("dtype"), py::arg("index_dtype"),
+             py::arg("recon"), py::arg("recon_stride"), py::arg("sq_part"), py::arg("values"),
+             py::arg("values_stride"), py::arg("indices"), py::arg("indices_stride"), py::arg("ends"),
+             py::arg("ends_stride"), py::arg("table"), py::arg("table_stride"), py::arg("y"), py::arg("y_stride"),
+             py::arg("bias"), py::arg("n_rows"), py::arg("m"), py::arg("d"), py::arg("n_levels"), py::arg("stream"));
+  module.def("matryoshka_decode_loss_backward", &matryoshka_decode_loss_backward, release, py::arg("dtype"),
+             py::arg("index_dtype"), py::arg("dv_part"), py::arg("suffix"), py::arg("dy"), py::arg("dy_stride"),
+             py::arg("values"), py::arg("values_stride"), py::arg("indices"), py::arg("indices_stride"),
+             py::arg("ends"), py::arg("ends_stride"), py::arg("table"), py::arg("table_stride"), py::arg("y"),
+             py::arg("y_stride"), py::arg("recon"), py::arg("recon_stride"), py::arg("grad_recon"),
+             py::arg("grad_recon_stride"), py::arg("grad_sq"), py::arg("grad_sq_stride"), py::arg("n_rows"),
+             py::arg("m"), py::arg("d"), py::arg("n_levels"), py::arg("stream"));
 }

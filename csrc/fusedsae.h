@@ -77,6 +77,50 @@ cudaError_t segment_sum_columns(T* out, T* out_sum, const Segments& segments, co
                                 int64_t m, const T* src, int64_t src_stride, const T* sub, int64_t n_latents, int64_t d,
                                 cudaStream_t stream);
 
+// ---- matryoshka.cu: the Matryoshka decoder + per-prefix squared errors, and their backward ---------------------
+
+// The code [n_rows, m] with each row in latent order, so that level l's entries (widths[l-1] <= index < widths[l])
+// are the slots [ends[n, l-1], ends[n, l]) (ends int32 [n_rows, n_levels], level 0 from slot 0, the last end m);
+// the decoder table W_dec [d_sae, d] (unit column stride) and the target y [n_rows, d].
+template <typename T, typename IdxT>
+struct MatryoshkaArgs {
+  const T* values;
+  int64_t values_stride;
+  const IdxT* indices;
+  int64_t indices_stride;
+  const int32_t* ends;
+  int64_t ends_stride;
+  const T* table;
+  int64_t table_stride;
+  const T* y;
+  int64_t y_stride;
+  int64_t n_rows;
+  int64_t m;
+  int64_t d;
+  int64_t n_levels;
+};
+
+// Column blocks of the two kernels never exceed ceil(d / kMatryoshkaColumns): the caller sizes the float partial
+// buffers below with that many blocks, zero-filled (blocks a vectorised launch leaves out add nothing).
+constexpr int64_t kMatryoshkaColumns = 256;
+
+// recon[n, c] = sum_j values[n, j] * table[indices[n, j], c] + bias[c] (bias may be null), and for every level l
+// sq_part[b, n, l] = sum over column block b's columns of (prefix_l[n, c] + bias[c] - y[n, c])^2, prefix_l summing
+// the entries of level <= l. The caller sums sq_part over b. Entries with value exactly 0 are skipped.
+template <typename T, typename IdxT>
+cudaError_t matryoshka_decode_loss(T* recon, int64_t recon_stride, float* sq_part, const MatryoshkaArgs<T, IdxT>& args,
+                                   const T* bias, cudaStream_t stream);
+
+// From e_{L-1} = recon - y, levels last to first: S_l = grad_recon + sum_{l' >= l} 2 grad_sq[n, l'] e_l' (grad_recon
+// may be null), e_{l-1} = e_l - (level-l entries of the code). Writes suffix[n, l, c] = S_l (contiguous
+// [n_rows, n_levels, d]), dy[n, c] = -sum_l 2 grad_sq[n, l] e_l and, for each entry j of level l,
+// dv_part[b, n, j] = sum over column block b of S_l[c] * table[indices[n, j], c] (the caller sums over b).
+template <typename T, typename IdxT>
+cudaError_t matryoshka_decode_loss_backward(float* dv_part, T* suffix, T* dy, int64_t dy_stride,
+                                            const MatryoshkaArgs<T, IdxT>& args, const T* recon, int64_t recon_stride,
+                                            const T* grad_recon, int64_t grad_recon_stride, const T* grad_sq,
+                                            int64_t grad_sq_stride, cudaStream_t stream);
+
 // ---- row_topk.cu: exact row-wise TopK over wide rows --------------------------------------------------------------
 
 // For each row, the k largest of scores[row, :width] (ties at the cut-off go to the lower index; NaN ranks above

@@ -247,6 +247,7 @@ def _launch_all(
             run(f"{tag} jumprelu", tt.jumprelu.jumprelu_backward, scores, scores, b_enc, 0.5)
             run(f"{tag} jumprelu", tt.jumprelu.step_backward, scores, scores, b_enc, 0.5)
             run(f"{tag} head_partial_sums", tt.heads.head_partial_sums, x, W_enc, b_dec, indices, d_in // 64)
+            _launch_matryoshka(run, tag, x, W_dec, b_dec, indices)
             features = torch.randperm(d_sae)[:256]
             run(
                 f"{tag} head partials, 256 features",
@@ -260,17 +261,31 @@ def _launch_all(
             )
 
 
+def _launch_matryoshka(run: Callable[..., None], tag: str, x, W_dec, b_dec, indices) -> None:
+    """The Matryoshka decoder + loss and its backward with five nested widths (d_sae / 256 ... d_sae, as
+    benchmarks/matryoshka_step.py), on the TopK code; the backward with the loss-only gradient the SAE gives."""
+    import fusedsae.backends.triton as tt
+
+    d_sae = W_dec.shape[0]
+    widths = [d_sae >> (2 * (4 - level)) for level in range(5)]
+    values = torch.empty(indices.shape, dtype=x.dtype)
+    grad_sq = torch.empty(indices.shape[0], len(widths), dtype=x.dtype)
+    run(f"{tag} matryoshka", tt.matryoshka.matryoshka_decode_loss, values, indices, W_dec, b_dec, x, widths)
+    backward = tt.matryoshka.matryoshka_decode_loss_backward
+    run(f"{tag} matryoshka", backward, None, grad_sq, values, indices, W_dec, x, x, widths)
+
+
 def compile_all(
     arch: int, dtypes: list[torch.dtype], shapes: list[int], configs: list[str] | None = None, only_encoder=False
 ) -> _Recorder:
     """Compiles every case; returns the recorder with its rows and failures."""
     import fusedsae.backends.triton as tt
     from fusedsae import backends
-    from fusedsae.kernels import encoder, heads, jumprelu, sparse, topk
+    from fusedsae.kernels import encoder, heads, jumprelu, matryoshka, sparse, topk
 
     kernels = {
         name: getattr(module, name)
-        for module in (encoder, heads, jumprelu, sparse, topk)
+        for module in (encoder, heads, jumprelu, matryoshka, sparse, topk)
         for name in dir(module)
         if name.endswith("_kernel") and isinstance(getattr(module, name), JITFunction)
     }

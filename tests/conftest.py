@@ -95,6 +95,17 @@ def opcheck_cases(dtype: torch.dtype, device="cpu", activation: str = "relu") ->
         "jumprelu_backward": (pre, pre, thr, 0.3),
         "step_backward": (pre, pre, thr, 0.3),
         "head_partial_sums": (x, W_enc, b_dec, indices, 2),
+        "matryoshka_decode_loss": (rg(values), indices, rg(W_dec), rg(b_dec), rg(x), [5, 12]),
+        "matryoshka_decode_loss_backward": (
+            torch.randn(4, 8, dtype=dtype, device=device),
+            torch.randn(4, 2, dtype=dtype, device=device),
+            values,
+            indices,
+            W_dec,
+            x,
+            torch.randn(4, 8, dtype=dtype, device=device),
+            [5, 12],
+        ),
     }
 
 

@@ -35,9 +35,10 @@ from fusedsae.backends import cuda as cuda_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("gather_rows", "gather_dot", "segment_sum_rows", "segment_sum_columns", "row_topk_select")
-LAUNCHERS += ("head_partial_sums",)
+LAUNCHERS += ("head_partial_sums", "matryoshka_decode_loss", "matryoshka_decode_loss_backward")
 CUDA_OPS = {"sparse_decode", "sparse_decode_backward", "sparse_encode_backward", "row_topk", "topk_encode"}
 CUDA_OPS |= {"head_partial_sums"}
+CUDA_OPS |= {"matryoshka_decode_loss", "matryoshka_decode_loss_backward"}
 LOWP = (torch.bfloat16, torch.float16)
 
 
@@ -280,6 +281,62 @@ class EmulatedLaunchers:
         parts = (W[idx] * xc[:, None, :]).view(n_rows, m, n_heads, d_head).sum(-1)
         _at(out, T, (n_rows * m, n_heads), (n_heads, 1)).copy_(parts.view(-1, n_heads))
 
+    MATRYOSHKA_COLUMNS = 256
+
+    def _matryoshka_code(self, dtype, index_dtype, values, values_stride, indices, indices_stride, ends, ends_stride,
+                         table, table_stride, y, y_stride, n_rows, m, d, n_levels):  # fmt: skip
+        T = _FLOATS[dtype]
+        v = _at(values, T, (n_rows, m), (values_stride, 1)).float()
+        idx = _at(indices, _INDEX[index_dtype], (n_rows, m), (indices_stride, 1)).long()
+        assert (idx.diff(dim=1) >= 0).all(), "each row of the code is in latent order"
+        run_ends = _at(ends, torch.int32, (n_rows, n_levels), (ends_stride, 1)).long()
+        assert (run_ends[:, -1] == m).all() and (run_ends.diff(dim=1) >= 0).all()
+        lev = (torch.arange(m)[None, :, None] >= run_ends[:, None, :]).sum(-1)  # each slot's level from the runs
+        rows = int(idx.max()) + 1 if idx.numel() else 0
+        W = _at(table, T, (rows, d), (table_stride, 1)).float()
+        return T, v, idx, lev, W, _at(y, T, (n_rows, d), (y_stride, 1)).float()
+
+    def matryoshka_decode_loss(self, dtype, index_dtype, recon, recon_stride, sq_part, values, values_stride,
+                               indices, indices_stride, ends, ends_stride, table, table_stride, y, y_stride, bias,
+                               n_rows, m, d, n_levels, stream):  # fmt: skip
+        T, v, idx, lev, W, yy = self._matryoshka_code(dtype, index_dtype, values, values_stride, indices,
+                                                      indices_stride, ends, ends_stride, table, table_stride, y,
+                                                      y_stride, n_rows, m, d, n_levels)  # fmt: skip
+        b = _at(bias, T, (1, d), (d, 1)).float() if bias else torch.zeros(1, d)
+        acc, sq = torch.zeros(n_rows, d), torch.zeros(n_rows, n_levels)
+        for level in range(n_levels):  # levels in order, the zero values skipped
+            for j in range(m):
+                live = (lev[:, j] == level) & (v[:, j] != 0)
+                acc += torch.where(live[:, None], v[:, j : j + 1] * W[idx[:, j]], 0.0)
+            sq[:, level] = (acc - (yy - b)).pow(2).sum(-1)
+        _at(recon, T, (n_rows, d), (recon_stride, 1)).copy_(acc + b)
+        # one column block holds every column here; the zero-filled blocks after it add nothing
+        _at(sq_part, torch.float32, (n_rows, n_levels), (n_levels, 1)).copy_(sq)
+
+    def matryoshka_decode_loss_backward(self, dtype, index_dtype, dv_part, suffix, dy, dy_stride, values,
+                                        values_stride, indices, indices_stride, ends, ends_stride, table,
+                                        table_stride, y, y_stride, recon, recon_stride, grad_recon, grad_recon_stride,
+                                        grad_sq, grad_sq_stride, n_rows, m, d, n_levels, stream):  # fmt: skip
+        T, v, idx, lev, W, yy = self._matryoshka_code(dtype, index_dtype, values, values_stride, indices,
+                                                      indices_stride, ends, ends_stride, table, table_stride, y,
+                                                      y_stride, n_rows, m, d, n_levels)  # fmt: skip
+        err = _at(recon, T, (n_rows, d), (recon_stride, 1)).float() - yy
+        s = _at(grad_recon, T, (n_rows, d), (grad_recon_stride, 1)).float() if grad_recon else torch.zeros(n_rows, d)
+        g = _at(grad_sq, T, (n_rows, n_levels), (grad_sq_stride, 1)).float()
+        d_y, dv, table_s = torch.zeros(n_rows, d), torch.zeros(n_rows, m), torch.zeros(n_rows, n_levels, d)
+        for level in reversed(range(n_levels)):
+            step = 2 * g[:, level : level + 1] * err
+            s, d_y = s + step, d_y - step
+            table_s[:, level] = s
+            for j in range(m):
+                mine = lev[:, j] == level
+                w = W[idx[:, j]]
+                dv[:, j] = torch.where(mine, (s * w).sum(-1), dv[:, j])
+                err -= torch.where(mine[:, None], v[:, j : j + 1] * w, 0.0)
+        _at(suffix, T, (n_rows * n_levels, d), (d, 1)).copy_(table_s.view(-1, d))
+        _at(dy, T, (n_rows, d), (dy_stride, 1)).copy_(d_y)
+        _at(dv_part, torch.float32, (n_rows, m), (m, 1)).copy_(dv)
+
 
 def _parameters(doc: str) -> list[str]:
     """Parameter names from a pybind11 signature line ``name(a: int, b: int) -> None``."""
@@ -389,6 +446,33 @@ def test_emulated_row_topk_and_topk_encode(emulated):
     expected = reference.topk_encode(x, W_enc, b_enc, b_dec, 4, 3, mask)
     for a, e in zip(ours, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_matryoshka_decode_loss(emulated, dtype):
+    """The launchers of matryoshka_decode_loss and its backward: partial buffers summed over column blocks, the
+    suffix table and the latent segments re-addressed to (token, level) rows for segment_sum_rows."""
+    n, d, d_sae, m, widths = 7, 13, 30, 5, [4, 11, 30]
+    _, b_dec, W_dec = _weights(d, d_sae, dtype)
+    values = torch.rand(n, m, dtype=dtype)
+    values[2, 3:] = 0  # padding at latent 0
+    indices = torch.stack([torch.randperm(d_sae)[:m] for _ in range(n)]).to(torch.int32)
+    indices[2, 3:] = 0
+    y = torch.randn(n, d, dtype=dtype)
+    grad_recon, grad_sq = torch.randn(n, d, dtype=dtype), torch.randn(n, len(widths), dtype=dtype)
+    args = (values, indices, W_dec, b_dec, y, widths)
+    recon, sq = emulated.matryoshka_decode_loss(*args)
+    expected = reference.matryoshka_decode_loss(*_f64(*args))
+    baseline = reference.matryoshka_decode_loss(*args)
+    _close(recon, baseline[0], expected[0], "recon")
+    _close(sq, baseline[1], expected[1], "sq_err", long_sums=True)
+    for g in (grad_recon, None):
+        back = (g, grad_sq, values, indices, W_dec, y, recon, widths)
+        ours = emulated.matryoshka_decode_loss_backward(*back)
+        base = reference.matryoshka_decode_loss_backward(*back)
+        exact = reference.matryoshka_decode_loss_backward(*_f64(*back))
+        for name, a, bb, e in zip(["d_values", "dW_dec", "db_dec", "dy"], ours, base, exact):
+            _close(a, bb, e, name, long_sums=True)
 
 
 @pytest.mark.parametrize(("n", "d_sae"), [(6, 16), (1, 4096)])

@@ -21,6 +21,7 @@ from fusedsae import ops, reference
 from fusedsae.config import check_matryoshka_widths
 
 __all__ = [
+    "MatryoshkaLoss",
     "SparseCode",
     "auxk_reconstruction",
     "batchtopk_encode",
@@ -32,6 +33,7 @@ __all__ = [
     "jumprelu",
     "jumprelu_encode",
     "matryoshka_decode",
+    "matryoshka_decode_loss",
     "relu_encode",
     "row_topk",
     "sparse_decode",
@@ -351,14 +353,60 @@ def matryoshka_decode(
     level l summing the active latents with index below ``widths[l]`` (increasing, the last = ``d_sae`` gives the
     ordinary reconstruction). See :func:`fusedsae.reference.matryoshka_decode`.
 
-    Runs the PyTorch implementation on every device (one ``embedding_bag`` pass, differentiable); a fused
-    triton/cuda kernel is not written yet. ``check_indices=False`` skips the index range check (a host read), for
-    indices that come from our own encoder."""
+    Runs the PyTorch implementation on every device (one ``embedding_bag`` pass, differentiable) and holds every
+    prefix; a training loss wants :func:`matryoshka_decode_loss`, which never forms them. ``check_indices=False``
+    skips the index range check (a host read), for indices that come from our own encoder."""
     _check_sparse(values, indices, W_dec, b_dec, check_indices)
     widths = check_matryoshka_widths(widths, W_dec.shape[0])
     v2, lead = _flat(values)
     out = reference.matryoshka_decode(v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec, widths)
     return out.reshape(*lead, len(widths), -1)
+
+
+class MatryoshkaLoss(NamedTuple):
+    """Result of :func:`matryoshka_decode_loss`. ``recon [..., d_out]``: the full reconstruction;
+    ``sq_errors [..., L]``: ``||prefix_l + b_dec - y||^2`` per token for every width (the last is the full one)."""
+
+    recon: Tensor
+    sq_errors: Tensor
+
+
+def matryoshka_decode_loss(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor | None,
+    y: Tensor,
+    widths: list[int],
+    *,
+    check_indices: bool = True,
+) -> MatryoshkaLoss:
+    """The Matryoshka reconstruction and the squared error of every prefix, fused: no ``[..., L, d_out]`` prefix
+    tensor. ``values, indices [..., m]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]`` or None, the target
+    ``y [..., d_out]`` and increasing ``widths`` (the last = ``d_sae``) give :class:`MatryoshkaLoss`
+    ``(recon [..., d_out], sq_errors [..., L])``; ``sq_errors[..., l]`` sums ``(prefix_l + b_dec - y)**2`` over
+    ``d_out`` for the reconstruction from the active latents below ``widths[l]``, so the Matryoshka loss terms
+    are ``sq_errors.mean(0)``. Sums accumulate in float32 (float64 for float64 inputs).
+
+    Differentiable in ``values``, ``W_dec``, ``b_dec`` and ``y``; the backward is one more pass over the active
+    entries (fused kernels in the triton and cuda backends; see
+    :func:`fusedsae.reference.matryoshka_decode_loss_backward` for the maths). ``check_indices=False`` skips the
+    index range check (a host read), for indices that come from our own encoder."""
+    _check_sparse(values, indices, W_dec, b_dec, check_indices)
+    _check_tensor(y, "y")
+    expected = (*values.shape[:-1], W_dec.shape[1])
+    if tuple(y.shape) != expected:
+        raise ValueError(
+            f"y must be [..., d_out] = {list(expected)} (one row per code row, d_out = W_dec.shape[1]), "
+            f"got shape {tuple(y.shape)}"
+        )
+    _check_same(values, {"y": y})
+    widths = check_matryoshka_widths(widths, W_dec.shape[0])
+    v2, lead = _flat(values)
+    recon, sq_errors = ops.matryoshka_decode_loss(
+        v2, indices.reshape(-1, indices.shape[-1]), W_dec, b_dec, y.reshape(-1, y.shape[-1]), widths
+    )
+    return MatryoshkaLoss(recon.reshape(*lead, -1), sq_errors.reshape(*lead, len(widths)))
 
 
 def decode(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

@@ -270,6 +270,106 @@ def _(grad_out, values, indices, W_dec, order=None, keys=None, offsets=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# matryoshka_decode_loss: the full reconstruction and every prefix's squared error, without the prefixes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::matryoshka_decode_loss", mutates_args=())
+def matryoshka_decode_loss(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, y: Tensor, widths: list[int]
+) -> tuple[Tensor, Tensor]:
+    """``(recon [N, d_out], sq_err [N, L])``; see :func:`fusedsae.reference.matryoshka_decode_loss`."""
+    return backends.call("matryoshka_decode_loss", values, indices, W_dec, b_dec, y, widths)
+
+
+@matryoshka_decode_loss.register_fake
+def _(values, indices, W_dec, b_dec, y, widths):
+    torch._check(y.shape[0] == values.shape[0], lambda: "y and values must have one row per token")
+    torch._check(y.shape[1] == W_dec.shape[1], lambda: "y must have d_out = W_dec.shape[1] columns")
+    return y.new_empty(y.shape), y.new_empty(y.shape[0], len(widths))
+
+
+def _matryoshka_setup(ctx, inputs, output):
+    values, indices, W_dec, b_dec, y, widths = inputs
+    ctx.widths = list(widths)
+    ctx.has_b_dec = b_dec is not None
+    ctx.save_for_backward(values, indices, W_dec, y, output[0])
+
+
+def _matryoshka_backward(ctx, grad_recon, grad_sq):
+    values, indices, W_dec, y, recon = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_sq is None:
+        grad_sq = recon.new_zeros(recon.shape[0], len(ctx.widths))
+    indices = indices.contiguous()
+    order, keys, offsets = latent_segments(indices, W_dec.shape[0])
+    d_values, dW_dec, db_dec, dy = torch.ops.fusedsae.matryoshka_decode_loss_backward(
+        None if grad_recon is None else grad_recon.contiguous(),
+        grad_sq.contiguous(),
+        values,
+        indices,
+        W_dec,
+        y,
+        recon,
+        ctx.widths,
+        order,
+        keys,
+        offsets,
+    )
+    return (
+        d_values if need[0] else None,
+        None,
+        dW_dec if need[2] else None,
+        db_dec if (ctx.has_b_dec and need[3]) else None,
+        dy if need[4] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    f"{_LIB}::matryoshka_decode_loss", _matryoshka_backward, setup_context=_matryoshka_setup
+)
+
+
+@torch.library.custom_op(f"{_LIB}::matryoshka_decode_loss_backward", mutates_args=())
+def matryoshka_decode_loss_backward(
+    grad_recon: Tensor | None,
+    grad_sq: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    y: Tensor,
+    recon: Tensor,
+    widths: list[int],
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(d_values [N, m], dW_dec [d_sae, d_out], db_dec [d_out], dy [N, d_out])`` in one pass over the active
+    entries; see :func:`fusedsae.reference.matryoshka_decode_loss_backward`. ``order, keys, offsets`` as for
+    :func:`sparse_encode_backward`."""
+    return backends.call(
+        "matryoshka_decode_loss_backward",
+        grad_recon,
+        grad_sq,
+        values,
+        indices,
+        W_dec,
+        y,
+        recon,
+        widths,
+        order,
+        keys,
+        offsets,
+    )
+
+
+@matryoshka_decode_loss_backward.register_fake
+def _(grad_recon, grad_sq, values, indices, W_dec, y, recon, widths, order=None, keys=None, offsets=None):
+    return values.new_empty(values.shape), W_dec.new_empty(W_dec.shape), y.new_empty(y.shape[1]), y.new_empty(y.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # row_topk: deterministic row-wise TopK of a pre-activation buffer (the unfused path)
 # ---------------------------------------------------------------------------------------------------------------
 

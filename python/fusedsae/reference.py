@@ -315,11 +315,7 @@ def matryoshka_decode(
     order = indices.argsort(dim=1, stable=True)
     sorted_idx = indices.gather(1, order)
     sorted_val = values.gather(1, order)
-    # level = how many inner widths lie at or below the index (entries are < widths[-1] = d_sae); compared with
-    # Python ints, so no host-to-device copy of the widths (a hidden sync on CUDA)
-    level = torch.zeros_like(sorted_idx)
-    for width in widths[:-1]:
-        level += sorted_idx >= width
+    level = matryoshka_levels(sorted_idx, widths)
     bag = (torch.arange(n, device=indices.device)[:, None] * levels + level).reshape(-1)
     # bag ids are non-decreasing along the flattened rows; empty bags get an offset equal to the next one's
     offsets = torch.searchsorted(bag, torch.arange(n * levels, device=indices.device))
@@ -330,8 +326,198 @@ def matryoshka_decode(
     return out if b_dec is None else out + b_dec
 
 
-def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
-    """``out[n, j] = table[indices[n, j]] · vectors[n]``: ``([M, d], [N, m], [N, d]) -> [N, m]``.
+def matryoshka_levels(indices: Tensor, widths: list[int]) -> Tensor:
+    """The Matryoshka level of every entry: ``level[n, j] = l`` for ``widths[l-1] <= indices[n, j] < widths[l]``
+    (``[N, m]`` int32; entries are below ``widths[-1] = d_sae``). Compared with Python ints, so no host-to-device
+    copy of the widths (a hidden sync on CUDA)."""
+    level = torch.zeros(indices.shape, dtype=torch.int32, device=indices.device)
+    for width in widths[:-1]:
+        level += indices >= width
+    return level
+
+
+class LevelRuns(NamedTuple):
+    """A code with each row in latent order, so that each Matryoshka level's entries are one run of slots
+    (:func:`level_runs`). ``values``/``indices [N, m]`` sorted; ``perm [N, m]`` int64: the original slot of each
+    sorted one; ``ends [N, L]`` int32: level l holds sorted slots ``[ends[:, l-1], ends[:, l])`` (from 0; the last
+    end is m)."""
+
+    values: Tensor
+    indices: Tensor
+    perm: Tensor
+    ends: Tensor
+
+
+def level_runs(values: Tensor, indices: Tensor, widths: list[int]) -> LevelRuns:
+    """:class:`LevelRuns` of a code: one stable sort of each row by latent (cheap next to any gather: ``[N, m]``) and
+    the run ends as counts of entries below each width (compared with Python ints: no host-to-device copy). The
+    kernels then visit each level's slots only, instead of every slot once per level."""
+    indices, perm = torch.sort(indices, dim=1, stable=True)
+    ends = torch.full((indices.shape[0], len(widths)), indices.shape[1], dtype=torch.int32, device=indices.device)
+    for level, width in enumerate(widths[:-1]):
+        ends[:, level] = (indices < width).sum(1)
+    return LevelRuns(values.gather(1, perm), indices, perm, ends)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16- and 32-bit inputs, float64 for float64: what the Matryoshka sums accumulate in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LevelBags(NamedTuple):
+    """The entries of an ``[N, m]`` code grouped level-major (:func:`level_bags`): ``indices``/``values [N*m]``
+    sorted so that bag ``l * N + n`` (token n's level-l entries, slots in order) is
+    ``[offsets[l*N + n], offsets[l*N + n + 1])``; ``bounds``: the ``L + 1`` level boundaries as Python ints, or None
+    where the host may not read them (see :func:`level_bags`)."""
+
+    indices: Tensor
+    values: Tensor
+    offsets: Tensor
+    bounds: list[int] | None
+
+
+def level_bags(values: Tensor, indices: Tensor, level: Tensor, levels: int) -> LevelBags:
+    """:class:`LevelBags` of a code whose entries have levels ``level [N, m]``: one stable sort, after which each
+    level's bags are one contiguous run and every entry is gathered once over all levels. On the CPU the ``L + 1``
+    level boundaries are read to the host (``embedding_bag`` wants each run's offsets from 0), so each level is
+    summed on its own; elsewhere (:data:`CPU_HOST_READS`) that read would synchronise, so ``bounds`` is None and
+    :func:`level_partials` sums every level's bags at once."""
+    n = indices.shape[0]
+    key = (level.long() * n + torch.arange(n, device=indices.device)[:, None]).reshape(-1)
+    key, order = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(key, torch.arange(levels * n + 1, device=indices.device))
+    bounds = None
+    if CPU_HOST_READS and indices.device.type == "cpu":
+        bounds = offsets[:: max(1, n)].tolist() if n else [0] * (levels + 1)
+    return LevelBags(indices.reshape(-1)[order], values.reshape(-1)[order], offsets, bounds)
+
+
+def level_partials(W_dec: Tensor, bags: LevelBags, n: int, levels: int) -> Callable[[int], Tensor]:
+    """``partial(l) -> [N, d_out]`` in :func:`accumulation_dtype`: each token's sum of its level-l entries. With the
+    level boundaries on the host, one ``embedding_bag`` per level when asked (one ``[N, d_out]`` at a time);
+    without them, one ``embedding_bag`` over all ``L * N`` bags up front (``[L, N, d_out]``: the memory of the
+    prefixes, but no synchronisation)."""
+    acc_dtype = accumulation_dtype(W_dec.dtype)
+    if bags.bounds is None:
+        every = F.embedding_bag(
+            bags.indices, W_dec, bags.offsets[:-1], per_sample_weights=bags.values, mode="sum"
+        ).view(levels, n, -1)
+        return lambda level: every[level].to(acc_dtype)
+    return lambda level: _level_partial(W_dec, bags, n, level)
+
+
+def _level_partial(W_dec: Tensor, bags: LevelBags, n: int, level: int) -> Tensor:
+    """``[N, d_out]`` in :func:`accumulation_dtype`: each token's sum of its level-``level`` entries (one
+    ``embedding_bag`` over that level's run of :func:`level_bags`; rounded to W_dec's dtype once per level)."""
+    assert bags.bounds is not None
+    lo, hi = bags.bounds[level], bags.bounds[level + 1]
+    part = F.embedding_bag(
+        bags.indices[lo:hi],
+        W_dec,
+        bags.offsets[level * n : (level + 1) * n + 1] - lo,
+        per_sample_weights=bags.values[lo:hi],
+        mode="sum",
+        include_last_offset=True,
+    )
+    return part.to(accumulation_dtype(W_dec.dtype))
+
+
+def matryoshka_decode_loss(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, y: Tensor, widths: list[int]
+) -> tuple[Tensor, Tensor]:
+    """The full reconstruction and the squared error of every Matryoshka prefix, without the prefixes.
+
+    ``(values [N, m], indices [N, m], W_dec [d_sae, d_out], b_dec [d_out] or None, y [N, d_out], L widths) ->
+    (recon [N, d_out], sq_err [N, L])``: ``recon = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec`` and
+    ``sq_err[n, l] = ||P_l[n] + b_dec - y[n]||^2`` where ``P_l`` sums the entries with index below ``widths[l]``
+    (the last level is the whole code, so ``sq_err[:, -1]`` is the ordinary per-token squared error).
+
+    Levels are visited in order with one ``[N, d_out]`` float32 running sum: level l's entries (one
+    ``embedding_bag`` over the level-major bags, every entry gathered once) are added and the error of prefix l
+    is taken, so on the CPU no ``[N, L, d_out]`` tensor exists (elsewhere :func:`level_partials` trades that for
+    not synchronising). Sums are float32 (float64 for float64 inputs) and rounded once to the inputs' dtype.
+    Padding entries (value 0) add nothing. Gradients: :func:`matryoshka_decode_loss_backward`.
+    """
+    n, levels = indices.shape[0], len(widths)
+    partial = level_partials(W_dec, level_bags(values, indices, matryoshka_levels(indices, widths), levels), n, levels)
+    acc_dtype = accumulation_dtype(y.dtype)
+    target = y.to(acc_dtype) if b_dec is None else y.to(acc_dtype) - b_dec.to(acc_dtype)
+    acc = torch.zeros(y.shape, dtype=acc_dtype, device=y.device)
+    sq_err = torch.empty(n, levels, dtype=acc_dtype, device=y.device)
+    for level in range(levels):
+        acc += partial(level)
+        err = acc - target
+        sq_err[:, level] = err.mul_(err).sum(-1)  # squared in place: one temporary per level
+    recon = acc if b_dec is None else acc + b_dec.to(acc_dtype)
+    return recon.to(y.dtype), sq_err.to(y.dtype)
+
+
+def level_segments(segments: Segments, level: Tensor, levels: int) -> Segments:
+    """:class:`Segments` of an ``[N, m]`` index array re-addressed for per-(token, level) source rows: entry
+    ``(n, j)`` of level ``l = level[n, j]`` becomes flat position ``(n * levels + l) * m + j`` of an
+    ``[N * levels, m]`` layout, so a per-latent sum (:func:`scatter_rows`, the triton and cuda segment sums) reads
+    source row ``n * levels + l`` of an ``[N * levels, d]`` table and weight ``(n * levels + l, j)`` of a
+    ``[N * levels, m]`` weight array. Keys and offsets are unchanged: the same sort serves both."""
+    m = level.shape[1]
+    order = segments.order
+    token, slot = torch.div(order, m, rounding_mode="floor"), order % m
+    rows = token * levels + level.reshape(-1)[order]
+    return Segments(rows * m + slot, segments.keys, segments.offsets)
+
+
+def matryoshka_decode_loss_backward(
+    grad_recon: Tensor | None,
+    grad_sq: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    y: Tensor,
+    recon: Tensor,
+    widths: list[int],
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`matryoshka_decode_loss` given ``grad_recon [N, d_out]`` (or None) and
+    ``grad_sq [N, L]``: ``(d_values [N, m], dW_dec [d_sae, d_out], db_dec [d_out], dy [N, d_out])``; ``order,
+    keys, offsets``: the :func:`latent_segments` of ``indices`` if already computed.
+
+    With prefix errors ``e_l = P_l + b_dec - y`` and ``G_l = 2 grad_sq[:, l] e_l`` (plus ``grad_recon`` at the
+    last level), an entry of level l feeds prefixes l..L-1, so its gradient vector is the suffix sum
+    ``S_l = sum_{l' >= l} G_l'``: ``d value = S_l · W_dec[i]``, ``dW_dec[i] = sum of value * S_l`` over the uses
+    of latent i (the per-latent segment sum, with source row ``(token, level)``), ``db_dec = sum_n S_0`` and
+    ``dy = -sum_l 2 grad_sq[:, l] e_l``. The levels run last to first from ``e_{L-1} = recon - y``: ``e_{l-1} =
+    e_l - D_l`` with ``D_l`` level l's entries, re-gathered once (the forward's cost); ``S`` is kept as
+    ``[N, L, d_out]`` in the inputs' dtype for the segment sum.
+    """
+    n, m = indices.shape
+    levels = len(widths)
+    level = matryoshka_levels(indices, widths)
+    partial = level_partials(W_dec, level_bags(values, indices, level, levels), n, levels)
+    acc_dtype = accumulation_dtype(y.dtype)
+    e = recon.to(acc_dtype) - y.to(acc_dtype)
+    suffix = grad_recon.to(acc_dtype, copy=True) if grad_recon is not None else torch.zeros_like(e)
+    dy = torch.zeros_like(e)
+    table = torch.empty(n, levels, y.shape[1], dtype=y.dtype, device=y.device)
+    g2 = 2 * grad_sq.to(acc_dtype)
+    for lev in range(levels - 1, -1, -1):
+        suffix.addcmul_(g2[:, lev, None], e)
+        dy.addcmul_(g2[:, lev, None], e, value=-1)
+        table[:, lev] = suffix
+        if lev:
+            e -= partial(lev)
+    table = table.view(n * levels, -1)
+    rows = torch.arange(n, device=indices.device)[:, None] * levels + level
+    d_values = gather_dot(W_dec, indices, table, rows)
+    segments = latent_segments(indices, W_dec.shape[0]) if order is None else Segments(order, keys, offsets)  # type: ignore[arg-type]
+    weights = values[:, None, :].expand(n, levels, m)
+    dW_dec = scatter_rows(table, indices, weights, W_dec.shape[0], level_segments(segments, level, levels))
+    return d_values, dW_dec, suffix.sum(0).to(y.dtype), dy.to(y.dtype)
+
+
+def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor, rows: Tensor | None = None) -> Tensor:
+    """``out[n, j] = table[indices[n, j]] · vectors[n]``: ``([M, d], [N, m], [N, d]) -> [N, m]``; with ``rows
+    [N, m]`` (int), ``vectors[rows[n, j]]`` instead (any number of vector rows).
 
     This is exactly the gradient of ``embedding_bag``'s per-sample weights, so it runs as that C++ kernel: one dot
     product per active entry, no ``[N, m, d]`` gather in memory (on 2 CPU threads at N=4096, m=32, d=768,
@@ -339,7 +525,10 @@ def gather_dot(table: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
     n, m = indices.shape
     flat = indices.reshape(-1).long()
     offsets = torch.arange(0, n * m, m, device=indices.device)
-    bags = torch.div(torch.arange(n * m, device=indices.device), m, rounding_mode="floor")
+    if rows is None:
+        bags = torch.div(torch.arange(n * m, device=indices.device), m, rounding_mode="floor")
+    else:
+        bags = rows.reshape(-1).long()
     out = torch.ops.aten._embedding_bag_per_sample_weights_backward(vectors, table, flat, offsets, bags, 0, -1)
     return out.view(n, m)
 

@@ -414,21 +414,27 @@ class SparseAutoencoder(nn.Module):
             assert cfg.k is not None
             code = select(x2, self.W_enc, self.b_enc, b_dec_in, k=cfg.k)
             values, indices = code.values, code.indices
-            if cfg.matryoshka_widths:  # every prefix reconstruction from one pass; the last is the full one
-                levels = F.matryoshka_decode(
-                    values, indices, self.W_dec, self.b_dec, cfg.matryoshka_widths, check_indices=False
+            if cfg.matryoshka_widths:
+                # the reconstruction and every prefix's squared error from one fused pass (no [N, L, d] prefixes);
+                # the last level is the whole code, i.e. the ordinary MSE
+                # a skip path adds the same x @ W_skip.T to every prefix: the prefixes are compared with y - skip
+                # (the fused op is differentiable in its target, so W_skip gets its gradient through it)
+                goal = target if skip is None else target - skip
+                sae_out, sq_errors = F.matryoshka_decode_loss(
+                    values, indices, self.W_dec, self.b_dec, goal, cfg.matryoshka_widths, check_indices=False
                 )
-                if skip is not None:  # every prefix reconstructs the target with the same skip path
-                    levels = levels + skip[:, None, :]
-                sae_out = levels[:, -1]
-                for width, level in zip(cfg.matryoshka_widths[:-1], levels.unbind(1)):
-                    losses[f"inner_mse_loss_{width}"] = (level - target).pow(2).sum(-1).mean()
+                if skip is not None:
+                    sae_out = sae_out + skip
+                per_level = sq_errors.mean(0)
+                for level, width in enumerate(cfg.matryoshka_widths[:-1]):
+                    losses[f"inner_mse_loss_{width}"] = per_level[level]
+                mse = per_level[-1]
             else:
                 # our own encoder's indices: skip the range check, a device-to-host sync per call
                 sae_out = F.sparse_decode(values, indices, self.W_dec, self.b_dec, check_indices=False)
                 if skip is not None:
                     sae_out = sae_out + skip
-            mse = (sae_out - target).pow(2).sum(-1).mean()
+                mse = (sae_out - target).pow(2).sum(-1).mean()
             if dead_mask is not None and cfg.aux_k:
                 n_dead = dead_mask.sum()
                 residual = (target - sae_out).detach()

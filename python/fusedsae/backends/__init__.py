@@ -35,6 +35,8 @@ OPS: tuple[str, ...] = (
     "sparse_encode_backward",
     "sparse_decode",
     "sparse_decode_backward",
+    "matryoshka_decode_loss",
+    "matryoshka_decode_loss_backward",
     "row_topk",
     "jumprelu",
     "jumprelu_backward",

@@ -17,6 +17,10 @@ integers. It serves:
   the k winners by value.
 * ``topk_encode``: the unfused path, a cuBLAS GEMM (torch) per row chunk followed by ``row_topk``.
 * ``head_partial_sums``: per-head dot products at the selected (token, latent) pairs.
+* ``matryoshka_decode_loss`` and its backward: the reconstruction and every Matryoshka prefix's squared error from
+  one pass over the active entries, and the backward's ``d values``, ``dy`` and per-(token, level) suffix vectors
+  from one more (``matryoshka_decode_loss``, ``matryoshka_decode_loss_backward``); ``dW_dec`` is
+  ``segment_sum_rows`` over the entries re-addressed to those rows.
 
 Sums accumulate in float32 whatever the storage dtype (float32, bfloat16, float16). In the sparse sums an entry
 whose value (decoder) or gradient (encoder) is exactly 0 is skipped: it adds nothing, and BatchTopK's padding slots
@@ -459,3 +463,131 @@ def head_partial_sums(x: Tensor, W_enc: Tensor, b_dec: Tensor | None, indices: T
             n_rows=n, m=m, n_heads=n_heads, d_head=d_in // n_heads, stream=_stream(x),
         )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# matryoshka_decode_loss (csrc/matryoshka.cu): one block per token and column block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def supports_matryoshka_decode_loss(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, y: Tensor, widths: list[int]
+) -> str | None:
+    return first_refusal(
+        _refuse_device(values=values, indices=indices, W_dec=W_dec, b_dec=b_dec, y=y),
+        _refuse_floats(values=values, W_dec=W_dec, b_dec=b_dec, y=y),
+        _refuse_sparse(values, indices, W_dec.shape[0]),
+    )
+
+
+def supports_matryoshka_decode_loss_backward(
+    grad_recon: Tensor | None,
+    grad_sq: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    y: Tensor,
+    recon: Tensor,
+    *_rest: Any,
+) -> str | None:
+    return first_refusal(
+        _refuse_device(grad_recon=grad_recon, grad_sq=grad_sq, values=values, indices=indices, W_dec=W_dec, y=y),
+        _refuse_floats(grad_recon=grad_recon, grad_sq=grad_sq, values=values, W_dec=W_dec, y=y, recon=recon),
+        _refuse_sparse(values, indices, W_dec.shape[0]),
+    )
+
+
+def _matryoshka_args(runs: reference.LevelRuns, W_dec: Tensor, y: Tensor) -> dict[str, int]:
+    """The keyword arguments of ``MatryoshkaArgs`` (csrc/fusedsae.h) shared by both launchers: the code in latent
+    order with its level runs (:func:`fusedsae.reference.level_runs`)."""
+    values, indices = runs.values, runs.indices
+    return {
+        "dtype": FLOAT_CODES[values.dtype], "index_dtype": INDEX_CODES[indices.dtype],
+        "values": values.data_ptr(), "values_stride": values.stride(0),
+        "indices": indices.data_ptr(), "indices_stride": indices.stride(0),
+        "ends": runs.ends.data_ptr(), "ends_stride": runs.ends.stride(0),
+        "table": W_dec.data_ptr(), "table_stride": W_dec.stride(0),
+        "y": y.data_ptr(), "y_stride": y.stride(0),
+        "n_rows": indices.shape[0], "m": indices.shape[1], "d": W_dec.shape[1],
+    }  # fmt: skip
+
+
+def _column_blocks(d: int) -> int:
+    # the kernels' column blocks never exceed this (MATRYOSHKA_COLUMNS per block); partial buffers are zero-filled
+    return -(-d // _lib().MATRYOSHKA_COLUMNS)
+
+
+@register("cuda", "matryoshka_decode_loss", supports=supports_matryoshka_decode_loss)
+def matryoshka_decode_loss(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, y: Tensor, widths: list[int]
+) -> tuple[Tensor, Tensor]:
+    """``(recon [N, d_out], sq_err [N, L])``; see :func:`fusedsae.reference.matryoshka_decode_loss`. Each column
+    block's share of the squared errors is summed over the blocks in order (deterministic)."""
+    values, indices, W_dec, y = _row_major(values), _row_major(indices), W_dec.contiguous(), _row_major(y)
+    bias = None if b_dec is None else b_dec.contiguous()
+    n, d, levels = indices.shape[0], W_dec.shape[1], len(widths)
+    runs = reference.level_runs(values, indices, widths)
+    recon = y.new_empty(n, d)
+    sq_part = torch.zeros(_column_blocks(d), n, levels, dtype=torch.float32, device=y.device)
+    with _device_guard(values):
+        _lib().matryoshka_decode_loss(
+            recon=recon.data_ptr(), recon_stride=recon.stride(0), sq_part=sq_part.data_ptr(),
+            bias=_ptr(bias), n_levels=levels, stream=_stream(values),
+            **_matryoshka_args(runs, W_dec, y),
+        )  # fmt: skip
+    return recon, sq_part.sum(0).to(y.dtype)
+
+
+@register("cuda", "matryoshka_decode_loss_backward", supports=supports_matryoshka_decode_loss_backward)
+def matryoshka_decode_loss_backward(
+    grad_recon: Tensor | None,
+    grad_sq: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    y: Tensor,
+    recon: Tensor,
+    widths: list[int],
+    order: Tensor | None = None,
+    keys: Tensor | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(d_values [N, m], dW_dec [d_sae, d_out], db_dec [d_out], dy [N, d_out])``; see
+    :func:`fusedsae.reference.matryoshka_decode_loss_backward`. One kernel walks the levels last to first and
+    writes the suffix vectors ``S [N, L, d_out]``; ``dW_dec`` is ``segment_sum_rows`` over the entries re-addressed
+    to ``(token, level)`` rows (:func:`fusedsae.reference.level_segments`): deterministic, no atomics."""
+    values, indices, W_dec = _row_major(values), _row_major(indices), W_dec.contiguous()
+    y, recon, grad_sq = _row_major(y), _row_major(recon), grad_sq.contiguous()
+    grad_recon = None if grad_recon is None else _row_major(grad_recon)
+    (n, m), (d_sae, d), levels = indices.shape, W_dec.shape, len(widths)
+    level = reference.matryoshka_levels(indices, widths)
+    runs = reference.level_runs(values, indices, widths)
+    suffix = y.new_zeros(n, levels, d)
+    dy = y.new_zeros(n, d)
+    dv_part = torch.zeros(_column_blocks(d), n, m, dtype=torch.float32, device=y.device)
+    dW_dec = y.new_empty(d_sae, d)
+    order, keys, offsets, part, _ = _segments(indices, d_sae, d, order, keys, offsets)
+    by_level = reference.level_segments(reference.Segments(order, keys, offsets), level, levels)
+    # the segment sum's weight for entry (n * L + l, j) of the re-addressed layout is values[n, j]
+    weights = values[:, None, :].expand(n, levels, m).contiguous()
+    with _device_guard(values):
+        stream = _stream(values)
+        _lib().matryoshka_decode_loss_backward(
+            dv_part=dv_part.data_ptr(), suffix=suffix.data_ptr(), dy=dy.data_ptr(), dy_stride=dy.stride(0),
+            recon=recon.data_ptr(), recon_stride=recon.stride(0),
+            grad_recon=_ptr(grad_recon), grad_recon_stride=0 if grad_recon is None else grad_recon.stride(0),
+            grad_sq=grad_sq.data_ptr(), grad_sq_stride=grad_sq.stride(0), n_levels=levels, stream=stream,
+            **_matryoshka_args(runs, W_dec, y),
+        )  # fmt: skip
+        _lib().segment_sum_rows(
+            dtype=FLOAT_CODES[values.dtype],
+            out=dW_dec.data_ptr(), order=by_level.order.data_ptr(), keys=keys.data_ptr(), offsets=offsets.data_ptr(),
+            n_entries=order.numel(), part=part.data_ptr(),
+            weights=weights.data_ptr(), weights_stride=m, m=m,
+            src=suffix.data_ptr(), src_stride=d,
+            n_latents=d_sae, d=d, stream=stream,
+        )  # fmt: skip
+    db_dec = suffix[:, 0].sum(0, dtype=torch.float32).to(y.dtype)
+    # the kernel wrote d values in each row's sorted slot order: back to the caller's slots
+    d_values = torch.empty_like(values).scatter_(1, runs.perm, dv_part.sum(0).to(values.dtype))
+    return d_values, dW_dec, db_dec, dy

@@ -8,7 +8,8 @@ One module per kernel module, each launcher registered where it is defined, next
 * :mod:`.topk` (``kernels/topk.py``): ``row_topk``, and the key selection the encoder shares;
 * :mod:`.sparse` (``kernels/sparse.py``): ``sparse_decode``, ``sparse_decode_backward``, ``sparse_encode_backward``;
 * :mod:`.jumprelu` (``kernels/jumprelu.py``): ``jumprelu``, ``step``, ``jumprelu_backward``, ``step_backward``;
-* :mod:`.heads` (``kernels/heads.py``): ``head_partial_sums`` (and ``encode_head_partials``, no op).
+* :mod:`.heads` (``kernels/heads.py``): ``head_partial_sums`` (and ``encode_head_partials``, no op);
+* :mod:`.matryoshka` (``kernels/matryoshka.py``): ``matryoshka_decode_loss``, ``matryoshka_decode_loss_backward``.
 
 :mod:`.launch` holds what they share (availability, dtype refusals, grid limits, GPU or interpreter block sizes,
 the determinism switch); :mod:`fusedsae.backends.common` the decisions the ``cuda`` backend makes too.
@@ -58,7 +59,7 @@ __all__ = [
 # The launcher modules register their ops with the backend defined above, so they are imported after it (and only
 # where triton is installed: they import the kernels).
 if IMPORT_ERROR is None:
-    from . import encoder, heads, jumprelu, sparse, topk
+    from . import encoder, heads, jumprelu, matryoshka, sparse, topk
     from .encoder import (
         CANDIDATE_CONFIGS,
         DEFAULT_ENCODER_CONFIG,
@@ -80,6 +81,7 @@ if IMPORT_ERROR is None:
         "encoder_config",
         "heads",
         "jumprelu",
+        "matryoshka",
         "set_encoder_config",
         "sparse",
         "topk",
