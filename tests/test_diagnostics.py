@@ -79,3 +79,13 @@ def test_reset_and_reuse():
     with counter:
         x.topk(2)
     assert counter.count == 0 and not counter.by_op
+
+
+def test_counts_host_reads_that_dispatch_nothing_on_the_cpu():
+    """``tolist()``/``numpy()`` of a CPU tensor dispatch no ATen op (a plain dispatch mode misses them); on a GPU
+    they are device-to-host copies. The counter wraps them while active and puts the methods back afterwards."""
+    methods = torch.Tensor.tolist, torch.Tensor.numpy
+    counter = count_host_syncs(lambda: (x.tolist(), x.numpy(), x[:2].tolist()))
+    assert dict(counter.by_op) == {"Tensor.tolist": 2, "Tensor.numpy": 1}
+    assert (torch.Tensor.tolist, torch.Tensor.numpy) == methods
+    assert count_host_syncs(lambda: x.sum()).count == 0

@@ -205,12 +205,19 @@ def test_matryoshka_transcoder_prefixes_reconstruct_y():
         sae.W_skip.normal_(0, 0.3)
     x, y = torch.randn(N, 7, dtype=torch.float64), torch.randn(N, 5, dtype=torch.float64)
     out = sae.training_forward(x, y)
+    out.loss.backward()
     expected = naive_transcoder(sae, x, y, None)
-    acts = expected["acts"].detach()
+    w, acts = expected["weights"], expected["acts"]
+    total = expected["terms"]["mse_loss"]
     for width in (3, 8):
-        prefix = acts[:, :width] @ sae.W_dec[:width].detach() + sae.b_dec.detach() + x @ sae.W_skip.detach().t()
-        torch.testing.assert_close(out.losses[f"inner_mse_loss_{width}"], ((prefix - y) ** 2).sum(-1).mean())
+        prefix = acts[:, :width] @ w["W_dec"][:width] + w["b_dec"] + x @ w["W_skip"].t()
+        inner = ((prefix - y) ** 2).sum(-1).mean()
+        torch.testing.assert_close(out.losses[f"inner_mse_loss_{width}"], inner.detach())
+        total = total + inner
     torch.testing.assert_close(out.sae_out, expected["out"].detach())
+    total.backward()
+    for name, param in sae.named_parameters():  # W_skip's gradient reaches it through every prefix's target
+        torch.testing.assert_close(param.grad, w[name].grad, msg=name)
 
 
 def test_config_and_input_errors_name_the_problem():

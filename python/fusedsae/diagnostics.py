@@ -12,6 +12,8 @@ GPU property), the ATen operations that synchronise when their tensors live on a
 
 It sees inside fusedsae's registered ops (``torch.ops.fusedsae.*``) too: their implementations run below the
 dispatcher's Python key, where a plain dispatch mode is switched off, so the counter re-enters itself around them.
+``Tensor.tolist()`` and ``Tensor.numpy()`` of a CPU tensor dispatch no ATen op at all, so while the counter is
+active it also wraps those two methods (a CUDA tensor's are seen as their device-to-host ``_to_copy``).
 """
 
 from __future__ import annotations
@@ -82,10 +84,41 @@ class HostSyncCounter(TorchDispatchMode):
         by_op: ``{op name: count}``, e.g. ``{"aten._local_scalar_dense": 2, "aten.bincount": 3}``.
     """
 
+    # Tensor methods that read a tensor to the host without dispatching an ATen op when it is on the CPU
+    _HOST_READS = ("tolist", "numpy")
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
         self.by_op: collections.Counter[str] = collections.Counter()
+        self._saved: dict[str, Any] = {}
+
+    def _counted(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if tensor.device.type != "cuda":  # on CUDA the _to_copy inside is counted already
+                self.count += 1
+                self.by_op[f"Tensor.{name}"] += 1
+            return method(tensor, *args, **kwargs)
+
+        return read
+
+    def __enter__(self) -> HostSyncCounter:
+        if not self._saved:  # re-entered around registered ops: wrap once
+            for name in self._HOST_READS:
+                self._saved[name] = getattr(torch.Tensor, name)
+                setattr(torch.Tensor, name, self._counted(name, self._saved[name]))
+            self._depth = 0
+        self._depth += 1
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._depth -= 1
+        if self._depth == 0:
+            for name, method in self._saved.items():
+                setattr(torch.Tensor, name, method)
+            self._saved.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

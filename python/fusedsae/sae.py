@@ -416,9 +416,9 @@ class SparseAutoencoder(nn.Module):
             values, indices = code.values, code.indices
             if cfg.matryoshka_widths:
                 # the reconstruction and every prefix's squared error from one fused pass (no [N, L, d] prefixes);
-                # the last level is the whole code, i.e. the ordinary MSE. A skip path adds the same term to every
-                # prefix, so each prefix's error against the target is the decoder's against target - skip (the
-                # fused op is differentiable in its target, so W_skip gets its gradient through it)
+                # the last level is the whole code, i.e. the ordinary MSE
+                # a skip path adds the same x @ W_skip.T to every prefix: the prefixes are compared with y - skip
+                # (the fused op is differentiable in its target, so W_skip gets its gradient through it)
                 goal = target if skip is None else target - skip
                 sae_out, sq_errors = F.matryoshka_decode_loss(
                     values, indices, self.W_dec, self.b_dec, goal, cfg.matryoshka_widths, check_indices=False
