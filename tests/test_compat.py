@@ -77,12 +77,14 @@ def test_sae_lens_gated_folder_loads_for_inference():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_sparsify_skip_connection_is_refused_by_name_and_runs_in_the_compat_layer():
+def test_sparsify_skip_connection_loads_and_runs_in_the_compat_layer():
+    """sparsify's skip path on an SAE (x_hat += x @ W_skip.T) is SAEConfig(skip_connection=True) (issue 13)."""
     folder = FIXTURES / "sparsify_skip"
-    with pytest.raises(SAEFormatError, match=r"skip connection W_skip .*SparseCoder.load_from_disk"):
-        fusedsae.load(folder)
-    coder = csp.SparseCoder.load_from_disk(folder)
     want = expected(folder)
+    sae = fusedsae.load(folder)
+    assert sae.cfg.skip_connection and sae.cfg.d_out is None and sae.cfg.apply_b_dec_to_input
+    torch.testing.assert_close(sae(want["x"]), want["forward"])
+    coder = csp.SparseCoder.load_from_disk(folder)
     torch.testing.assert_close(coder(want["x"]).sae_out, want["forward"])
 
 

@@ -177,9 +177,9 @@ def test_unsupported_architecture(tmp_path):
     cfg_path = tmp_path / "sae" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
     del cfg["metadata"]["fusedsae"]
-    cfg["architecture"] = "skip_transcoder"
+    cfg["architecture"] = "temporal"
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(SAEFormatError, match="architecture 'skip_transcoder' is not supported"):
+    with pytest.raises(SAEFormatError, match="architecture 'temporal' is not supported"):
         fusedsae.load(tmp_path / "sae")
 
 

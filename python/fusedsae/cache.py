@@ -6,6 +6,12 @@ A cache is a folder::
     shard-000000.acts.npy         [rows, d_in] activations (bfloat16 stored as its uint16 bit pattern)
     shard-000000.tokens.npy       [rows, 3] int64: text index, position in the text, token id
 
+A *pair cache* holds a transcoder's data: two hooks of one forward pass (``source.hook`` the input x,
+``source.target_hook`` the target y), each row ``[x | y]``; its manifest has ``d_in`` (the width of x) and ``d_out``
+(of y), the acts files are ``[rows, d_in + d_out]``, and it is format version 2 (a fusedsae that predates pairs
+refuses it instead of misreading it). :func:`fusedsae.data.check_widths` refuses a pair cache for a plain SAE and
+a plain cache for a transcoder.
+
 Each shard holds whole texts, in order, so the manifest's ``next_text`` is where an interrupted capture resumes.
 A shard's two files are written under temporary names, fsynced and renamed; only then is the shard added to the
 manifest (itself replaced atomically). A crash therefore leaves a manifest listing only complete shards, plus
@@ -46,6 +52,8 @@ from fusedsae.toy import generator
 
 CACHE_FORMAT = "fusedsae-activation-cache"
 CACHE_VERSION = 1
+# Pair caches (d_out in the manifest) are version 2: version-1 readers would take d_in for the row width.
+PAIR_CACHE_VERSION = 2
 MANIFEST = "manifest.json"
 _SHARD_NAME = re.compile(r"^shard-\d{6}$")
 _SHARD_FILE = re.compile(r"^shard-\d{6}\.(acts|tokens)\.npy$")
@@ -101,9 +109,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     manifest = read_json(path, error=CacheError)
     if manifest.get("format") != CACHE_FORMAT:
         raise CacheError(f"{path} is not a fusedsae activation-cache manifest")
-    if manifest.get("version") != CACHE_VERSION:
+    if manifest.get("version") not in (CACHE_VERSION, PAIR_CACHE_VERSION):
         raise CacheError(
-            f"{path} has cache format version {manifest.get('version')}; this fusedsae reads {CACHE_VERSION}"
+            f"{path} has cache format version {manifest.get('version')}; this fusedsae reads {CACHE_VERSION} and "
+            f"{PAIR_CACHE_VERSION}"
         )
     # Caches written before the manifest carried its digest have none; every manifest written now has one.
     if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
@@ -111,6 +120,11 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     d_in = manifest.get("d_in")
     if not _is_count(d_in) or d_in < 1:
         raise _bad_field(path, "d_in", f"must be a positive integer, got {d_in!r}")
+    d_out = manifest.get("d_out")
+    if manifest["version"] == PAIR_CACHE_VERSION and (not _is_count(d_out) or d_out < 1):
+        raise _bad_field(path, "d_out", f"must be a positive integer in a pair cache (version 2), got {d_out!r}")
+    if manifest["version"] == CACHE_VERSION and d_out is not None:
+        raise _bad_field(path, "d_out", "belongs to pair caches (version 2), not to a version-1 cache")
     if manifest.get("dtype") not in _STORAGE:
         raise _bad_field(path, "dtype", f"must be one of {sorted(_STORAGE)}, got {manifest.get('dtype')!r}")
     n_heads = manifest.get("n_heads")
@@ -200,6 +214,8 @@ class ActivationCache:
                 "(the capture was interrupted); re-run the same `fusedsae cache` command to finish it"
             )
         self.d_in = int(m["d_in"])
+        self.d_out: int | None = m.get("d_out")  # a pair cache's target width; None: plain activations
+        self.width = self.d_in + (self.d_out or 0)  # columns of a row ([x | y] for pairs)
         self.dtype = str(m["dtype"])
         if self.dtype not in _STORAGE:
             raise CacheError(f"{self.path}: unknown cache dtype {self.dtype!r}")
@@ -252,8 +268,9 @@ class ActivationCache:
         return array
 
     def activations(self, index: int) -> Tensor:
-        """Shard ``index``'s activations ``[rows, d_in]`` in the cache's dtype (a copy in memory)."""
-        array = np.array(self._load(index, "acts", self.d_in))
+        """Shard ``index``'s activations ``[rows, d_in]`` (``[rows, d_in + d_out]`` rows ``[x | y]`` in a pair cache)
+        in the cache's dtype (a copy in memory)."""
+        array = np.array(self._load(index, "acts", self.width))
         tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
 
@@ -262,7 +279,8 @@ class ActivationCache:
         return torch.from_numpy(np.array(self._load(index, "tokens", 3)))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "cache", "path": str(self.path), "rows": self.rows, "d_in": self.d_in, **self.source}
+        pair = {} if self.d_out is None else {"d_out": self.d_out}
+        return {"kind": "cache", "path": str(self.path), "rows": self.rows, "d_in": self.d_in, **pair, **self.source}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,9 +291,10 @@ class ActivationCache:
 class CacheWriter:
     """Writes a cache shard by shard; reopening a folder with the same settings resumes it.
 
-    ``settings`` (d_in, dtype, n_heads, shard_tokens, n_texts, source) must match the folder's on resume, otherwise
-    :class:`CacheError` says what differs. On resume the listed shards are re-verified (size and SHA-256); the
-    first broken one and everything after it are dropped and captured again.
+    ``settings`` (d_in, d_out, dtype, n_heads, shard_tokens, n_texts, source) must match the folder's on resume,
+    otherwise :class:`CacheError` says what differs. ``d_out`` makes a pair cache (rows ``[x | y]``, version 2). On
+    resume the listed shards are re-verified (size and SHA-256); the first broken one and everything after it are
+    dropped and captured again.
     """
 
     def __init__(
@@ -289,7 +308,10 @@ class CacheWriter:
         n_heads: int | None = None,
         shard_tokens: int = 65536,
         overwrite: bool = False,
+        d_out: int | None = None,
     ) -> None:
+        if d_out is not None and d_out < 1:
+            raise ValueError(f"d_out must be >= 1 (or None for plain activations), got {d_out}")
         if dtype not in _STORAGE:
             raise ValueError(f"cache dtype must be one of {sorted(_STORAGE)}, got {dtype!r}")
         if shard_tokens < 1:
@@ -303,6 +325,10 @@ class CacheWriter:
             "n_texts": int(n_texts),
             "source": source,
         }
+        # only pair caches carry d_out, so that plain manifests stay as they were
+        if d_out is not None:
+            self.settings["d_out"] = int(d_out)
+        self.width = int(d_in) + (d_out or 0)
         if overwrite and (self.path / MANIFEST).is_file():
             shutil.rmtree(self.path)  # only ever a folder that holds a cache manifest
         if (self.path / MANIFEST).is_file():
@@ -313,7 +339,7 @@ class CacheWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = {
                 "format": CACHE_FORMAT,
-                "version": CACHE_VERSION,
+                "version": CACHE_VERSION if d_out is None else PAIR_CACHE_VERSION,
                 **self.settings,
                 "rows": 0,
                 "next_text": 0,
@@ -328,9 +354,13 @@ class CacheWriter:
 
     def _reopen(self) -> dict[str, Any]:
         manifest = _read_manifest(self.path)
-        differ = [k for k, v in self.settings.items() if manifest.get(k) != v]
+        # d_out too when not set: a plain capture must not resume a pair cache (or the reverse)
+        keys = dict.fromkeys([*self.settings, "d_out"])
+        differ = [k for k in keys if manifest.get(k) != self.settings.get(k)]
         if differ:
-            detail = "; ".join(f"{k}: folder has {manifest.get(k)!r}, asked for {self.settings[k]!r}" for k in differ)
+            detail = "; ".join(
+                f"{k}: folder has {manifest.get(k)!r}, asked for {self.settings.get(k)!r}" for k in differ
+            )
             raise CacheError(
                 f"{self.path} holds a cache written with other settings ({detail}); use another folder, or overwrite "
                 "it (--overwrite)"
@@ -372,9 +402,9 @@ class CacheWriter:
         expected = self._pending_end
         if first != expected:
             raise ValueError(f"texts must be added in order: expected text {expected}, got {first}")
-        if acts.shape != (tokens.shape[0], self.settings["d_in"]) or tokens.shape[1:] != (3,):
+        if acts.shape != (tokens.shape[0], self.width) or tokens.shape[1:] != (3,):
             raise ValueError(
-                f"acts must be [rows, d_in={self.settings['d_in']}] and tokens [rows, 3]; got {tuple(acts.shape)} "
+                f"acts must be [rows, {self.width}] and tokens [rows, 3]; got {tuple(acts.shape)} "
                 f"and {tuple(tokens.shape)}"
             )
         self._pending.append((acts, tokens))
@@ -442,10 +472,15 @@ def write_cache(
     dtype: str = "float32",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    target_hook: Any = None,
 ) -> ActivationCache:
     """Captures ``hook`` (a :class:`fusedsae.capture.HookSpec`, or a list of them: several hooks from one forward
     pass, stored side by side as ``[rows, sum of widths]``; the manifest's source lists ``hooks`` and ``widths``)
     over ``texts`` into a cache at ``path``.
+
+    ``target_hook`` (a HookSpec) makes a pair cache for transcoders: ``hook`` (one hook: x) and ``target_hook`` (y)
+    from the same forward pass, rows ``[x | y]``, ``d_in``/``d_out`` in the manifest, ``source.target_hook`` naming
+    y.
 
     Resumes an interrupted cache written with the same settings (``source`` describes the capture: model, hook,
     texts; it is part of the settings compared on resume). ``progress(done_texts, n_texts)`` is called after each
@@ -453,14 +488,14 @@ def write_cache(
     """
     from fusedsae.capture import iter_capture
 
-    hooks = hook_list(hook)
+    hooks = pair_hooks(hook, target_hook)
     widths = _probe_widths(model, tokenizer, texts, hooks, max_length)
-    d_in = sum(widths)
+    d_in, d_out = (sum(widths), None) if target_hook is None else (widths[0], widths[1])
     # Everything that changes the rows: a resume with other texts or batching would mix two different captures
     # (the batch size changes the padding, hence the float rounding of the model's matmuls).
     digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
     info = {
-        **describe_hooks(hooks, widths),
+        **describe_hooks(hooks, widths, paired=target_hook is not None),
         "max_length": max_length,
         "batch_size": batch_size,
         "texts_sha256": digest,
@@ -475,6 +510,7 @@ def write_cache(
         n_heads=n_heads,
         shard_tokens=shard_tokens,
         overwrite=overwrite,
+        d_out=d_out,
     )
     if writer.complete:
         return ActivationCache(path)
@@ -497,9 +533,25 @@ def hook_list(hook: Any) -> list[Any]:
     return hooks
 
 
-def describe_hooks(hooks: list[Any], widths: list[int]) -> dict[str, Any]:
+def pair_hooks(hook: Any, target_hook: Any) -> list[Any]:
+    """The hooks to capture in one pass: :func:`hook_list` of ``hook``, then ``target_hook`` when one is given (a
+    transcoder's y; ``hook`` must then be one hook, its x)."""
+    hooks = hook_list(hook)
+    if target_hook is None:
+        return hooks
+    if len(hooks) != 1:
+        raise ValueError(
+            f"a transcoder reads one hook and reconstructs another; got {len(hooks)} input hooks and a target hook"
+        )
+    return [hooks[0], target_hook]
+
+
+def describe_hooks(hooks: list[Any], widths: list[int], paired: bool = False) -> dict[str, Any]:
     """The manifest/describe entry of the captured hooks: ``{"hook": spec}`` for one (the original format),
-    ``{"hooks": [spec, ...], "widths": [...]}`` for several side by side."""
+    ``{"hooks": [spec, ...], "widths": [...]}`` for several side by side, ``{"hook": x, "target_hook": y}`` for a
+    transcoder's pair (``paired``: ``hooks`` is ``[x, y]``)."""
+    if paired:
+        return {"hook": hooks[0].to_dict(), "target_hook": hooks[1].to_dict()}
     if len(hooks) == 1:
         return {"hook": hooks[0].to_dict()}
     return {"hooks": [h.to_dict() for h in hooks], "widths": list(widths)}
@@ -639,9 +691,10 @@ class CacheSource(_GroupStream):
         super().__init__(batch_size, shuffle, seed, rank, world_size)
         self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache, verify=verify)
         self.d_in = self.cache.d_in
+        self.d_out = self.cache.d_out  # a pair cache's: batches are [batch_size, d_in + d_out] rows [x | y]
         self.n_heads = self.cache.n_heads
         self.rows = self.cache.rows
-        self.buffer_tokens = buffer_tokens or max(1, _DEFAULT_BUFFER_BYTES // (4 * self.d_in))
+        self.buffer_tokens = buffer_tokens or max(1, _DEFAULT_BUFFER_BYTES // (4 * self.cache.width))
         self._check_rows()
         self._plans: dict[int, list[list[int]]] = {}
 
@@ -678,6 +731,9 @@ class LiveSource(_GroupStream):
     Deterministic and resumable like :class:`CacheSource` (a resumed run recaptures the current buffer). Every
     rank runs the model on every text of a buffer; for multi-process training write a cache first. ``info`` is
     added to :meth:`describe` (the model's name, say, for the SAE's metadata).
+
+    ``target_hook``: transcoder pairs, ``hook`` (one: x) and ``target_hook`` (y) from the same forward pass, rows
+    ``[x | y]``; ``d_in`` is the width of x and ``d_out`` of y (None without a target).
     """
 
     def __init__(
@@ -696,16 +752,17 @@ class LiveSource(_GroupStream):
         rank: int = 0,
         world_size: int = 1,
         info: dict[str, Any] | None = None,
+        target_hook: Any = None,
     ) -> None:
-
         super().__init__(batch_size, shuffle, seed, rank, world_size)
         if not texts:
             raise ValueError("LiveSource needs at least one text")
         self.model = model
         self.tokenizer = tokenizer
         self.texts = list(texts)
-        self.hooks = hook_list(hook)
-        self.hook = self.hooks[0] if len(self.hooks) == 1 else None
+        self.hooks = pair_hooks(hook, target_hook)
+        self.target_hook = target_hook
+        self.hook = self.hooks[0] if len(self.hooks) == 1 or target_hook is not None else None
         self.n_heads = n_heads
         self.max_length = max_length
         self.capture_batch_size = capture_batch_size
@@ -715,7 +772,8 @@ class LiveSource(_GroupStream):
         self.lengths = [len(ids) for ids in encoded["input_ids"]]
         self.rows = sum(self.lengths)
         self.widths = _probe_widths(model, tokenizer, self.texts, self.hooks, max_length)
-        self.d_in = sum(self.widths)
+        self.d_in = sum(self.widths) if target_hook is None else self.widths[0]
+        self.d_out: int | None = None if target_hook is None else self.widths[1]
         self._check_rows()
         self._text_orders: dict[int, list[int]] = {}
 
@@ -747,5 +805,6 @@ class LiveSource(_GroupStream):
         return rows
 
     def describe(self) -> dict[str, Any]:
-        hooks = describe_hooks(self.hooks, self.widths)
-        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, **hooks, **self.info}
+        hooks = describe_hooks(self.hooks, self.widths, paired=self.target_hook is not None)
+        pair = {} if self.d_out is None else {"d_in": self.d_in, "d_out": self.d_out}
+        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, **hooks, **pair, **self.info}

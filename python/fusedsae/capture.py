@@ -1,7 +1,9 @@
 """Activations from Hugging Face transformers, by module path, offline (docs/architecture.md#offline-data).
 
 A :class:`HookSpec` names a module and whether its input or its output is wanted (for an attention SAE: the
-input of the attention output projection, which is z, the head-major concatenation of the per-head outputs).
+input of the attention output projection, which is z, the head-major concatenation of the per-head outputs; for a
+transcoder, two of them: the MLP's input and its output, :func:`mlp_hooks`, captured in one pass by
+:func:`capture_pairs`).
 :func:`capture` runs a padded batch and returns the hooked tensors reshaped to ``[tokens, width]`` with the
 padding removed (tokens in (sequence, position) order), plus where every token came from. For per-source-position
 attribution :func:`capture_attention` also returns the attention probabilities and the value vectors (value bias
@@ -230,6 +232,23 @@ class HookSpec:
             "layout": self.layout,
             "columns": list(self.columns) if self.columns else None,
         }
+
+    @classmethod
+    def parse(cls, text: str, io: str = "input") -> HookSpec:
+        """``"MODULE"`` or ``"MODULE:input"`` / ``"MODULE:output"`` (the command line's form; ``io`` when none is
+        given). ``ValueError`` for an empty module or another suffix."""
+        module, sep, given = text.strip().rpartition(":")
+        if not sep:
+            module, given = given, io
+        if not module or any(c.isspace() for c in module) or ":" in module:
+            raise ValueError(f"expected MODULE, MODULE:input or MODULE:output, got {text!r}")
+        if given not in ("input", "output"):
+            raise ValueError(f"expected MODULE, MODULE:input or MODULE:output, got {text!r} (ends in {given!r})")
+        return cls(module, given)
+
+    def text(self) -> str:
+        """``"MODULE:io"``, the form :meth:`parse` reads (index, layout and columns are not part of it)."""
+        return f"{self.module}:{self.io}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HookSpec:
@@ -509,6 +528,54 @@ def attention_hooks(model: nn.Module, layer: int) -> AttentionHooks:
         f"fusedsae has no attention-layer preset for model_type {model_type!r}: give the module paths (z = input of "
         "the attention output projection, values = output of the value projection)"
     )
+
+
+@dataclass(frozen=True)
+class MLPHooks:
+    """The input and the output of a transformer layer's MLP block, as a transcoder reads and reconstructs them:
+    ``input`` is what the MLP reads (after the layer norm that precedes it), ``output`` what it adds to the residual
+    stream (before any layer norm that follows it)."""
+
+    layer: int
+    input: HookSpec
+    output: HookSpec
+
+
+def mlp_hooks(model: nn.Module, layer: int) -> MLPHooks:
+    """The MLP hooks of layer ``layer`` for the architectures fusedsae knows.
+
+    BERT-like encoders (MiniLM): the input of ``encoder.layer.L.intermediate`` (the attention block's output, after
+    its layer norm) and the output of ``encoder.layer.L.output.dense`` (the second linear layer, before the dropout,
+    residual add and layer norm of ``BertOutput``). GPT-2: the input and output of ``h.L.mlp``. Other models: build
+    :class:`MLPHooks` by hand."""
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if n_layers is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    if model_type in _BERT_LIKE:
+        return MLPHooks(
+            layer,
+            HookSpec(f"encoder.layer.{layer}.intermediate", "input"),
+            HookSpec(f"encoder.layer.{layer}.output.dense", "output"),
+        )
+    if model_type == "gpt2":
+        return MLPHooks(layer, HookSpec(f"h.{layer}.mlp", "input"), HookSpec(f"h.{layer}.mlp", "output"))
+    raise ValueError(
+        f"fusedsae has no MLP preset for model_type {model_type!r}: give the module paths (x = the MLP's input, "
+        "y = its output)"
+    )
+
+
+def capture_pairs(model: nn.Module, inputs: dict[str, Tensor], hook: HookSpec, target: HookSpec) -> TokenBatch:
+    """A transcoder's ``(x, y)`` rows from one forward pass: ``hook`` (x) and ``target`` (y) captured together and
+    joined per token into ``acts["pairs"]`` ``[tokens, d_in + d_out]`` (:func:`fusedsae.data.join_pair`; the same
+    real tokens, in the same order, for both), with ``acts["x"]`` and ``acts["y"]`` beside it."""
+    from fusedsae.data import join_pair
+
+    batch = capture(model, inputs, {"x": hook, "y": target})
+    batch.acts["pairs"] = join_pair(batch.acts["x"], batch.acts["y"], f"{hook.text()} -> {target.text()}")
+    return batch
 
 
 @dataclass

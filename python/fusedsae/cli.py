@@ -149,8 +149,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--data",
         default="toy:sparse",
         help="toy:sparse (Sharkey), toy:superposition (Elhage), toy:composed (Anders), a .safetensors file "
-        "holding one [N, d_in] tensor, an activation cache folder written by `fusedsae cache`, or live:<model>:<layer> "
-        "(attention z captured on the fly from the offline pydoc text, e.g. live:minilm:3)",
+        "holding one [N, d_in] tensor, X.safetensors,Y.safetensors (transcoder pairs: input x, target y), an "
+        "activation cache folder written by `fusedsae cache`, or live:<model>:<layer> (attention z captured on the "
+        "fly from the offline pydoc text, e.g. live:minilm:3) or live:<model>:<module>[:input|:output]",
+    )
+    data.add_argument(
+        "--target-hook",
+        default=None,
+        help="train a transcoder: y is this tensor of the same forward pass, MODULE[:input|:output] (default "
+        "output), e.g. encoder.layer.3.output.dense, with live data; a cache written with --target-hook holds its "
+        "pairs already (given here, it must be the cache's own target)",
     )
     data.add_argument("--d-in", type=positive_int, help="toy:sparse/composed input width (default: the toy's, 64/16)")
     data.add_argument("--n-features", type=positive_int, help="toy true features (default: the toy's, 256/20)")
@@ -187,6 +195,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         type=_widths,
         default=None,
         help="Matryoshka prefix widths for topk/batchtopk, e.g. 128,512,2048 (d_sae is appended)",
+    )
+    sae.add_argument(
+        "--skip-connection",
+        action="store_true",
+        help="add a learned linear skip from x to the reconstruction (a skip-transcoder, with (x, y) pair data)",
     )
 
     train = p.add_argument_group("training")
@@ -360,6 +373,11 @@ def _build_data(settings: dict[str, Any], rank: int, world: int) -> Any:
 
     if settings["data"].startswith("live:"):  # the text options and several layers (fusedsae.data's takes pydoc)
         return _live_source(settings["data"], settings, rank, world)
+    if settings.get("target_hook") and settings["data"].startswith("toy:"):
+        raise UsageError(
+            f"--target-hook applies to data captured from a model (live:… or a cache); --data {settings['data']} is "
+            "toy data"
+        )
 
     toy_options = {name: settings[name] for name in ("d_in", "n_features", "mean_active") if settings.get(name)}
     if settings.get("toy_seed") is not None:
@@ -371,7 +389,26 @@ def _build_data(settings: dict[str, Any], rank: int, world: int) -> Any:
         rank=rank,
         world_size=world,
         toy_options=toy_options,
+        target_hook=settings.get("target_hook"),
     )
+
+
+def _check_pair_settings(settings: dict[str, Any], source: Any) -> None:
+    """Transcoder options against the data: a sweep takes no (x, y) pairs, and a resumed run's data must split as it
+    did (the run config records ``widths``)."""
+    from fusedsae.data import widths_text
+
+    d_out = getattr(source, "d_out", None)
+    if d_out is not None and (isinstance(settings["d_sae"], list) or isinstance(settings["k"], list)):
+        raise UsageError("a sweep (--d-sae/--k lists) trains plain SAEs; train one transcoder per run")
+    widths = {"d_in": int(source.d_in), "d_out": d_out}
+    saved = settings.get("widths")
+    if saved is not None and saved != widths:
+        raise UsageError(
+            f"--resume: the run was trained on {widths_text(saved['d_in'], saved['d_out'])} but --data "
+            f"{settings['data']} now gives {widths_text(widths['d_in'], widths['d_out'])}; resume with the same data"
+        )
+    settings["widths"] = widths
 
 
 def _default_d_sae(settings: dict[str, Any], source: Any) -> int:
@@ -450,6 +487,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         device = _resolve_device(settings["device"], local_rank)
         source = _build_data(settings, data_rank, data_world)
+        _check_pair_settings(settings, source)
         steps = settings["steps"] or 1000
         settings.update(steps=steps)
         sparse = settings["activation"] in ("topk", "batchtopk")
@@ -507,8 +545,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         print()
+        d_out = settings["widths"]["d_out"]
+        kind = "SAE" if d_out is None else ("skip-transcoder" if settings.get("skip_connection") else "transcoder")
         print(
-            f"{activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+            f"{activation} {kind}, d_in={cfg.d_in}"
+            + (f", d_out={d_out}" if d_out is not None else "")
+            + f", d_sae={cfg.d_sae}"
             + (f", k={cfg.k}" if cfg.k else "")
             + f", data={settings['data']}, device={device}, world={world}"
             + (f" ({trainer.grid.describe()})" if trainer.grid else "")
@@ -559,7 +601,8 @@ def add_periodic_evals(trainers: list[Any], settings: dict[str, Any], device: st
                 batches = E.mask_for_mlm(batches, tokenizer.mask_token_id)
             loaded = (model, batches)
         hook = HookSpec.from_dict(info["hook"])
-        trainer.callbacks.append(E.PeriodicEval(trainer, loaded[0], loaded[1], hook, every))
+        target = HookSpec.from_dict(info["target_hook"]) if isinstance(info.get("target_hook"), dict) else None
+        trainer.callbacks.append(E.PeriodicEval(trainer, loaded[0], loaded[1], hook, every, target_hook=target))
 
 
 def _is_multi(settings: dict[str, Any], source: Any) -> bool:
@@ -593,6 +636,11 @@ def make_trainer(
         sae_kwargs["l1_coefficient"] = settings["l1_coefficient"]
     if settings["l0_coefficient"] is not None:
         sae_kwargs["l0_coefficient"] = settings["l0_coefficient"]
+    d_out = getattr(data, "d_out", None)
+    if d_out is not None:  # transcoder pairs: d_in and d_out come from the data
+        sae_kwargs["d_out"] = d_out
+    if settings.get("skip_connection"):  # a skip-transcoder (sparsify allows the skip on an SAE too, and so do we)
+        sae_kwargs["skip_connection"] = True
     activation = settings["activation"]
     decay = settings["lr_decay_steps"]
     try:
@@ -642,31 +690,41 @@ def make_trainer(
 
 
 def _live_source(spec: str, settings: dict[str, Any], rank: int, world: int):
-    """``live:<model>:<layer>[,<layer>…]``: z of those attention layers (one forward pass, side by side), captured
-    while training from the text of --text/--dataset/--split (default: the pydoc text)."""
+    """``live:<model>:<layer>[,<layer>…]``: z of those attention layers (one forward pass, side by side), or
+    ``live:<model>:<module>[:input|:output]`` that tensor, captured while training from the text of
+    --text/--dataset/--split (default: the pydoc text); with --target-hook, (x, y) pairs of one forward pass."""
     from fusedsae.cache import LiveSource
+    from fusedsae.data import parse_live_spec, parse_target_hook
     from fusedsae.texts import describe
 
-    parts = spec.split(":")
-    layers = parts[2].split(",") if len(parts) == 3 else []
-    if not layers or not all(layer.isdigit() for layer in layers):
-        raise UsageError(f"--data {spec}: expected live:<model>:<layer>, e.g. live:minilm:3 (or live:minilm:1,3,5)")
-    model, tokenizer = _load_model(parts[1])
-    found = [_attention_hooks(model, int(layer)) for layer in layers]
+    name, layers, hook = parse_live_spec(spec)  # a malformed spec: one DataError line with the expected forms
+    target = parse_target_hook(settings["target_hook"]) if settings.get("target_hook") else None
+    if target is not None and layers is not None and len(layers) > 1:
+        raise UsageError(f"--target-hook: a transcoder reads one tensor; --data {spec} names {len(layers)} layers")
+    model, tokenizer = _load_model(name)
+    n_heads, where = None, {}
+    if layers is not None:
+        found = [_attention_hooks(model, layer) for layer in layers]
+        hook = [h.z for h in found] if len(found) > 1 else found[0].z
+        n_heads = found[0].n_heads
+        where = {"layer": layers if len(layers) > 1 else layers[0]}
     text = {k: settings.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
-    layer_info: int | list[int] = [int(x) for x in layers] if len(layers) > 1 else int(layers[0])
-    return LiveSource(
-        model,
-        tokenizer,
-        _select_texts(text),
-        [h.z for h in found] if len(found) > 1 else found[0].z,
-        settings["batch_size"],
-        n_heads=found[0].n_heads,
-        seed=settings["seed"],
-        rank=rank,
-        world_size=world,
-        info={"model": parts[1], "layer": layer_info, **describe(**text)},
-    )
+    try:
+        return LiveSource(
+            model,
+            tokenizer,
+            _select_texts(text),
+            hook,
+            settings["batch_size"],
+            n_heads=n_heads,
+            seed=settings["seed"],
+            rank=rank,
+            world_size=world,
+            info={"model": name, **where, **describe(**text)},
+            target_hook=target,
+        )
+    except ValueError as exc:  # a module the model does not have, a layout it cannot tell
+        raise UsageError(f"--data {spec}: {exc}") from exc
 
 
 def _source_metadata(source: Any) -> dict[str, Any]:
@@ -678,6 +736,9 @@ def _source_metadata(source: Any) -> dict[str, Any]:
     if isinstance(info.get("hook"), dict):
         out["hook_name"] = info["hook"]["module"]
         out["hook_spec"] = info["hook"]  # module, input/output, layout: what `fusedsae eval` splices
+    if isinstance(info.get("target_hook"), dict):  # a transcoder's y (SAELens: hook_name_out)
+        out["hook_name_out"] = info["target_hook"]["module"]
+        out["target_hook_spec"] = info["target_hook"]
     for key in ("text", "dataset", "text_column", "split", "heldout_fraction", "max_length"):
         if key in info:
             out[key] = info[key]
@@ -775,6 +836,12 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
     hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
     hook.add_argument("--n-heads", type=positive_int, help="heads in the hooked tensor (enables attribution)")
+    hook.add_argument(
+        "--target-hook",
+        default=None,
+        help="a pair cache for transcoders: also capture y, this tensor of the same forward pass, "
+        "MODULE[:input|:output] (default output), e.g. encoder.layer.3.output.dense; rows are [x | y]",
+    )
     p.add_argument("--max-tokens", type=positive_int, help="stop after the texts holding this many tokens")
     p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass")
     p.add_argument("--shard-tokens", type=positive_int, default=65536, help="rows per shard, at least")
@@ -811,8 +878,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from fusedsae.data import parse_target_hook
+
     model, tokenizer = _load_model(args.model, device=_resolve_device(args.device, 0))
     hook, n_heads, extra = _model_hook(args, model)
+    target = parse_target_hook(args.target_hook) if args.target_hook else None
+    if target is not None and isinstance(hook, list):
+        raise UsageError(f"--target-hook: a transcoder reads one tensor; --layer {args.layer} names several layers")
     texts = texts_up_to(tokenizer, _select_texts(_text_settings(args)), args.max_tokens, args.max_length)
     bar = None
     if not args.no_progress:
@@ -840,15 +912,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             progress=progress,
+            target_hook=target,
         )
     except ValueError as exc:  # a cache in the way (CacheError), a --hook the model does not have, its layout
         raise UsageError(str(exc)) from exc
     finally:
         if bar is not None:
             bar.close()
+    pair = f" + d_out={cache.d_out} (pairs [x | y])" if cache.d_out is not None else ""
     print(
-        f"cache {cache.path}: {cache.rows:,} tokens x d_in={cache.d_in} ({cache.dtype}) in {cache.n_shards} shard(s) "
-        f"from {len(texts)} texts; {_hooks_text(hook)}" + (f", {n_heads} heads" if n_heads else "")
+        f"cache {cache.path}: {cache.rows:,} tokens x d_in={cache.d_in}{pair} ({cache.dtype}) in {cache.n_shards} "
+        f"shard(s) from {len(texts)} texts; "
+        + (_hooks_text(hook) if target is None else f"x: {_hooks_text(hook)}, y: {_hooks_text(target)}")
+        + (f", {n_heads} heads" if n_heads else "")
     )
     return 0
 
@@ -923,6 +999,11 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         from fusedsae.cache import ActivationCache
 
         cache = ActivationCache(args.cache)
+        if cache.d_out is not None:
+            raise UsageError(
+                f"{args.cache} holds transcoder (x, y) pairs; attribute reads a one-hook cache (capture x alone, or "
+                "scan live text with --layer)"
+            )
         _check_width(args, sae, cache.d_in, f"the cache {args.cache}")
         info = cache.source
         model_name = args.model or info.get("model")
@@ -1111,6 +1192,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     hook = p.add_argument_group("hook (default: the one the SAE was trained on, from its metadata)")
     hook.add_argument("--hook", default=None, help="module path, e.g. encoder.layer.3.attention.output.dense")
     hook.add_argument("--io", default="input", choices=["input", "output"], help="the module's input or output")
+    hook.add_argument(
+        "--target-hook",
+        default=None,
+        help="transcoders: the tensor whose value the transcoder's output replaces, MODULE[:input|:output] "
+        "(default output; default: from the transcoder's metadata)",
+    )
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plot")
     _add_common_args(p)
 
@@ -1119,6 +1206,27 @@ def _eval_name(folder: str, taken: set[str]) -> str:
     path = Path(folder).resolve()
     name = path.parent.name if path.name == "sae" else path.name
     return name if name not in taken else str(folder)
+
+
+def _eval_target_hook(args: argparse.Namespace, folder: str, sae: Any, recorded: dict[str, Any]) -> Any:
+    """A transcoder's y (the tensor its output replaces): --target-hook, else what its metadata records; None for an
+    SAE (which takes no --target-hook)."""
+    from fusedsae.capture import HookSpec
+    from fusedsae.data import parse_target_hook
+
+    transcoder = getattr(sae.cfg, "d_out", None) is not None
+    if args.target_hook and not transcoder:
+        raise UsageError(f"--target-hook: {folder} is an SAE (it reconstructs its own input), not a transcoder")
+    if not transcoder:
+        return None
+    if args.target_hook:
+        return parse_target_hook(args.target_hook)
+    if isinstance(recorded.get("target_hook"), dict):
+        return HookSpec.from_dict(recorded["target_hook"])
+    raise UsageError(
+        f"{folder} is a transcoder that does not record which tensor it reconstructs; give --target-hook "
+        "MODULE[:input|:output]"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -1141,8 +1249,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             hook = HookSpec.from_dict(recorded["hook"])
         else:
             raise UsageError(f"{folder} does not record which tensor it was trained on; give --hook and --io")
+        target = _eval_target_hook(args, folder, sae, recorded)
         models.add(args.model or recorded.get("model"))
-        targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook))
+        targets.append(E.Target(_eval_name(folder, {t.name for t in targets}), sae, hook, target))
     if None in models:
         raise UsageError("an SAE does not record its model; give --model (a name or a local folder)")
     if len(models) > 1:

@@ -52,8 +52,9 @@ def check_matryoshka_widths(widths: Any, d_sae: int) -> list[int]:
 class SAEConfig:
     """Configuration of a :class:`fusedsae.SparseAutoencoder`.
 
-    Shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and, for
-    JumpReLU and BatchTopK, ``threshold [d_sae]``.
+    Shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]`` (``d_out = d_in``
+    for an SAE), for JumpReLU and BatchTopK ``threshold [d_sae]``, and with ``skip_connection`` ``W_skip [d_out,
+    d_in]``.
 
     Attributes:
         d_in: input width; for attention SAEs ``n_heads * d_head`` (head-major concatenation of z).
@@ -61,7 +62,10 @@ class SAEConfig:
         activation: ``"relu"`` (standard, L1 penalty), ``"topk"``, ``"batchtopk"`` or ``"jumprelu"``.
         k: active latents per token for TopK, and the mean per token for BatchTopK.
         n_heads: for SAEs on concatenated attention outputs; enables per-head attribution.
-        apply_b_dec_to_input: encode ``x - b_dec`` (SAELens default) rather than ``x``.
+        apply_b_dec_to_input: encode ``x - b_dec`` (SAELens default) rather than ``x``. Default (None): True for
+            an SAE, False for a transcoder, whose ``b_dec`` lives in y's space; True with ``d_out`` set is refused,
+            as SAELens's ``TranscoderConfig`` refuses it (even for ``d_out = d_in``) and sparsify's ``transcode``
+            never centres the input.
         normalize_activations: ``"none"`` or ``"expected_average_only_in"`` (the trainer scales inputs so that
             E‖x‖ = sqrt(d_in) and folds the scale into the weights when it saves).
         normalize_decoder: keep decoder rows at unit norm (gradient projection + renormalisation each step).
@@ -79,6 +83,13 @@ class SAEConfig:
             levels by ``group_weights``, default their mean). All prefixes share the one selection of the whole
             dictionary, as in both SAELens (6.54: the inner levels slice the BatchTopK activations) and
             dictionary_learning, so every prefix reconstruction comes from one pass over the active latents.
+        d_out: a transcoder (Dunefsky et al. 2024; SAELens ``Transcoder``, sparsify ``transcode``): the SAE reads
+            ``x [..., d_in]`` and reconstructs another activation ``y [..., d_out]`` (e.g. an MLP's input -> its
+            output). None (default) is an ordinary SAE, the target being x itself. Training rows are ``[x | y]``
+            of width :attr:`data_width` = ``d_in + d_out`` (:func:`fusedsae.data.split_pair`).
+        skip_connection: adds a linear skip path ``x @ W_skip.T`` to the reconstruction, ``W_skip [d_out, d_in]``
+            initialised to zeros (SAELens ``SkipTranscoder``, sparsify ``skip_connection``; sparsify allows it on
+            an SAE too, and so does fusedsae).
         dtype, device: of the parameters.
         metadata: free-form provenance written to ``cfg.json`` (``hook_name``, ``model_name``…, SAELens keys).
     """
@@ -88,7 +99,7 @@ class SAEConfig:
     activation: str = "topk"
     k: int | None = None
     n_heads: int | None = None
-    apply_b_dec_to_input: bool = True
+    apply_b_dec_to_input: bool | None = None
     normalize_activations: str = "none"
     normalize_decoder: bool | None = None
     l1_coefficient: float = 1.0
@@ -99,6 +110,8 @@ class SAEConfig:
     aux_loss_coefficient: float = 1.0 / 32.0
     topk_threshold_lr: float = 0.01
     matryoshka_widths: list[int] | None = None
+    d_out: int | None = None
+    skip_connection: bool = False
     dtype: str = "float32"
     device: str = "cpu"
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +125,20 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_out is not None and (
+            not isinstance(self.d_out, int) or isinstance(self.d_out, bool) or self.d_out < 1
+        ):
+            raise ValueError(f"d_out must be a positive integer (a transcoder) or None (an SAE), got {self.d_out!r}")
+        if not isinstance(self.skip_connection, bool):
+            raise ValueError(f"skip_connection must be true or false, got {self.skip_connection!r}")
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = self.d_out is None
+        elif self.apply_b_dec_to_input and self.d_out is not None:
+            raise ValueError(
+                f"apply_b_dec_to_input=True is not supported for a transcoder (d_out={self.d_out}): b_dec [d_out] "
+                "lives in the output's space, so the input is not centred by it (as SAELens and sparsify); leave it "
+                "unset or False"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.activation in SPARSE_ACTIVATIONS:
@@ -148,6 +175,21 @@ class SAEConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
+
+    @property
+    def is_transcoder(self) -> bool:
+        """True when the SAE reconstructs another activation ``y [..., d_out]`` (``d_out`` is set)."""
+        return self.d_out is not None
+
+    @property
+    def out_width(self) -> int:
+        """Width of the reconstruction: ``d_out`` for a transcoder, ``d_in`` for an SAE."""
+        return self.d_in if self.d_out is None else self.d_out
+
+    @property
+    def data_width(self) -> int:
+        """Width of a training row: ``d_in`` for an SAE, ``d_in + d_out`` for a transcoder's ``[x | y]`` rows."""
+        return self.d_in if self.d_out is None else self.d_in + self.d_out
 
     @property
     def d_head(self) -> int | None:

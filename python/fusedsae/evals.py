@@ -29,6 +29,10 @@ first pass that stops at the hook). Reported, with SAELens's names where SAELens
 :func:`splice_sae` is the splice as a context manager for other uses; ``add_error=True`` adds the SAE's error
 term back (x̂ + (x − x̂), the error detached: the model's output is unchanged and gradients reach the input only
 through the SAE), for circuit work.
+
+Transcoders (a :class:`Target` with ``target_hook``) read x at ``hook`` and replace y at ``target_hook`` in the same
+forward pass (:func:`splice_transcoder`): the ablations zero or mean-ablate y, and the reconstruction metrics compare
+ŷ with y.
 """
 
 from __future__ import annotations
@@ -77,11 +81,18 @@ SCORE_KEYS = (
 
 @dataclass(frozen=True)
 class Target:
-    """An SAE to evaluate: ``sae`` reconstructs the tensor named by ``hook``; ``name`` labels it in the results."""
+    """An SAE to evaluate: ``sae`` reconstructs the tensor named by ``hook``; ``name`` labels it in the results. A
+    transcoder also has ``target_hook``: it reads ``hook`` (x) and its output replaces ``target_hook`` (y)."""
 
     name: str
     sae: Any
     hook: HookSpec
+    target_hook: HookSpec | None = None
+
+    @property
+    def replaced(self) -> HookSpec:
+        """The tensor the splice and the ablations replace: y for a transcoder, x for an SAE."""
+        return self.target_hook or self.hook
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,6 +173,42 @@ def splice_sae(model: nn.Module, hook: HookSpec, sae: Any, mask: Tensor | None =
     return splice(model, hook, lambda x: reconstruct(sae, x, add_error), mask)
 
 
+@contextmanager
+def splice_pair(
+    model: nn.Module,
+    hook: HookSpec,
+    target_hook: HookSpec,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    mask: Tensor | None = None,
+) -> Iterator[None]:
+    """Within the block, every forward pass of ``model`` keeps the rows of ``hook`` (x ``[n, d_in]``, unchanged)
+    and replaces the rows of ``target_hook`` (y ``[n, d_out]``, later in the same pass) by ``fn(x, y)`` (the same
+    real tokens, in the same order, as :func:`splice`'s ``mask`` selects them)."""
+    held: list[Tensor] = []
+
+    def keep(x: Tensor) -> Tensor:
+        held.append(x)
+        return x
+
+    def replace(y: Tensor) -> Tensor:
+        if not held:
+            raise RuntimeError(
+                f"{target_hook.module} ({target_hook.io}) ran before {hook.module} ({hook.io}) in the forward pass; "
+                "a transcoder's input must come before its target"
+            )
+        return fn(held.pop(), y)
+
+    with splice(model, hook, keep, mask), splice(model, target_hook, replace, mask):
+        yield
+
+
+def splice_transcoder(
+    model: nn.Module, hook: HookSpec, target_hook: HookSpec, sae: Any, mask: Tensor | None = None
+) -> Any:
+    """:func:`splice_pair` with a transcoder: y at ``target_hook`` becomes ``sae(x)``, x read at ``hook``."""
+    return splice_pair(model, hook, target_hook, lambda x, y: reconstruct(sae, x).to(y.dtype), mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # accumulators
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,9 +230,12 @@ class _Reconstruction:
     fired: Tensor | None = None
     head_sse: Tensor | None = None
 
-    def add(self, sae: Any, x: Tensor, x_hat: Tensor) -> None:
-        x64, err = x.double(), (x_hat.double() - x.double())
+    def add(self, sae: Any, x: Tensor, x_hat: Tensor, target: Tensor | None = None) -> None:
+        """One batch: ``x [n, d_in]`` the SAE's input, ``x_hat`` its reconstruction of ``target`` (a transcoder's y
+        ``[n, d_out]``; None: x itself)."""
         acts = sae.encode(x.to(sae.device, sae.dtype))
+        x = x if target is None else target
+        x64, err = x.double(), (x_hat.double() - x.double())
         firing = (acts != 0).cpu()
         self.tokens += x.shape[0]
         self.sse += float(err.pow(2).sum())
@@ -410,7 +460,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target
     head = model_head(model)
     if head == "masked" and not all(MLM_LABELS in b for b in batches):
         raise ValueError("a masked LM predicts masked tokens: prepare the batches with mask_for_mlm()")
-    hooks: list[HookSpec] = list(dict.fromkeys(t.hook for t in targets))
+    hooks: list[HookSpec] = list(dict.fromkeys(t.replaced for t in targets))
     means = _hook_means(model, batches, hooks)
     recon = {t.name: _Reconstruction(t.sae.cfg.d_sae, t.sae.cfg.n_heads) for t in targets}
     spliced = {t.name: _Downstream() for t in targets}
@@ -429,12 +479,16 @@ def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target
             n_ce += ref.n_ce
             for t in targets:
 
-                def fn(x: Tensor, t: Target = t) -> Tensor:
+                def fn(x: Tensor, y: Tensor | None = None, t: Target = t) -> Tensor:
                     x_hat = reconstruct(t.sae, x)
-                    recon[t.name].add(t.sae, x, x_hat)
-                    return x_hat
+                    recon[t.name].add(t.sae, x, x_hat, y)
+                    return x_hat if y is None else x_hat.to(y.dtype)
 
-                with splice(model, t.hook, fn, mask):
+                if t.target_hook is None:
+                    spliced_in = splice(model, t.hook, fn, mask)
+                else:
+                    spliced_in = splice_pair(model, t.hook, t.target_hook, fn, mask)
+                with spliced_in:
                     ref.compare(spliced[t.name], _run(model, inputs, head))
             for h, mu in zip(hooks, means):
                 with splice(model, h, torch.zeros_like, mask):
@@ -446,7 +500,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target
 
     metrics: dict[str, dict[str, Any]] = {}
     for t in targets:
-        s, z, m = spliced[t.name], zero[t.hook], mean[t.hook]
+        s, z, m = spliced[t.name], zero[t.replaced], mean[t.replaced]
         row: dict[str, Any] = {}
         if head != "none":
             clean_ce = ce_clean / max(1, n_ce)
@@ -482,7 +536,9 @@ def evaluate(model: nn.Module, batches: Sequence[dict], targets: Sequence[Target
             )
         row.update(recon[t.name].result())
         metrics[t.name] = row
-    info = {"hooks": {t.name: t.hook.to_dict() for t in targets}}
+    info: dict[str, Any] = {"hooks": {t.name: t.hook.to_dict() for t in targets}}
+    if any(t.target_hook is not None for t in targets):
+        info["target_hooks"] = {t.name: t.target_hook.to_dict() for t in targets if t.target_hook is not None}
     return EvalResult(metrics, head, n_real, n_texts, info)
 
 
@@ -538,6 +594,8 @@ def recorded_source(sae: Any) -> dict[str, Any]:
             out.update(ActivationCache(data, allow_incomplete=True).source)
     if isinstance(meta.get("hook_spec"), dict):
         out["hook"] = meta["hook_spec"]
+    if isinstance(meta.get("target_hook_spec"), dict):  # a transcoder's y
+        out["target_hook"] = meta["target_hook_spec"]
     if isinstance(meta.get("model_name"), str):
         out.setdefault("model", meta["model_name"])
     for key in ("text", "split", "heldout_fraction"):
@@ -562,12 +620,21 @@ class PeriodicEval:
     uninterrupted one. The evaluation reads the SAE only, so it does not change the training.
     """
 
-    def __init__(self, trainer: Any, model: nn.Module, batches: Sequence[dict], hook: HookSpec, every: int) -> None:
+    def __init__(
+        self,
+        trainer: Any,
+        model: nn.Module,
+        batches: Sequence[dict],
+        hook: HookSpec,
+        every: int,
+        target_hook: HookSpec | None = None,
+    ) -> None:
         import json
 
         if every < 1:
             raise ValueError(f"eval every must be >= 1 step, got {every}")
         self.trainer, self.model, self.batches, self.hook, self.every = trainer, model, batches, hook, every
+        self.target_hook = target_hook  # a transcoder's y
         self.next = (trainer.step // every + 1) * every
         self.results: list[dict[str, Any]] = []
         run_dir = trainer.run_dir
@@ -584,7 +651,8 @@ class PeriodicEval:
         if step < self.next and not last:
             return
         self.next = (step // self.every + 1) * self.every
-        result = evaluate(self.model, self.batches, [Target("sae", self.trainer.inference_sae(), self.hook)])
+        target = Target("sae", self.trainer.inference_sae(), self.hook, self.target_hook)
+        result = evaluate(self.model, self.batches, [target])
         row = {"step": step, "tokens": int(metrics["tokens"]), "eval_tokens": result.n_tokens}
         row.update(EvalResult(result.metrics, result.head, 0, 0).to_dict()["saes"]["sae"])
         self.results.append(row)

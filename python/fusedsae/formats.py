@@ -14,6 +14,11 @@ Matryoshka BatchTopK SAEs follow SAELens (>= 6.15): its training folder has ``ar
 ``metadata.training_architecture`` is ``"matryoshka_batchtopk"`` and whose ``metadata.training_architecture_details``
 holds ``k`` and ``matryoshka_widths``. fusedsae reads both back as a Matryoshka BatchTopK SAE (eval mode: the same
 JumpReLU maths SAELens serves; training mode: the widths' inner losses).
+
+Transcoders (``SAEConfig.d_out``) are written in SAELens's transcoder layout: ``d_out`` in ``cfg.json``,
+``W_dec [d_sae, d_out]``, ``b_dec [d_out]``, ``W_skip [d_out, d_in]`` for skip-transcoders, ``architecture``
+``transcoder`` / ``skip_transcoder`` (ReLU) or ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (JumpReLU, and
+BatchTopK with its threshold); see :func:`sae_lens_architecture` for the forms SAELens has no class for.
 """
 
 from __future__ import annotations
@@ -46,6 +51,28 @@ SAE_LENS_SCHEMA_VERSION = "6.0.0"
 # our activation -> SAELens inference architecture. BatchTopK is saved as JumpReLU with its scalar threshold
 # repeated over latents, exactly as SAELens saves its own BatchTopK SAEs for inference.
 _ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+# Transcoders (SAELens 6.x ``Transcoder``, ``SkipTranscoder``, ``JumpReLUTranscoder``, ``JumpReLUSkipTranscoder``:
+# ReLU or JumpReLU, input never centred, ``d_out`` in cfg.json, ``W_dec [d_sae, d_out]``, ``W_skip [d_out, d_in]``).
+# SAELens has no TopK transcoder: a TopK one is written as "topk_transcoder" / "topk_skip_transcoder", names SAELens
+# refuses by name (rather than running other maths); fusedsae reads it from metadata.fusedsae.
+_TRANSCODER_ARCHITECTURE = {"relu": "transcoder", "topk": "topk_transcoder", "jumprelu": "jumprelu_transcoder"}
+_TRANSCODER_ARCHITECTURE["batchtopk"] = _TRANSCODER_ARCHITECTURE["jumprelu"]
+# SAELens transcoder architecture -> (our activation, skip connection)
+_SAE_LENS_TRANSCODERS = {
+    "transcoder": ("relu", False),
+    "skip_transcoder": ("relu", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+
+
+def sae_lens_architecture(cfg: SAEConfig) -> str:
+    """The ``architecture`` of ``cfg.json`` for an SAE or transcoder of this config. An SAE with a skip path (as
+    sparsify allows) has no SAELens class: it is written as ``<architecture>_skip``, which SAELens refuses by name."""
+    if cfg.is_transcoder:
+        name = _TRANSCODER_ARCHITECTURE[cfg.activation]
+        return name.replace("transcoder", "skip_transcoder") if cfg.skip_connection else name
+    return _ARCHITECTURE[cfg.activation] + ("_skip" if cfg.skip_connection else "")
 
 
 class SAEFormatError(ValueError):
@@ -157,9 +184,10 @@ def sae_lens_config(sae: Any) -> dict[str, Any]:
     """The ``cfg.json`` dict of a :class:`fusedsae.SparseAutoencoder` in SAELens 6.x schema."""
     cfg: SAEConfig = sae.cfg
     out: dict[str, Any] = {
-        "architecture": _ARCHITECTURE[cfg.activation],
+        "architecture": sae_lens_architecture(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
+        **({"d_out": cfg.d_out} if cfg.is_transcoder else {}),
         "dtype": cfg.dtype,
         "device": str(sae.device),
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
@@ -188,6 +216,8 @@ def sae_tensors(sae: Any) -> dict[str, Tensor]:
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if sae.cfg.activation in ("jumprelu", "batchtopk"):
         tensors["threshold"] = sae.threshold
+    if sae.W_skip is not None:
+        tensors["W_skip"] = sae.W_skip
     return tensors
 
 
@@ -321,7 +351,7 @@ def check_sae_lens_cfg(raw: dict[str, Any], path: Path) -> None:
     meta = raw.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise _field_error(path, "metadata", f"must be an object, got {type(meta).__name__}")
-    for name in ("d_in", "d_sae", "k"):
+    for name in ("d_in", "d_sae", "k", "d_out"):
         _check_positive_int(raw, name, path)
     _check_dtype(raw, path)
     for name in ("architecture", "activation_fn", "activation_fn_str", "normalize_activations"):
@@ -345,14 +375,14 @@ def check_sae_lens_cfg(raw: dict[str, Any], path: Path) -> None:
         return
     if not isinstance(fused, dict):
         raise _field_error(path, "metadata.fusedsae", f"must be an object, got {type(fused).__name__}")
-    for name in ("d_in", "d_sae", "k", "n_heads"):
+    for name in ("d_in", "d_sae", "k", "n_heads", "d_out"):
         _check_positive_int(fused, name, path, "metadata.fusedsae.")
     _check_dtype(fused, path, "metadata.fusedsae.")
     try:
         cfg = SAEConfig.from_dict({**fused, "metadata": {}})
     except (TypeError, ValueError) as exc:
         raise _field_error(path, "metadata.fusedsae", f"is not a valid fusedsae config ({exc})") from exc
-    for name in ("d_in", "d_sae", "k", "dtype"):
+    for name in ("d_in", "d_sae", "k", "dtype", "d_out"):
         if name in raw and raw[name] is not None:
             top = raw[name] if name != "dtype" else str(raw[name]).removeprefix("torch.")
             if top != getattr(cfg, name):
@@ -434,6 +464,8 @@ def _config_from_sae_lens(
     raw = upgrade_sae_lens_config(raw)
     meta = raw.get("metadata") or {}
     architecture = raw.get("architecture", "standard")
+    if architecture in _SAE_LENS_TRANSCODERS:
+        return _transcoder_from_sae_lens(raw, tensors, path), dict(tensors), False
     matryoshka = sae_lens_matryoshka(raw, path)
     if matryoshka is not None:
         # read as a Matryoshka BatchTopK SAE: the training folder's scalar threshold (below, as batchtopk), or the
@@ -450,7 +482,7 @@ def _config_from_sae_lens(
     if activation is None:
         raise SAEFormatError(
             f"{path}: architecture {architecture!r} is not supported (fusedsae reads standard, topk, batchtopk, "
-            "matryoshka_batchtopk, jumprelu, and gated for inference)"
+            f"matryoshka_batchtopk, jumprelu, {', '.join(_SAE_LENS_TRANSCODERS)}, and gated for inference)"
         )
     if raw.get("normalize_activations") not in (None, "none"):
         raise SAEFormatError(
@@ -486,6 +518,35 @@ def _config_from_sae_lens(
     return cfg, weights, rescale
 
 
+def _transcoder_from_sae_lens(raw: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> SAEConfig:
+    """The config of a SAELens transcoder folder (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+    ``jumprelu_skip_transcoder``): ReLU or JumpReLU, ``d_out`` from cfg.json (else from ``W_dec``), the input
+    never centred (SAELens refuses ``apply_b_dec_to_input`` for transcoders)."""
+    architecture = raw["architecture"]
+    activation, skip = _SAE_LENS_TRANSCODERS[architecture]
+    W_enc, W_dec = tensors.get("W_enc"), tensors.get("W_dec")
+    if W_enc is None or W_enc.dim() != 2 or W_dec is None or W_dec.dim() != 2:
+        raise SAEFormatError(f"{path}: sae_weights.safetensors of a {architecture} needs 2-D W_enc and W_dec")
+    if raw.get("apply_b_dec_to_input"):
+        raise _field_error(path, "apply_b_dec_to_input", f"is true, which SAELens refuses for a {architecture}")
+    if raw.get("normalize_activations") not in (None, "none"):
+        raise SAEFormatError(
+            f"{path}: normalize_activations={raw['normalize_activations']!r} needs a run-time input scale that this "
+            "folder does not store; fold it into the weights first"
+        )
+    return SAEConfig(
+        d_in=int(raw.get("d_in", W_enc.shape[0])),
+        d_sae=int(raw.get("d_sae", W_enc.shape[1])),
+        d_out=int(raw.get("d_out", W_dec.shape[1])),
+        activation=activation,
+        skip_connection=skip,
+        apply_b_dec_to_input=False,
+        dtype=str(raw.get("dtype", "float32")),
+        metadata=_user_metadata(raw.get("metadata") or {}),
+        normalize_decoder=False,
+    )
+
+
 def _user_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """The metadata a user or SAELens put in a folder, without what fusedsae regenerates when it saves (its own
     config and versions, and the Matryoshka training-architecture keys of :func:`matryoshka_metadata`)."""
@@ -502,19 +563,24 @@ def _config_from_sparsify(raw: dict[str, Any], tensors: dict[str, Tensor], path:
         raise SAEFormatError(f"{path}: sae.safetensors has no 2-D encoder.weight")
     if raw.get("activation", "topk") != "topk":
         raise SAEFormatError(f"{path}: sparsify activation {raw['activation']!r} is not supported (topk only)")
-    if raw.get("transcode") or raw.get("skip_connection") or "W_skip" in tensors:
-        kind = "a transcoder (it predicts a module's output from its input" if raw.get("transcode") else "an SAE"
-        skip = " with a skip connection W_skip (output += x @ W_skip^T)" if "W_skip" in tensors else ""
+    for name in ("transcode", "skip_connection"):
+        if not isinstance(raw.get(name, False), bool):
+            raise _field_error(path, name, f"must be true or false, got {raw[name]!r}")
+    skip = bool(raw.get("skip_connection", False))
+    if skip != ("W_skip" in tensors):
         raise SAEFormatError(
-            f"{path} is a sparsify {kind}{skip}{')' if raw.get('transcode') else ''}; fusedsae.SparseAutoencoder "
-            "has no such terms. Load it with fusedsae.compat.sparsify.SparseCoder.load_from_disk, which runs it "
-            "exactly on fusedsae's ops"
+            f"{path}: skip_connection is {str(skip).lower()} but sae.safetensors {'lacks' if skip else 'holds'} W_skip"
         )
+    # sparsify's transcoders read one activation and reconstruct another of the same width (d_out = d_in), with
+    # an input not centred by b_dec; its skip path is x @ W_skip.T, W_skip [d_in, d_in], on SAEs too
+    transcode = bool(raw.get("transcode", False))
     return SAEConfig(
         d_in=int(W.shape[1]),
         d_sae=int(W.shape[0]),
         activation="topk",
         k=int(raw["k"]),
+        d_out=int(W.shape[1]) if transcode else None,
+        skip_connection=skip,
         dtype=str(W.dtype).removeprefix("torch."),
         normalize_decoder=bool(raw.get("normalize_decoder", True)),
         metadata={"source": "sparsify"},
@@ -630,9 +696,11 @@ def load_sae(
     layer: str | None = None,
 ) -> Any:
     """Loads an SAE folder written by fusedsae, SAELens (6.x or older; standard, topk, batchtopk, jumprelu,
-    Matryoshka BatchTopK in its training or inference form, read back as Matryoshka, and gated for inference),
-    sparsify (one layer, or ``layer=`` of a multi-layer root) or dictionary_learning (``ae.pt`` + ``config.json``:
-    AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder, and GatedAutoEncoder for inference).
+    Matryoshka BatchTopK in its training or inference form, read back as Matryoshka, the transcoders
+    ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``, and gated for
+    inference), sparsify (one layer, or ``layer=`` of a multi-layer root; transcoders and skip connections
+    included) or dictionary_learning (``ae.pt`` + ``config.json``: AutoEncoder, AutoEncoderTopK, BatchTopKSAE,
+    JumpReluAutoEncoder, and GatedAutoEncoder for inference).
 
     Returns a :class:`fusedsae.SparseAutoencoder`, except for gated folders (SAELens, dictionary_learning): a
     :class:`fusedsae.compat.sae_lens.GatedSAE` (inference only: ``encode``, ``decode``, ``forward``).
@@ -686,6 +754,7 @@ def load_sae(
             "b_enc": tensors["encoder.bias"],
             "W_dec": tensors["W_dec"],
             "b_dec": tensors["b_dec"],
+            **({"W_skip": tensors["W_skip"]} if "W_skip" in tensors else {}),
         }
     else:
         raise SAEFormatError(f"{folder} has {CFG_FILE} but neither {WEIGHTS_FILE} nor {SPARSIFY_WEIGHTS_FILE}")

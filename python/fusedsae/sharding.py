@@ -294,6 +294,17 @@ class ShardedTrainingOutput(TrainingOutput):
         return local if self.grid is None else self.grid.sum_over_shards(local.clone())
 
 
+# Latent sharding splits the decoder's output sums and AuxK over ranks for an SAE's maths; a transcoder's target y
+# and a skip path are not wired through it (yet). The Trainer refuses the same before it builds a process grid.
+TRANSCODER_REFUSAL = (
+    "latent sharding does not support {what} yet; train it with data parallelism only (--shard-latents 1)"
+)
+
+
+def transcoder_kind(cfg: SAEConfig) -> str:
+    return f"transcoders (d_out={cfg.d_out})" if cfg.is_transcoder else "skip connections (skip_connection=True)"
+
+
 class ShardedAutoencoder(SparseAutoencoder):
     """One slice of a latent-sharded SAE: ``W_enc [d_in, d_local]``, ``b_enc``, ``W_dec [d_local, d_in]``,
     ``threshold`` of this rank's latents ``[start, stop)``; ``b_dec [d_in]`` replicated.
@@ -311,10 +322,8 @@ class ShardedAutoencoder(SparseAutoencoder):
         # The slice's config: k may exceed the slice's width (each rank contributes min(k, width) candidates).
         local_k = None if full_cfg.k is None else min(full_cfg.k, stop - start)
         local_aux = min(full_cfg.aux_k, stop - start) if full_cfg.aux_k else full_cfg.aux_k
-        # Transcoders (SAEConfig.d_out / skip_connection, where this fusedsae has them) read x and reconstruct y:
-        # the sharded forward reconstructs its input only, so refuse them here rather than train the wrong target.
-        if getattr(full_cfg, "d_out", None) is not None or getattr(full_cfg, "skip_connection", False):
-            raise ValueError("transcoders cannot be latent-sharded yet; train them with --shard-latents 1")
+        if full_cfg.is_transcoder or full_cfg.skip_connection:
+            raise ValueError(TRANSCODER_REFUSAL.format(what=transcoder_kind(full_cfg)))
         # set before the base class's __init__, which calls reset_parameters
         self.full_cfg = full_cfg
         self.grid = grid

@@ -31,11 +31,11 @@ from fusedsae import checkpoint as ckpt
 from fusedsae import metrics as M
 from fusedsae.checkpoint import CheckpointError, CheckpointMismatch, RunFolderError
 from fusedsae.config import SPARSE_ACTIVATIONS, SAEConfig
-from fusedsae.data import DataError, as_source
+from fusedsae.data import DataError, as_source, check_widths, split_pair
 from fusedsae.formats import atomic_write, read_json, write_json
 from fusedsae.sae import SparseAutoencoder, TrainingOutput
 from fusedsae.sharded_files import SlicedTensor, write_sliced_safetensors
-from fusedsae.sharding import LATENT_DIM, ProcessGrid, ShardedAutoencoder
+from fusedsae.sharding import LATENT_DIM, TRANSCODER_REFUSAL, ProcessGrid, ShardedAutoencoder, transcoder_kind
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -186,6 +186,12 @@ class Trainer:
     any iterable of ``[n, d_in]`` tensors (a generator, a ``DataLoader``) or a ``--data`` spec string. Every step
     takes exactly ``cfg.batch_size`` rows; a source that cannot fill that is a :class:`~fusedsae.data.DataError`.
 
+    A transcoder (``sae.cfg.d_out`` set) trains on rows ``[x | y]`` of width ``d_in + d_out`` (every source gives
+    them as for an SAE, so shuffling, resuming and data parallelism are unchanged); each batch is split with
+    :func:`fusedsae.data.split_pair`. ``normalize_activations="expected_average_only_in"`` then scales x and y
+    each by its own factor (E‖x‖ = sqrt(d_in), E‖y‖ = sqrt(d_out)), both folded into the saved weights
+    (:meth:`SparseAutoencoder.fold_activation_norm_scaling_factor`). Latent sharding refuses transcoders.
+
     ``callbacks``: each is called on rank 0 with every logged metrics dict (the keys and values of a
     ``metrics.jsonl`` line: ``step``, ``tokens``, ``loss``, ``fvu``, ``l0``, ``dead_fraction``…), as
     ``callback(metrics)``; one that has a ``close()`` method has it called once when :meth:`train` returns or
@@ -209,6 +215,8 @@ class Trainer:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.grid: ProcessGrid | None = None
+        if self.cfg.shard_latents > 1 and (sae.cfg.is_transcoder or sae.cfg.skip_connection):
+            raise ValueError(TRANSCODER_REFUSAL.format(what=transcoder_kind(sae.cfg)))
         if self.cfg.shard_latents > 1 or isinstance(sae, ShardedAutoencoder):
             self.grid = sae.grid if isinstance(sae, ShardedAutoencoder) else ProcessGrid(self.cfg.shard_latents)
             if not isinstance(sae, ShardedAutoencoder):
@@ -224,8 +232,8 @@ class Trainer:
         self.data = as_source(
             data, self.cfg.batch_size, seed=self.cfg.seed, rank=self.data_rank, world_size=self.world_size
         )
-        if int(self.data.d_in) != sae.cfg.d_in:
-            raise DataError(f"the data has d_in={self.data.d_in} but the SAE expects d_in={sae.cfg.d_in}")
+        # d_in and d_out both: a transcoder refuses plain rows of the right total width (and an SAE pairs)
+        check_widths(self.data, sae.cfg.d_in, sae.cfg.d_out)
         check_batch_size(sae.cfg, self.cfg.batch_size)
         self.device = sae.device
         params = [p for p in sae.parameters() if p.requires_grad]
@@ -251,6 +259,7 @@ class Trainer:
         self.window_steps = 0
         self.window_tokens = 0
         self.act_scale: float | None = None
+        self.out_scale: float | None = None  # a transcoder's scale of y (normalize_activations)
         self.last_metrics: dict[str, Any] = {}
         self.run_dir = Path(self.cfg.run_dir) if self.cfg.run_dir else None
         self.run_id = self.cfg.run_id
@@ -328,26 +337,34 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------------------
 
     def _checked(self, x: Tensor) -> Tensor:
-        """A batch of exactly ``[batch_size, d_in]`` (shapes only: no device sync); a source that cannot fill a
-        batch is an error, not a silently smaller step."""
-        if x.dim() != 2 or x.shape[0] != self.cfg.batch_size or x.shape[1] != self.sae.cfg.d_in:
+        """A batch of exactly ``[batch_size, d_in]`` (a transcoder's: ``[batch_size, d_in + d_out]``; shapes only,
+        no device sync); a source that cannot fill a batch is an error, not a silently smaller step."""
+        width = self.sae.cfg.data_width
+        if x.dim() != 2 or x.shape[0] != self.cfg.batch_size or x.shape[1] != width:
+            what = f"d_in={width}" if not self.sae.cfg.is_transcoder else f"d_in + d_out={width}"
             raise DataError(
                 f"the data gave a batch of shape {tuple(x.shape)} at step {self.step}, but training needs "
-                f"[batch_size={self.cfg.batch_size}, d_in={self.sae.cfg.d_in}]"
+                f"[batch_size={self.cfg.batch_size}, {what}]"
             )
         return x
 
     def _prepare(self, x: Tensor) -> Tensor:
         return x.to(self.device, self.sae.dtype, non_blocking=True)
 
-    def _first_batch(self, x: Tensor) -> None:
-        """Input scale and b_dec from the first batch (rank 0's, broadcast so all ranks start identical)."""
+    def _first_batch(self, batch: Tensor) -> None:
+        """Input scale(s) and b_dec from the first batch (rank 0's, broadcast so all ranks start identical). A
+        transcoder's x and y get a scale each, and b_dec (in y's space) comes from y."""
         sae = self.sae
+        x, y = self._split(batch)
         if sae.cfg.normalize_activations == "expected_average_only_in":
             mean_norm = x.float().norm(dim=-1).mean()
             self.act_scale = float(math.sqrt(sae.cfg.d_in) / mean_norm.clamp_min(1e-12))
+            if y is not None:
+                out_norm = y.float().norm(dim=-1).mean()
+                self.out_scale = float(math.sqrt(sae.cfg.out_width) / out_norm.clamp_min(1e-12))
         if self.cfg.b_dec_init != "keep":
-            sae.init_b_dec(self._scale(x), self.cfg.b_dec_init)
+            x, y = self._split(self._scale(batch))
+            sae.init_b_dec(x if y is None else y, self.cfg.b_dec_init)
         if self.distributed:
             for name, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
                 if self.grid is not None and self.grid.replicas > 1 and name in LATENT_DIM:
@@ -355,12 +372,28 @@ class Trainer:
                     dist.broadcast(tensor.data, src=self.grid.shard_rank, group=self.grid.replica_group)
                 elif self.grid is None or name not in LATENT_DIM:
                     dist.broadcast(tensor.data, src=0)
-            scale = torch.tensor([self.act_scale or 0.0], dtype=torch.float64, device=self.device)
+            scale = torch.tensor(
+                [self.act_scale or 0.0, self.out_scale or 0.0], dtype=torch.float64, device=self.device
+            )
             dist.broadcast(scale, src=0)
-            self.act_scale = float(scale) or None
+            self.act_scale = float(scale[0]) or None
+            self.out_scale = float(scale[1]) or None
 
-    def _scale(self, x: Tensor) -> Tensor:
-        return x if self.act_scale is None else x * self.act_scale
+    def _split(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(x, y)`` of a transcoder's ``[x | y]`` rows (:func:`fusedsae.data.split_pair`); ``(batch, None)`` for
+        an SAE."""
+        if not self.sae.cfg.is_transcoder:
+            return batch, None
+        return split_pair(batch, self.sae.cfg.d_in)
+
+    def _scale(self, batch: Tensor) -> Tensor:
+        """The batch with the input scale(s) applied: a transcoder's x and y columns each by its own factor."""
+        if self.act_scale is None:
+            return batch
+        if self.out_scale is None:
+            return batch * self.act_scale
+        x, y = split_pair(batch, self.sae.cfg.d_in)
+        return torch.cat([x * self.act_scale, y * self.out_scale], dim=-1)
 
     def _all_reduce_grads(self, flags: Tensor) -> Tensor:
         """Averages the gradients over ranks; the guard's ``flags`` ride along in the same all-reduce (summed), so
@@ -517,7 +550,8 @@ class Trainer:
             )
 
     def train_step(self, x: Tensor) -> TrainingOutput:
-        """One optimizer step on batch ``x [batch, d_in]`` (already on the device).
+        """One optimizer step on batch ``x [batch, d_in]`` (a transcoder's ``[x | y]`` rows ``[batch, d_in +
+        d_out]``), already on the device.
 
         A step whose inputs, loss or gradients hold a NaN/Inf changes nothing (weights, Adam's moments, firing
         counters); the guard counts it on the device (see :meth:`check_divergence`).
@@ -529,13 +563,15 @@ class Trainer:
                 self.grid.assert_same("the first batch", batch, over_shards=True)
             self._first_batch(x)
         x = self._scale(x)
+        inputs, target = self._split(x)
+        pair = (inputs,) if target is None else (inputs, target)  # the sharded SAE (no transcoders) takes no y
         sae.train()
         dead = capacity = None
         if sae.cfg.aux_k:
             dead = self.dead_mask()
             capacity = self.dead_capacity(x.shape[0] * self.world_size)
         out = sae.training_forward(
-            x,
+            *pair,
             dead_mask=dead,
             coefficient_scale=self.coefficient_scale(self.step),
             dead_capacity=capacity,
@@ -594,11 +630,11 @@ class Trainer:
                 "loss": out.loss.detach().float(),
                 **{k: v.detach().float() for k, v in out.losses.items()},
                 "l0": out.l0(),
-                "mse": M.mse(out.sae_in, out.sae_out),
-                "explained_variance_legacy": M.explained_variance_legacy(out.sae_in, out.sae_out),
+                "mse": M.mse(out.target, out.sae_out),
+                "explained_variance_legacy": M.explained_variance_legacy(out.target, out.sae_out),
             }
             # FVU is a ratio: average its moments over the ranks, not the ranks' ratios (the global batch's FVU)
-            moments = M.fvu_moments(out.sae_in, out.sae_out)
+            moments = M.fvu_moments(out.target, out.sae_out)
             stacked = torch.cat([torch.stack([v.to(self.device).double() for v in values.values()]), moments])
             if self.grid is not None:  # the ranks of a shard group hold the same values: average the replicas
                 self.grid.sum_over_replicas(stacked)
@@ -776,7 +812,7 @@ class Trainer:
         gathers it: every rank must call this)."""
         sae = copy.deepcopy(self.full_sae()).eval()
         if self.act_scale is not None:
-            sae.fold_activation_norm_scaling_factor(self.act_scale)
+            sae.fold_activation_norm_scaling_factor(self.act_scale, self.out_scale)
         return sae
 
     def _refuse_nonfinite(self, tensors: dict[str, Tensor], what: str) -> None:
@@ -811,7 +847,7 @@ class Trainer:
         part = self.sae
         if self.act_scale is not None:  # a copy of the slice only (the grid and its process groups are shared)
             part = copy.deepcopy(self.sae, {id(self.grid): self.grid})
-            part.fold_activation_norm_scaling_factor(self.act_scale)
+            part.fold_activation_norm_scaling_factor(self.act_scale, self.out_scale)
         self._refuse_nonfinite_sliced(dict(part.state_dict()), f"{self.run_dir / FINAL_SAE_DIR}")
         path = None
         if self.grid.replica_rank == 0:  # the other replicas hold the same slices
@@ -832,6 +868,7 @@ class Trainer:
             "train": asdict(self.cfg),
             "data": self.data.describe() if hasattr(self.data, "describe") else {},
             "act_scale": self.act_scale,
+            "act_scale_out": self.out_scale,
         }
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
 
@@ -890,6 +927,7 @@ class Trainer:
                 "window_steps": self.window_steps,
                 "window_tokens": self.window_tokens,
                 "act_scale": self.act_scale,
+                "act_scale_out": self.out_scale,
                 "data": self.data.state_dict(),
                 "data_source": describe_data(self.data),  # which data: a resume on other data is refused
                 "sae_config": self.full_sae_config().to_dict(),
@@ -1088,6 +1126,7 @@ class Trainer:
         self.window_steps = int(state["window_steps"])
         self.window_tokens = int(state["window_tokens"])
         self.act_scale = state["act_scale"]
+        self.out_scale = state.get("act_scale_out")  # absent in checkpoints of SAEs written before transcoders
         self.data.load_state_dict(state["data"])
         skipped = state.get("skipped_steps", 0)
         self.skipped_before = skipped if isinstance(skipped, int) else 0
@@ -1148,6 +1187,12 @@ def check_trainer_state(contents: dict[str, Any], folder: Path) -> dict[str, Any
                 f"{folder}/trainer.json: field {name!r} is {'missing' if name not in state else repr(value)[:60]}, "
                 f"expected {' or '.join(t.__name__ for t in types)}; the checkpoint was edited or damaged"
             )
+    out_scale = state.get("act_scale_out")
+    if out_scale is not None and (not isinstance(out_scale, (float, int)) or isinstance(out_scale, bool)):
+        raise CheckpointError(
+            f"{folder}/trainer.json: field 'act_scale_out' is {repr(out_scale)[:60]}, expected float or null; the "
+            "checkpoint was edited or damaged"
+        )
     counters = contents["counters.safetensors"]
     for name in ("tokens_since_fired", "fire_counts", "rng.torch"):
         if name not in counters:

@@ -277,6 +277,11 @@ def weight_head_shares(sae: SparseAutoencoder, which: str = "decoder", n_heads: 
     (rows sum to 1). ``which="decoder"``: the share of head h's block in ``W_dec[f]`` (where the feature writes);
     ``"encoder"``: in ``W_enc[:, f]`` (what it reads)."""
     heads = _n_heads(sae, n_heads)
+    if which == "decoder" and sae.cfg.is_transcoder:
+        raise ValueError(
+            f"a transcoder's decoder writes its output y (d_out={sae.cfg.d_out}), not the heads' z: it has no head "
+            "blocks; use which='encoder'"
+        )
     if which == "decoder":
         weights = sae.W_dec.detach()
     elif which == "encoder":
@@ -307,6 +312,12 @@ def single_head_ablations(
     _check_mode(sae)
     if replacement not in ("zero", "b_dec"):
         raise ValueError(f"replacement must be 'zero' or 'b_dec', got {replacement!r}")
+    if replacement == "b_dec" and not sae.cfg.apply_b_dec_to_input:
+        why = "a transcoder: b_dec lives in its output space" if sae.cfg.is_transcoder else "apply_b_dec_to_input=False"
+        raise ValueError(
+            f"replacement='b_dec' needs an SAE that centres its input by b_dec; this one does not ({why}); use "
+            "replacement='zero'"
+        )
     lead = z.shape[:-1]
     z2 = sae.flatten_input(z)
     d_sae, d_in = sae.cfg.d_sae, sae.cfg.d_in

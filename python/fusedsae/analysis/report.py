@@ -110,6 +110,8 @@ class FeatureReport:
     decoder_shares: list[float]
     convention: str
     contexts: list[Context] = field(default_factory=list)
+    #: which weights ``decoder_shares`` come from: "decoder", or "encoder" for a transcoder (its decoder writes y)
+    shares_of: str = "decoder"
 
     def mean_abs_shares(self) -> list[float]:
         """Mean over the contexts of each head's share of ``sum_h |c_h|``."""
@@ -136,7 +138,8 @@ def build_reports(
     pass; otherwise ``z_of_row`` gives the stored z of a scanned row (per-head figures only)."""
     from fusedsae.capture import capture_attention
 
-    shares = weight_head_shares(sae, "decoder")
+    shares_of = "encoder" if sae.cfg.is_transcoder else "decoder"
+    shares = weight_head_shares(sae, shares_of)
     reports = []
     for f in features:
         report = FeatureReport(
@@ -144,6 +147,7 @@ def build_reports(
             frequency=float(found.counts[f]) / max(1, found.n_tokens),
             decoder_shares=shares[f].tolist(),
             convention=convention,
+            shares_of=shares_of,
         )
         for value, row in zip(found.top_values[f].tolist(), found.top_rows[f].tolist()):
             if value == float("-inf"):
@@ -190,7 +194,7 @@ def format_report(report: FeatureReport, n_sources: int = 3) -> str:
     n_heads = len(report.decoder_shares)
     ranked = sorted(range(n_heads), key=lambda h: -report.decoder_shares[h])
     lines = [
-        f"feature {report.feature}: fires on {100 * report.frequency:.2f}% of tokens; decoder head shares "
+        f"feature {report.feature}: fires on {100 * report.frequency:.2f}% of tokens; {report.shares_of} head shares "
         + ", ".join(f"h{h} {report.decoder_shares[h]:.2f}" for h in ranked[:4]),
         f"  ({report.convention} convention: activation = constant + sum of the {n_heads} head contributions)",
     ]

@@ -21,11 +21,11 @@ Covered (names, fields, defaults and maths as SAELens 6.x):
 
 Not covered, and why: TransformerLens ``HookPoint``s and ``HookedSAETransformer`` (hook points would force the
 dense activations the fused kernels avoid; splice the SAE in with your own forward hook), ``from_pretrained``
-(fusedsae never downloads; fetch the folder and call ``load_from_disk``), transcoders, Matryoshka's
-``use_matryoshka_aux_loss`` and the newer research architectures, ``covariance_whitening``, JumpReLU's
-``pre_act_loss_coefficient`` and ``jumprelu_ste_to_input=True`` (refused at construction with that reason), gated
-*training* (gated folders load for inference), and ``use_sparse_activations`` (the sparse path is what fusedsae
-always runs).
+(fusedsae never downloads; fetch the folder and call ``load_from_disk``), transcoder *training* (SAELens trains
+none; its four transcoder classes are covered for inference and files), Matryoshka's ``use_matryoshka_aux_loss``
+and the newer research architectures, ``covariance_whitening``, JumpReLU's ``pre_act_loss_coefficient`` and
+``jumprelu_ste_to_input=True`` (refused at construction with that reason), gated *training* (gated folders load
+for inference), and ``use_sparse_activations`` (the sparse path is what fusedsae always runs).
 
 Where it goes through the fused kernels: TopK and BatchTopK ``training_forward_pass`` and ``forward`` run the
 fused encoder + selection (+ AuxK selection among dead latents) and the sparse decoder without forming the
@@ -211,6 +211,55 @@ class GatedSAEConfig(SAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "gated"
+
+
+@dataclass
+class TranscoderConfig(SAEConfig):
+    """SAELens's transcoder config: reads ``x [..., d_in]``, reconstructs ``y [..., d_out]``; the input is never
+    centred, so ``apply_b_dec_to_input=True`` is refused (as SAELens refuses it)."""
+
+    d_out: int = 768
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "transcoder"
+
+    def __post_init__(self) -> None:
+        if self.apply_b_dec_to_input:
+            raise ValueError("apply_b_dec_to_input is not supported for transcoders")
+        if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out < 1:
+            raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
+        super().__post_init__()
+
+
+@dataclass
+class SkipTranscoderConfig(TranscoderConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "skip_transcoder"
+
+
+@dataclass
+class JumpReLUTranscoderConfig(TranscoderConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "jumprelu_transcoder"
+
+
+@dataclass
+class JumpReLUSkipTranscoderConfig(JumpReLUTranscoderConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "jumprelu_skip_transcoder"
+
+
+# transcoder architecture -> the maths of its encoder (the architecture name the methods below branch on)
+_TRANSCODER_ACTIVATION = {
+    "transcoder": "standard",
+    "skip_transcoder": "standard",
+    "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
+}
 
 
 @dataclass(kw_only=True)
@@ -432,7 +481,11 @@ class SAE(nn.Module):
 
     Parameters (SAELens names and shapes): ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]`` (not gated),
     ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``; JumpReLU ``threshold [d_sae]``; gated ``b_gate``, ``r_mag``,
-    ``b_mag [d_sae]``; BatchTopK (training) the buffer ``topk_threshold`` (0-dim float64).
+    ``b_mag [d_sae]``; BatchTopK (training) the buffer ``topk_threshold`` (0-dim float64). Transcoders (inference,
+    as SAELens 6.x: ``Transcoder``, ``SkipTranscoder``, ``JumpReLUTranscoder``, ``JumpReLUSkipTranscoder``):
+    ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``, skip ones ``W_skip [d_out, d_in]`` (``forward`` adds
+    ``x @ W_skip.T``; ``decode`` does not); no input centring, no hook_z reshaping and no output de-normalisation
+    (SAELens's transcoders do neither).
     """
 
     cfg: Any
@@ -453,19 +506,32 @@ class SAE(nn.Module):
             raise ValueError(f"a {cfg.architecture()!r} config builds a {expected.__name__}, not {type(self).__name__}")
         self.cfg = cfg
         self.use_error_term = use_error_term
-        # the maths to run: a Matryoshka BatchTopK SAE is a BatchTopK SAE plus inner losses in training
-        self.architecture = _RUNS_AS.get(cfg.architecture(), cfg.architecture())
-        self._hook_z = cfg.reshape_activations == "hook_z" and not self._training_class
+        #: a transcoder's architecture name; None for an SAE
+        self.transcoder = cfg.architecture() if cfg.architecture() in _TRANSCODER_ACTIVATION else None
+        # the maths to run: a Matryoshka BatchTopK SAE is a BatchTopK SAE plus inner losses in training; a
+        # transcoder runs its encoder's (standard or jumprelu)
+        arch = cfg.architecture()
+        self.architecture = _RUNS_AS.get(arch, _TRANSCODER_ACTIVATION.get(arch, arch))
+        self._hook_z = cfg.reshape_activations == "hook_z" and not self._training_class and not self.transcoder
         self.d_head: int | None = None
+        self.d_out = int(getattr(cfg, "d_out", cfg.d_in))
         factory = {"dtype": dtype_from_name(cfg.dtype), "device": cfg.device}
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
-        w_dec = torch.empty(cfg.d_sae, cfg.d_in, **factory)
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
+        w_dec = torch.empty(cfg.d_sae, self.d_out, **factory)
         nn.init.kaiming_uniform_(w_dec)
         init_norm = getattr(cfg, "decoder_init_norm", None)
         if init_norm is not None:
             w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * init_norm
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone().contiguous())
+        if self.transcoder:  # input and output are different spaces: SAELens draws the encoder on its own
+            w_enc = torch.empty(cfg.d_in, cfg.d_sae, **factory)
+            nn.init.kaiming_uniform_(w_enc)
+            self.W_enc = nn.Parameter(w_enc)
+        else:
+            self.W_enc = nn.Parameter(w_dec.T.clone().contiguous())
+        self.W_skip: nn.Parameter | None = None
+        if self.transcoder and "skip" in self.transcoder:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, cfg.d_in, **factory))
         if self.architecture == "gated":
             self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
             self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
@@ -555,6 +621,8 @@ class SAE(nn.Module):
         return x.reshape(-1, self.cfg.d_in), lead
 
     def _sae_out(self, out: Tensor, lead: torch.Size) -> Tensor:
+        if self.transcoder:  # SAELens's transcoders undo no normalisation: the output is another activation
+            return out.reshape(*lead, self.d_out)
         out = self.run_time_activation_norm_fn_out(out.reshape(*lead, self.cfg.d_in))
         if self._hook_z and self.d_head is not None:
             out = out.unflatten(-1, (-1, self.d_head))
@@ -633,7 +701,8 @@ class SAE(nn.Module):
         return acts.reshape(*lead, -1), pre.reshape(*lead, -1)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
-        """``feature_acts [..., d_sae] -> [..., d_in]``: ``acts @ W_dec + b_dec`` (``acts / ‖W_dec row‖`` first
+        """``feature_acts [..., d_sae] -> [..., d_in]`` (a transcoder's ``d_out``, without its skip path):
+        ``acts @ W_dec + b_dec`` (``acts / ‖W_dec row‖`` first
         when rescaling), then the run-time normalisation is undone."""
         acts = feature_acts.to(self.dtype)
         if self._rescales():
@@ -658,8 +727,13 @@ class SAE(nn.Module):
         return self._sae_out(F.decode(acts, self.W_dec, self.b_dec), lead)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction; with ``use_error_term`` the exact error is added, so the output equals ``x``."""
+        """Reconstruction; with ``use_error_term`` the exact error is added, so the output equals ``x``. A
+        transcoder returns its prediction of y (skip path included) and has no error term (SAELens's has none)."""
         sae_out = self._forward_flat(x)
+        if self.transcoder:
+            if self.W_skip is not None:
+                sae_out = sae_out + x.to(self.dtype) @ self.W_skip.T
+            return sae_out
         if self.use_error_term:
             with torch.no_grad():
                 sae_out = sae_out + (x - self._forward_flat(x))
@@ -796,6 +870,8 @@ class SAE(nn.Module):
         sae = SparseAutoencoder(
             d_in=self.cfg.d_in,
             d_sae=self.cfg.d_sae,
+            d_out=self.d_out if self.transcoder else None,
+            skip_connection=self.W_skip is not None,
             activation=activation[self.architecture],
             k=getattr(self.cfg, "k", None),
             apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
@@ -808,6 +884,8 @@ class SAE(nn.Module):
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(getattr(self, name))
+            if self.W_skip is not None:
+                sae.W_skip.copy_(self.W_skip)
             if self.architecture == "jumprelu":
                 sae.threshold.copy_(self.threshold)
             if self.architecture == "batchtopk":
@@ -1008,6 +1086,22 @@ class GatedSAE(SAE):
         return sae.eval()
 
 
+class Transcoder(SAE):
+    """``f(x) = relu(x W_enc + b_enc) W_dec + b_dec``, ``[..., d_in] -> [..., d_out]``."""
+
+
+class SkipTranscoder(Transcoder):
+    """A :class:`Transcoder` whose ``forward`` adds ``x @ W_skip.T`` (``W_skip [d_out, d_in]``, zeros at first)."""
+
+
+class JumpReLUTranscoder(Transcoder):
+    """A :class:`Transcoder` with SAELens's JumpReLU: ``relu(pre) * (pre > threshold)``."""
+
+
+class JumpReLUSkipTranscoder(JumpReLUTranscoder, SkipTranscoder):
+    pass
+
+
 class StandardTrainingSAE(TrainingSAE):
     pass
 
@@ -1051,6 +1145,10 @@ _INFERENCE: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "topk": (TopKSAE, TopKSAEConfig),
     "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
     "gated": (GatedSAE, GatedSAEConfig),
+    "transcoder": (Transcoder, TranscoderConfig),
+    "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+    "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+    "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig),
 }
 _TRAINING: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "standard": (StandardTrainingSAE, StandardTrainingSAEConfig),
@@ -1068,12 +1166,18 @@ __all__ = [
     "GatedSAEConfig",
     "JumpReLUSAE",
     "JumpReLUSAEConfig",
+    "JumpReLUSkipTranscoder",
+    "JumpReLUSkipTranscoderConfig",
     "JumpReLUTrainingSAE",
     "JumpReLUTrainingSAEConfig",
+    "JumpReLUTranscoder",
+    "JumpReLUTranscoderConfig",
     "MatryoshkaBatchTopKTrainingSAE",
     "MatryoshkaBatchTopKTrainingSAEConfig",
     "SAEConfig",
     "SAEMetadata",
+    "SkipTranscoder",
+    "SkipTranscoderConfig",
     "StandardSAE",
     "StandardSAEConfig",
     "StandardTrainingSAE",
@@ -1087,5 +1191,7 @@ __all__ = [
     "TrainStepOutput",
     "TrainingSAE",
     "TrainingSAEConfig",
+    "Transcoder",
+    "TranscoderConfig",
     "as_config",
 ]

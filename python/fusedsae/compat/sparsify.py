@@ -315,17 +315,18 @@ class SparseCoder(nn.Module):
     # -------------------------------------------------------------------------------------------------------------
 
     def to_fusedsae(self) -> Any:
-        """This coder as a :class:`fusedsae.SparseAutoencoder` (TopK; a copy). Refuses skip connections and
-        transcoders, which that class does not model."""
+        """This coder as a :class:`fusedsae.SparseAutoencoder` (TopK; a copy): a transcoder (``transcode``)
+        becomes one with ``d_out = d_in`` and an uncentred input, a skip connection ``skip_connection=True`` with
+        the same ``W_skip``."""
         from fusedsae.sae import SparseAutoencoder
 
-        if self.W_skip is not None or self.cfg.transcode:
-            raise ValueError("a sparsify transcoder or skip-connection coder has no fusedsae.SparseAutoencoder form")
         sae = SparseAutoencoder(
             d_in=self.d_in,
             d_sae=self.num_latents,
             activation="topk",
             k=self.cfg.k,
+            d_out=self.d_in if self.cfg.transcode else None,
+            skip_connection=self.W_skip is not None,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             normalize_decoder=self.cfg.normalize_decoder,
@@ -336,7 +337,49 @@ class SparseCoder(nn.Module):
             sae.b_enc.copy_(self.encoder.bias)
             sae.W_dec.copy_(self._decoder())
             sae.b_dec.copy_(self.b_dec)
+            if sae.W_skip is not None:
+                sae.W_skip.copy_(self.W_skip)
         return sae
+
+    @staticmethod
+    def from_fusedsae(sae: Any) -> SparseCoder:
+        """A :class:`fusedsae.SparseAutoencoder` as sparsify's coder (a copy), for sparsify's folder format
+        (:meth:`save_to_disk`). sparsify models TopK only, transcoders only with ``d_out = d_in`` (``transcode``:
+        the input not centred) and SAEs only with a centred input; anything else raises ``ValueError`` naming
+        why."""
+        cfg = sae.cfg
+        if cfg.activation != "topk" or cfg.matryoshka_widths:
+            raise ValueError(
+                f"sparsify's format holds TopK coders only; this SAE is {cfg.activation}"
+                + (" with matryoshka_widths" if cfg.matryoshka_widths else "")
+                + "; save it in SAELens's format (sae.save(path))"
+            )
+        if cfg.is_transcoder and cfg.d_out != cfg.d_in:
+            raise ValueError(
+                f"sparsify's transcoders reconstruct an output as wide as their input; this one maps d_in={cfg.d_in} "
+                f"to d_out={cfg.d_out}; save it in SAELens's format (sae.save(path))"
+            )
+        if not cfg.is_transcoder and not cfg.apply_b_dec_to_input:
+            raise ValueError(
+                "sparsify's SAEs always centre their input by b_dec; this SAE has apply_b_dec_to_input=False; save it "
+                "in SAELens's format (sae.save(path))"
+            )
+        coder_cfg = SparseCoderConfig(
+            num_latents=cfg.d_sae,
+            k=int(cfg.k),
+            normalize_decoder=bool(cfg.normalize_decoder),
+            skip_connection=cfg.skip_connection,
+            transcode=cfg.is_transcoder,
+        )
+        coder = SparseCoder(cfg.d_in, coder_cfg, device=sae.device, dtype=sae.dtype)
+        with torch.no_grad():
+            coder.encoder.weight.copy_(sae.W_enc.t())
+            coder.encoder.bias.copy_(sae.b_enc)
+            coder._decoder().copy_(sae.W_dec)
+            coder.b_dec.copy_(sae.b_dec)
+            if coder.W_skip is not None:
+                coder.W_skip.copy_(sae.W_skip)
+        return coder
 
 
 Sae = SparseCoder
