@@ -26,6 +26,7 @@ from fusedsae.data import (
     parse_live_spec,
     split_pair,
 )
+from fusedsae.formats import load_sae
 
 D_IN, D_OUT = 6, 5
 
@@ -427,3 +428,87 @@ def test_matryoshka_skip_transcoder_gradients_match_dense_masking():
     for name, p in sae.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, msg=name)
     assert fused["W_skip"].abs().max() > 0.1
+
+
+def test_train_a_transcoder_with_eval_every_scores_the_transcoder(tmp_path, monkeypatch):
+    """`fusedsae train --eval-every` on a pair cache evaluates the transcoder: x read at the cache's hook, y replaced
+    at its target hook, reconstruction metrics against y. The last eval.jsonl row (the saved transcoder) is
+    recomputed here by hand on the batches the callback used: y's explained variance, and the hidden-state error of
+    a forward pass whose MLP output rows are replaced by the transcoder of the MLP input rows."""
+    from fusedsae import evals as E
+
+    model, tok = minilm.model()
+    monkeypatch.setattr(C, "load_model", lambda name, device="cpu", with_head=False: (model, tok))
+    seen = []
+    real_evaluate = E.evaluate
+
+    def spy(model_, batches, targets):
+        seen.append((list(batches), list(targets)))
+        return real_evaluate(model_, batches, targets)
+
+    monkeypatch.setattr(E, "evaluate", spy)
+    hooks = _mlp()
+    texts = list(minilm.texts(12))
+    source = {"model": "minilm", "text": "pydoc"}
+    K.write_cache(
+        tmp_path / "pairs", model, tok, texts, hooks.input, source=source, max_length=64, target_hook=hooks.output
+    )
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "pairs"), "--d-sae", "64", "--k", "4", "--batch-size", "64"]
+    args += ["--eval-every", "2", "--eval-tokens", "100", "--log-every", "1", "--steps", "3"]
+    assert cli.main([*args, "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and len(seen) == 2
+    batches, targets = seen[-1]
+    assert [(t.hook, t.target_hook) for t in targets] == [(hooks.input, hooks.output)]
+
+    tc = load_sae(out / "sae").eval()
+    assert tc.cfg.d_out == 384
+    sse = sse_x = sum_y = sum_x = sum_sq = sum_sq_x = hidden_sse = ablated_sse = 0.0
+    n = 0
+    for inputs in batches:
+        mask = inputs["attention_mask"].bool()
+        with torch.no_grad():
+            clean = model(**inputs).last_hidden_state
+            spliced = _mlp_output_replaced_by_hand(model, inputs, lambda x: tc(x.to(tc.dtype)))
+            ablated = _mlp_output_replaced_by_hand(model, inputs, torch.zeros_like)
+            pair = C.capture_pairs(model, inputs, hooks.input, hooks.output).acts
+            y_hat = tc(pair["x"].to(tc.dtype)).double()
+        x, y = pair["x"].double(), pair["y"].double()
+        sse += float((y_hat - y).pow(2).sum())
+        sum_sq += float(y.pow(2).sum())
+        sum_y = sum_y + y.sum(0)
+        sse_x += float((y_hat - x).pow(2).sum())  # what an SAE's reading (reconstruct x) would score
+        sum_sq_x += float(x.pow(2).sum())
+        sum_x = sum_x + x.sum(0)
+        hidden_sse += float((spliced - clean)[mask].double().pow(2).sum())
+        ablated_sse += float((ablated - clean)[mask].double().pow(2).sum())
+        n += int(mask.sum())
+    explained = 1.0 - sse / (sum_sq - float(sum_y.pow(2).sum()) / n)
+    explained_x = 1.0 - sse_x / (sum_sq_x - float(sum_x.pow(2).sum()) / n)
+    last = rows[-1]
+    assert last["eval_tokens"] == n
+    assert last["explained_variance"] == pytest.approx(explained, rel=1e-6, abs=1e-9)
+    assert abs(explained - explained_x) > 0.1, "the check above must tell y from x"
+    assert last["hidden_mse_with_sae"] == pytest.approx(hidden_sse / n, rel=1e-4)
+    assert last["hidden_mse_with_ablation"] == pytest.approx(ablated_sse / n, rel=1e-4)  # y zeroed, not x
+
+
+def _mlp_output_replaced_by_hand(model, inputs, fn):
+    """MiniLM's last hidden state with layer 3's MLP output (real tokens) replaced by ``fn`` of that MLP's input."""
+    layer = model.encoder.layer[minilm.LAYER]
+    mask = inputs["attention_mask"].bool()
+    kept = {}
+
+    def replace(module, args, output):
+        output = output.clone()
+        output[mask] = fn(kept["x"][mask]).to(output.dtype)
+        return output
+
+    pre = layer.intermediate.register_forward_pre_hook(lambda module, args: kept.update(x=args[0]))
+    post = layer.output.dense.register_forward_hook(replace)
+    try:
+        return model(**inputs).last_hidden_state
+    finally:
+        pre.remove()
+        post.remove()
