@@ -81,6 +81,30 @@ def test_sweep_together_equals_each_alone(tmp_path):
     assert len(log(alone[0].run_dir)) == STEPS // 2
 
 
+def test_transcoder_sweep_together_equals_each_alone(tmp_path):
+    """Transcoders (rows [x | y], y a fixed linear map of x plus noise), with and without the skip path, from one
+    pass of pair data: each ends where training it alone on the same batches ends."""
+    x = data(3)
+    g = torch.Generator().manual_seed(4)
+    y = x @ torch.randn(D, 11, generator=g) / D**0.5 + 0.1 * torch.randn(N, 11, generator=g)
+    sweep = [
+        {"activation": "topk", "k": 4, "d_sae": 64, "d_out": 11},
+        {"activation": "relu", "d_sae": 40, "l1_coefficient": 0.05, "d_out": 11, "skip_connection": True},
+    ]
+    alone = [trainer(s, TensorSource((x, y), BATCH, seed=2), tmp_path / f"alone{i}") for i, s in enumerate(sweep)]
+    for t in alone:
+        t.train()
+    source = TensorSource((x, y), BATCH, seed=2)
+    views = [SharedView(source) for _ in sweep]
+    assert [(v.d_in, v.d_out) for v in views] == [(D, 11)] * 2
+    together = [trainer(s, v, tmp_path / f"multi{i}") for i, (s, v) in enumerate(zip(sweep, views))]
+    MultiTrainer(together, source).train()
+    for a, b in zip(alone, together):
+        assert b.sae.cfg.d_out == 11
+        assert_same_run(a, b)
+    assert together[1].sae.W_skip.abs().sum() > 0  # the skip path trained, identically (above)
+
+
 def test_several_hooks_side_by_side_equal_each_alone(tmp_path):
     """A batch holding two hooks' activations side by side ([batch, 16 + 24]): each SAE takes its columns."""
     xa, xb = data(3), data(4, d=24)

@@ -296,13 +296,28 @@ def test_train_flags_refuse_what_cannot_work(tmp_path, capsys):
     out = ["--out", str(tmp_path / "run"), "--steps", "1"]
     with pytest.raises(SystemExit, match="--target-hook applies to data captured from a model"):
         cli.main(["train", "--target-hook", "x.y", *out])
-    save_file({"x": torch.randn(64, D_IN)}, str(tmp_path / "x.safetensors"))
-    save_file({"y": torch.randn(64, D_OUT)}, str(tmp_path / "y.safetensors"))
-    pair = f"{tmp_path / 'x.safetensors'},{tmp_path / 'y.safetensors'}"
-    with pytest.raises(SystemExit, match="a sweep .* trains plain SAEs; train one transcoder per run"):
-        cli.main(["train", "--data", pair, "--d-sae", "8,16", "--k", "2", "--batch-size", "16", *out])
     with pytest.raises(SystemExit, match="expected live:<model>:<layer>"):
         cli.main(["train", "--data", "live:minilm", *out])
+
+
+def test_a_sweep_of_skip_transcoders_from_one_pass_equals_each_alone(tmp_path, capsys):
+    """`--d-sae 8,16 --k 2,3` on (x, y) pair files trains four skip-transcoders from one pass; each saved folder
+    equals the one trained alone with its settings."""
+    x, y = _pairs(256, seed=3)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    save_file({"y": y + x[:, :D_OUT]}, str(tmp_path / "y.safetensors"))
+    pair = f"{tmp_path / 'x.safetensors'},{tmp_path / 'y.safetensors'}"
+    common = ["train", "--data", pair, "--batch-size", "32", "--steps", "6", "--log-every", "3", "--skip-connection"]
+    common += ["--checkpoint-every", "3", "--no-progress", "--no-plots"]
+    assert cli.main([*common, "--d-sae", "8,16", "--k", "2,3", "--out", str(tmp_path / "sweep")]) == 0
+    printed = capsys.readouterr().out
+    assert "4 SAEs from one pass" in printed and "topk skip-transcoder, d_in=6, d_out=5, d_sae=16, k=3" in printed
+    assert cli.main([*common, "--d-sae", "16", "--k", "3", "--out", str(tmp_path / "alone")]) == 0
+    together, alone = load_sae(tmp_path / "sweep" / "d16-k3" / "sae"), load_sae(tmp_path / "alone" / "sae")
+    assert (together.cfg.d_in, together.cfg.d_out, together.cfg.skip_connection) == (D_IN, D_OUT, True)
+    a, b = together.state_dict(), alone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((tmp_path / "sweep" / "run_config.json").read_text())["widths"] == {"d_in": 6, "d_out": 5}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,7 +449,8 @@ def test_train_a_transcoder_with_eval_every_scores_the_transcoder(tmp_path, monk
     """`fusedsae train --eval-every` on a pair cache evaluates the transcoder: x read at the cache's hook, y replaced
     at its target hook, reconstruction metrics against y. The last eval.jsonl row (the saved transcoder) is
     recomputed here by hand on the batches the callback used: y's explained variance, and the hidden-state error of
-    a forward pass whose MLP output rows are replaced by the transcoder of the MLP input rows."""
+    a forward pass whose MLP output rows are replaced by the transcoder of the MLP input rows (and by zeros, the
+    ablation). A sweep of transcoders from the same cache evaluates each of them the same way."""
     from fusedsae import evals as E
 
     model, tok = minilm.model()
@@ -454,9 +470,9 @@ def test_train_a_transcoder_with_eval_every_scores_the_transcoder(tmp_path, monk
         tmp_path / "pairs", model, tok, texts, hooks.input, source=source, max_length=64, target_hook=hooks.output
     )
     out = tmp_path / "run"
-    args = ["train", "--data", str(tmp_path / "pairs"), "--d-sae", "64", "--k", "4", "--batch-size", "64"]
-    args += ["--eval-every", "2", "--eval-tokens", "100", "--log-every", "1", "--steps", "3"]
-    assert cli.main([*args, "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    args = ["train", "--data", str(tmp_path / "pairs"), "--d-sae", "64", "--batch-size", "64", "--log-every", "1"]
+    args += ["--eval-every", "2", "--eval-tokens", "100", "--no-plots", "--no-progress"]
+    assert cli.main([*args, "--k", "4", "--steps", "3", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3] and len(seen) == 2
     batches, targets = seen[-1]
@@ -492,6 +508,13 @@ def test_train_a_transcoder_with_eval_every_scores_the_transcoder(tmp_path, monk
     assert abs(explained - explained_x) > 0.1, "the check above must tell y from x"
     assert last["hidden_mse_with_sae"] == pytest.approx(hidden_sse / n, rel=1e-4)
     assert last["hidden_mse_with_ablation"] == pytest.approx(ablated_sse / n, rel=1e-4)  # y zeroed, not x
+    # a sweep of transcoders evaluates each of them the same way
+    seen.clear()
+    assert cli.main([*args, "--k", "2,4", "--steps", "2", "--out", str(tmp_path / "sweep")]) == 0
+    assert [(t.hook, t.target_hook) for _, targets in seen for t in targets] == [(hooks.input, hooks.output)] * 2
+    for name in ("k2", "k4"):
+        rows = [json.loads(line) for line in (tmp_path / "sweep" / name / "eval.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [2] and rows[0]["eval_tokens"] == n
 
 
 def _mlp_output_replaced_by_hand(model, inputs, fn):

@@ -399,8 +399,6 @@ def _check_pair_settings(settings: dict[str, Any], source: Any) -> None:
     from fusedsae.data import widths_text
 
     d_out = getattr(source, "d_out", None)
-    if d_out is not None and (isinstance(settings["d_sae"], list) or isinstance(settings["k"], list)):
-        raise UsageError("a sweep (--d-sae/--k lists) trains plain SAEs; train one transcoder per run")
     widths = {"d_in": int(source.d_in), "d_out": d_out}
     saved = settings.get("widths")
     if saved is not None and saved != widths:

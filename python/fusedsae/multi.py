@@ -1,6 +1,6 @@
 """Several SAEs trained from one activation pass: each batch is read (from a cache, or captured from the model)
 once and every SAE takes its optimizer step on it, or on its own column block of it when the batch holds several
-hooks side by side.
+hooks side by side. Transcoders train the same way on pair data (each trainer reads the whole row ``[x | y]``).
 
 Each SAE keeps its own :class:`~fusedsae.training.Trainer`, running its own unchanged ``train()`` loop:
 optimizer, run folder, log, checkpoints, dead-latent counters, and its own RNG state (swapped in around its
@@ -39,6 +39,8 @@ class SharedView:
         self.info = dict(info or {})
         self.batch_size = source.batch_size
         self.d_in = int(source.d_in) if columns is None else columns[1] - columns[0]
+        # transcoder pairs: every trainer reads the whole row [x | y] (pair data have one input hook, so no columns)
+        self.d_out = getattr(source, "d_out", None) if columns is None else None
         self.n_heads = getattr(source, "n_heads", None)
         self.ground_truth = getattr(source, "ground_truth", None)
         self.driver: MultiTrainer | None = None
@@ -276,7 +278,9 @@ def train_from_cli(args: Any, settings: dict[str, Any], source: Any, device: str
     for t, metrics in zip(trainers, results):
         cfg = t.sae.cfg
         k = f", k={cfg.k}" if cfg.k else ""
-        print(f"\n{t.run_dir}: {cfg.activation} SAE, d_in={cfg.d_in}, d_sae={cfg.d_sae}{k}")
+        kind = "SAE" if cfg.d_out is None else ("skip-transcoder" if cfg.skip_connection else "transcoder")
+        d_out = f", d_out={cfg.d_out}" if cfg.d_out is not None else ""
+        print(f"\n{t.run_dir}: {cfg.activation} {kind}, d_in={cfg.d_in}{d_out}, d_sae={cfg.d_sae}{k}")
         print(plots.results_table(metrics))
         if not args.no_plots:
             curves = plots.read_metrics(t.run_dir / "metrics.jsonl")
