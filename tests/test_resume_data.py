@@ -55,6 +55,23 @@ def test_resume_with_another_shuffle_seed_is_refused(tmp_path):
         trainer(tmp_path, TensorSource(activations(0), 32, seed=3), steps=6).resume()
 
 
+def test_resume_on_a_cache_with_another_shuffle_seed_is_refused(tmp_path):
+    """A cache source's batches depend on its shuffle settings as much as on its rows (its describe() records them)."""
+    from fusedsae import cache as K
+
+    writer = K.CacheWriter(tmp_path / "cache", d_in=D_IN, n_texts=2, source={"kind": "test"}, shard_tokens=128)
+    for text in range(2):
+        tokens = torch.stack([torch.full((128,), text), torch.arange(128), torch.zeros(128, dtype=torch.long)], 1)
+        writer.add(text, text + 1, activations(text, 128), tokens)
+    writer.finish()
+    trainer(tmp_path / "run", K.CacheSource(tmp_path / "cache", 32, seed=1)).train()
+    resumed = trainer(tmp_path / "run", K.CacheSource(tmp_path / "cache", 32, seed=1), steps=6)
+    assert resumed.resume() and resumed.step == 4
+    resumed.close()
+    with pytest.raises(CheckpointMismatch, match=r"other data \(seed=1 then, 2 now\)"):
+        trainer(tmp_path / "run", K.CacheSource(tmp_path / "cache", 32, seed=2), steps=6).resume()
+
+
 def test_resume_on_other_toy_data_is_refused(tmp_path):
     trainer(tmp_path, toy.SparseFeatureData(d_in=D_IN, n_features=16, seed=0)).train()
     with pytest.raises(CheckpointMismatch, match=r"other data \(mean_active=4\.0 then, 2\.0 now; seed=0 then, 1 now\)"):

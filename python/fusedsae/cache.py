@@ -720,7 +720,8 @@ class CacheSource(_GroupStream):
         return torch.cat([self.cache.activations(s).float() for s in shards])
 
     def describe(self) -> dict[str, Any]:
-        return self.cache.describe()
+        # the shuffle settings decide the batches as much as the rows do: Trainer.resume compares them
+        return {**self.cache.describe(), "shuffle": self.shuffle, "seed": self.seed}
 
 
 class LiveSource(_GroupStream):
@@ -807,4 +808,5 @@ class LiveSource(_GroupStream):
     def describe(self) -> dict[str, Any]:
         hooks = describe_hooks(self.hooks, self.widths, paired=self.target_hook is not None)
         pair = {} if self.d_out is None else {"d_in": self.d_in, "d_out": self.d_out}
-        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, **hooks, **pair, **self.info}
+        stream = {"shuffle": self.shuffle, "seed": self.seed}
+        return {"kind": "live", "texts": len(self.texts), "rows": self.rows, **hooks, **pair, **stream, **self.info}
