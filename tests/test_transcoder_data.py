@@ -302,7 +302,7 @@ def test_train_flags_refuse_what_cannot_work(tmp_path, capsys):
 
 def test_a_sweep_of_skip_transcoders_from_one_pass_equals_each_alone(tmp_path, capsys):
     """`--d-sae 8,16 --k 2,3` on (x, y) pair files trains four skip-transcoders from one pass; each saved folder
-    equals the one trained alone with its settings."""
+    equals the one trained alone with its settings, and a --resume of the sweep leaves it so."""
     x, y = _pairs(256, seed=3)
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     save_file({"y": y + x[:, :D_OUT]}, str(tmp_path / "y.safetensors"))
@@ -318,6 +318,12 @@ def test_a_sweep_of_skip_transcoders_from_one_pass_equals_each_alone(tmp_path, c
     a, b = together.state_dict(), alone.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
     assert json.loads((tmp_path / "sweep" / "run_config.json").read_text())["widths"] == {"d_in": 6, "d_out": 5}
+    # --resume of the finished sweep restores all four from the common checkpoint and leaves the weights as they are
+    capsys.readouterr()
+    assert cli.main([*common, "--d-sae", "8,16", "--k", "2,3", "--out", str(tmp_path / "sweep"), "--resume"]) == 0
+    assert "resumed 4 SAEs at step 6" in capsys.readouterr().out
+    again = load_sae(tmp_path / "sweep" / "d16-k3" / "sae").state_dict()
+    assert all(torch.equal(again[k], b[k]) for k in b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
