@@ -778,7 +778,7 @@ def _build(
     if changes:
         cfg = cfg.replace(**changes)
     sae = sae_cls(cfg)
-    _assign(sae, weights, folder)
+    assign_weights(sae, weights, f"{folder}: weights file")
     if fold:
         sae.fold_W_dec_norm()
     return sae
@@ -801,7 +801,7 @@ def _gated_sae(
             metadata={"source": "dictionary_learning", "dict_class": "GatedAutoEncoder"},
         )
     )
-    _assign(sae, weights, folder)
+    assign_weights(sae, weights, f"{folder}: weights file")
     return sae
 
 
@@ -816,16 +816,21 @@ def _named(path: Path, build: Any) -> Any:
         raise SAEFormatError(f"{path}: {exc}") from exc
 
 
-def _assign(sae: Any, weights: dict[str, Tensor], folder: Path) -> None:
-    expected = {name: tuple(t.shape) for name, t in [*sae.named_parameters(), *sae.named_buffers()]}
+def assign_weights(module: Any, weights: dict[str, Tensor], where: str, check_finite: bool = True) -> None:
+    """Copies ``weights`` into ``module``'s parameters and buffers (its ``state_dict`` names, dotted ones
+    included), refusing with a :class:`SAEFormatError` that starts with ``where`` (the file or folder) a missing
+    tensor, a shape other than the config implies and, with ``check_finite``, a NaN/Inf."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise SAEFormatError(f"{folder}: weights file lacks {', '.join(missing)}")
+        raise SAEFormatError(f"{where} lacks {', '.join(missing)}")
     with torch.no_grad():
-        for name, shape in expected.items():
+        for name, target in expected.items():
             tensor = weights[name]
-            if tuple(tensor.shape) != shape:
-                raise SAEFormatError(f"{folder}: {name} has shape {tuple(tensor.shape)} but cfg.json implies {shape}")
-            if not torch.isfinite(tensor.float()).all():
-                raise SAEFormatError(f"{folder}: {name} contains NaN or Inf")
-            getattr(sae, name).copy_(tensor)
+            if tensor.shape != target.shape:
+                raise SAEFormatError(
+                    f"{where}: {name} has shape {tuple(tensor.shape)} but cfg.json implies {tuple(target.shape)}"
+                )
+            if check_finite and not torch.isfinite(tensor.float()).all():
+                raise SAEFormatError(f"{where}: {name} contains NaN or Inf")
+            target.copy_(tensor)

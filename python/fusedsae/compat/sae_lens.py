@@ -57,6 +57,7 @@ from fusedsae.formats import (
     SAE_LENS_SCHEMA_VERSION,
     WEIGHTS_FILE,
     SAEFormatError,
+    assign_weights,
     atomic_write,
     read_json,
     read_safetensors,
@@ -837,18 +838,7 @@ class SAE(nn.Module):
                 f"(it reads {', '.join(sorted({*_INFERENCE, 'batchtopk', MATRYOSHKA_ARCHITECTURE}))})"
             )
         sae = cls.from_dict(raw)
-        state = sae.state_dict()
-        missing = sorted(set(state) - set(tensors))
-        if missing:
-            raise SAEFormatError(f"{folder / WEIGHTS_FILE} lacks {', '.join(missing)}")
-        with torch.no_grad():
-            for name, target in state.items():
-                if tensors[name].shape != target.shape:
-                    raise SAEFormatError(
-                        f"{folder / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, expected "
-                        f"{tuple(target.shape)}"
-                    )
-                target.copy_(tensors[name])
+        assign_weights(sae, tensors, str(folder / WEIGHTS_FILE), check_finite=False)
         if fold_W_dec_norm:
             sae.fold_W_dec_norm()
         return sae

@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from fusedsae import functional as F
-from fusedsae.formats import SAEFormatError, atomic_write, read_json, read_safetensors, write_safetensors
+from fusedsae.formats import (
+    SAEFormatError,
+    assign_weights,
+    atomic_write,
+    read_json,
+    read_safetensors,
+    write_safetensors,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -176,18 +183,7 @@ class SparseCoder(nn.Module):
             dtype=tensors["encoder.weight"].dtype,
             decoder=decoder,
         )
-        expected = dict(coder.state_dict())
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise SAEFormatError(f"{folder / WEIGHTS_FILE} lacks {', '.join(missing)}")
-        with torch.no_grad():
-            for name, target in expected.items():
-                if tensors[name].shape != target.shape:
-                    raise SAEFormatError(
-                        f"{folder / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)} but cfg.json implies "
-                        f"{tuple(target.shape)}"
-                    )
-                target.copy_(tensors[name])
+        assign_weights(coder, tensors, str(folder / WEIGHTS_FILE), check_finite=False)
         return coder
 
     @staticmethod
