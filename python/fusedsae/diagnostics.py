@@ -92,6 +92,7 @@ class HostSyncCounter(TorchDispatchMode):
         self.count = 0
         self.by_op: collections.Counter[str] = collections.Counter()
         self._saved: dict[str, Any] = {}
+        self._depth = 0  # the mode re-enters itself around registered ops; the methods are restored at depth 0
 
     def _counted(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -107,7 +108,6 @@ class HostSyncCounter(TorchDispatchMode):
             for name in self._HOST_READS:
                 self._saved[name] = getattr(torch.Tensor, name)
                 setattr(torch.Tensor, name, self._counted(name, self._saved[name]))
-            self._depth = 0
         self._depth += 1
         super().__enter__()
         return self
